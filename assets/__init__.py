@@ -1,0 +1,1 @@
+"""Small bundled data: prompt sets and the shapes-world models."""

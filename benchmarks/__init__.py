@@ -1,0 +1,1 @@
+"""Evaluation: prompt sets, judges, runner and reports."""

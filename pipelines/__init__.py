@@ -1,0 +1,1 @@
+"""Alignment methods: one module per method (config, pure math, trainer)."""

@@ -1,0 +1,78 @@
+"""`visalign world ...`: train the world's base models and evaluate world generators.
+
+    visalign world train-base [--out assets/world] [--stages vae,clip,sd,sd3] [--set key=value ...]
+    visalign world eval [--family sd|sd3] [--model PATH] [--images-per-prompt 4] [--json OUT]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="world_command", metavar="WORLD_COMMAND", required=True)
+    tb = sub.add_parser("train-base", help="train the VAE, CLIP and both generators of the world from scratch")
+    tb.add_argument("--out", default=None, help="output folder (default: the package's assets/world)")
+    tb.add_argument("--stages", default="vae,clip,sd,sd3", help="comma-separated subset of vae,clip,sd,sd3")
+    tb.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    tb.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainBaseConfig fields")
+    ev = sub.add_parser("eval", help="held-out verifier accuracy of a world generator (GenEval protocol)")
+    ev.add_argument("--family", choices=("sd", "sd3"), default="sd")
+    ev.add_argument("--model", default=None, help="pipeline folder (default: the shipped model of --family)")
+    ev.add_argument("--images-per-prompt", type=int, default=4)
+    ev.add_argument("--limit-per-category", type=int, default=None)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--json", default=None, help="write the result here (JSON, with the command)")
+
+
+def parse_overrides(cls, pairs: list[str]) -> dict:
+    """`key=value` strings -> a dict of values coerced to the dataclass fields' types; unknown keys are errors."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"`--set` takes key=value, got {pair!r}")
+        if key not in fields:
+            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(fields)}")
+        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
+        out[key] = kind[str(fields[key].type)](value)
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    command = "visalign " + " ".join(sys.argv[1:])
+    if args.world_command == "train-base":
+        from visalign.world.models import default_model_dir
+        from visalign.world.train import TrainBaseConfig, train_base
+
+        if args.threads:
+            torch.set_num_threads(args.threads)
+        cfg = TrainBaseConfig(**parse_overrides(TrainBaseConfig, args.set))
+        cfg.out = args.out or str(default_model_dir("sd").parent)
+        results = train_base(cfg, tuple(s for s in args.stages.split(",") if s))
+        for stage, info in results.items():
+            print(stage, json.dumps({k: v for k, v in info.items() if k not in ("curve", "config")}))
+        return 0
+    from visalign.world.evaluate import evaluate, heldout_prompts
+    from visalign.world.models import load_pipeline
+
+    pipe = load_pipeline(args.family, args.model)
+    pipe.set_progress_bar_config(disable=True)
+    start = time.time()
+    result = evaluate(pipe, heldout_prompts(args.limit_per_category), images_per_prompt=args.images_per_prompt,
+                      seed=args.seed)
+    result |= {"family": args.family, "model": args.model or "shipped", "seconds": time.time() - start,
+               "command": command}
+    print(json.dumps(result, indent=2))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
