@@ -26,6 +26,7 @@ from visalign.reward_models.loading import (
     load_checkpoint,
     load_mapped_state_dict,
     load_transformers_model,
+    read_json,
     resolve_file,
     resolve_folder,
 )
@@ -120,10 +121,12 @@ class LAIONAesthetic(PixelValuesReward):
         folder = resolve_folder(
             clip, ["*.json", "*.safetensors"], required=["config.json"], what="LAION aesthetic (clip)"
         )
-        try:
-            config = CLIPConfig.from_pretrained(folder)
-        except Exception as e:
-            raise ValueError(f"LAION aesthetic: `clip` {clip!r} is not a transformers CLIPModel folder ({e})") from e
+        model_type = read_json(folder / "config.json", what="LAION aesthetic (clip)").get("model_type")
+        if model_type != "clip":
+            raise ValueError(
+                f"LAION aesthetic: `clip` {clip!r} is not a transformers CLIPModel folder ({model_type=})"
+            )
+        config = CLIPConfig.from_pretrained(folder)
         config.vision_config.projection_dim = config.projection_dim  # the image tower alone, projection included
         vision = load_transformers_model(
             CLIPVisionModelWithProjection,

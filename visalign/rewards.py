@@ -106,6 +106,7 @@ class RewardModel(nn.Module):
 REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "world-verifier": "visalign.world.rewards:WorldVerifierReward",
     "world-defects": "visalign.world.rewards:WorldDefectsReward",
+    "world-clip": "visalign.world.rewards:WorldCLIPReward",
     "pickscore": "visalign.reward_models.clip:PickScore",
     "hpsv2": ("visalign.reward_models.hps:HPSv2", {"version": "v2.0"}),
     "hpsv2.1": ("visalign.reward_models.hps:HPSv2", {"version": "v2.1"}),
@@ -127,6 +128,8 @@ def _resolve(target: str) -> type[RewardModel]:
     obj = importlib.import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
+    if not (isinstance(obj, type) and issubclass(obj, RewardModel)):
+        raise ValueError(f"reward target {target!r} is not a visalign.RewardModel subclass")
     return obj
 
 
@@ -156,8 +159,6 @@ def load_reward(
         raise ValueError(f"unknown reward {name!r}; registered rewards: {', '.join(list_rewards())}")
     cls = _resolve(target)
     model = cls.from_pretrained(pretrained, dtype=dtype, **options)
-    if not isinstance(model, RewardModel):
-        raise TypeError(f"{target} built a {type(model).__name__}, not a visalign.RewardModel")
     if device is not None:
         model.to(device=device)
     return model.eval()

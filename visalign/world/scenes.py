@@ -191,16 +191,19 @@ def sample_scene(prompt: Prompt, rng: np.random.Generator, max_tries: int = 200)
     for o in prompt.objects:
         for _ in range(o.count):
             wanted.append((o.shape, o.color or str(rng.choice(list(COLORS)))))
-    r_max = 5.5 if len(wanted) <= 2 else 4.5
+    r_max = {1: 5.5, 2: 5.0, 3: 4.5}.get(len(wanted), 4.0)
     for _ in range(max_tries):
         placed: list[Placed] = []
         for shape, color in wanted:
-            r = float(rng.uniform(3.2, r_max))
-            x, y = rng.uniform(r + 1, SIZE - r - 1, size=2)
-            cand = Placed(shape, color, float(x), float(y), r)
-            if any(np.hypot(cand.x - p.x, cand.y - p.y) < cand.r + p.r + 2 for p in placed):
+            for _ in range(50):
+                r = float(rng.uniform(3.2, r_max))
+                x, y = rng.uniform(r + 1, SIZE - r - 1, size=2)
+                cand = Placed(shape, color, float(x), float(y), r)
+                if all(np.hypot(cand.x - p.x, cand.y - p.y) >= cand.r + p.r + 2 for p in placed):
+                    placed.append(cand)
+                    break
+            else:
                 break
-            placed.append(cand)
         else:
             if prompt.relation is None or _relation_holds(placed[0], placed[1], prompt.relation, margin=6):
                 return placed

@@ -1,0 +1,175 @@
+"""The shapes world: captions, renderer/verifier agreement, prompt splits, world rewards, the training command."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+import visalign
+from visalign.world.evaluate import accuracy, heldout_prompts
+from visalign.world.scenes import (
+    CATEGORIES,
+    Obj,
+    Placed,
+    Prompt,
+    all_prompts,
+    parse_prompt,
+    prompt_split,
+    render,
+    render_prompt,
+)
+from visalign.world.verifier import detect, verify
+
+
+def test_captions_parse_back_exactly():
+    prompts = all_prompts()
+    assert {p.category for p in prompts.values()} == set(CATEGORIES)
+    for p in list(prompts.values())[::37]:
+        assert parse_prompt(p.text) == p
+        assert parse_prompt(p.text.upper() + ".") == p
+    assert parse_prompt("two red circles") == Prompt("two red circles", "counting", (Obj("circle", "red", 2),))
+    with pytest.raises(ValueError, match="not a shapes-world caption"):
+        parse_prompt("a photo of a cat")
+
+
+def test_splits_are_disjoint_and_heldout_covers_every_category():
+    train = {p.text for ps in prompt_split("train").values() for p in ps}
+    test = {p.text for ps in prompt_split("test").values() for p in ps}
+    assert train and test and not train & test
+    held = heldout_prompts()
+    assert len(held) >= 200
+    assert {p.category for p in held} == set(CATEGORIES)
+    assert all(p.text in test for p in held)
+    with pytest.raises(ValueError, match="split"):
+        prompt_split("val")
+
+
+def test_verifier_agrees_with_renderer():
+    """Renders of a prompt pass; renders judged against another prompt of the same category mostly fail."""
+    rng = np.random.default_rng(0)
+    prompts = list(all_prompts().values())
+    own, other = [], []
+    for _ in range(300):
+        p = prompts[rng.integers(len(prompts))]
+        image = render_prompt(p, rng)
+        own.append(verify(image, p).correct)
+        same_cat = [q for q in prompts[:: 7] if q.category == p.category and q.objects != p.objects]
+        q = same_cat[rng.integers(len(same_cat))]
+        other.append(verify(image, q).correct)
+    own_acc, false_pass = float(np.mean(own)), float(np.mean(other))
+    print(f"verifier accuracy on own renders {own_acc:.3f}, pass rate against other prompts {false_pass:.3f}")
+    assert own_acc >= 0.97
+    assert false_pass <= 0.25
+
+
+def test_detection_reads_shape_color_and_position():
+    image = render([Placed("triangle", "green", 8, 20, 5), Placed("square", "purple", 24, 10, 4)])
+    found = sorted(detect(image), key=lambda d: d.x)
+    assert [(d.shape, d.color) for d in found] == [("triangle", "green"), ("square", "purple")]
+    assert found[0].x < found[1].x and found[0].y > found[1].y
+    assert verify(image, parse_prompt("a green triangle to the left of a purple square")).correct
+    assert not verify(image, parse_prompt("a green triangle above a purple square")).correct
+
+
+def test_world_verifier_reward_through_registry():
+    reward = visalign.load_reward("world-verifier")
+    assert not reward.differentiable
+    rng = np.random.default_rng(1)
+    texts = ["two red circles", "a blue square above a green triangle"]
+    pixels = torch.from_numpy(np.stack([render_prompt(parse_prompt(t), rng) for t in texts]))
+    out = reward(pixels, texts)
+    assert out.score.tolist() == [1.0, 1.0]
+    assert out.aspects["correct"].tolist() == [1.0, 1.0]
+    swapped = reward(pixels, texts[::-1])
+    assert swapped.score.max() < 1.0 and "FAIL" in swapped.extras["reasons"][0]
+    assert torch.equal(reward(pixels[:1], texts[:1]).score, out.score[:1])  # batch equals items
+    with pytest.raises(ValueError, match="pixels"):
+        reward(pixels * 3, texts)
+    with pytest.raises(ValueError, match="prompts"):
+        reward(pixels, texts[:1])
+    with pytest.raises(ValueError, match="shapes-world"):
+        reward(pixels, ["a cat", "a dog"])
+
+
+def test_world_defects_heatmap_is_dense_and_differentiable():
+    reward = visalign.load_reward("world-defects")
+    clean = torch.from_numpy(render([Placed("circle", "red", 16, 16, 5)]))[None]
+    wrong = torch.from_numpy(render([Placed("circle", "blue", 16, 16, 5)]))[None]
+    pixels = torch.cat([clean, wrong]).requires_grad_(True)
+    out = reward(pixels, ["a red circle", "a red circle"])
+    heat = out.heatmaps["defects"]
+    assert heat.shape == (2, 32, 32) and heat.min() >= 0 and heat.max() <= 1
+    assert heat[0].sum() < 0.25 * heat[1].sum() and heat[1].mean() > 0.05
+    assert out.score[0] > out.score[1]
+    out.score.sum().backward()
+    assert pixels.grad is not None and pixels.grad[1].abs().sum() > 0
+    # prompts without a color allow every palette color
+    assert reward(wrong, ["a circle"]).score.item() > 0.97  # only anti-aliased edges are off-palette
+
+
+def test_world_clip_loads_through_the_pickscore_loader(tmp_path):
+    from visalign.world.models import build_clip, world_tokenizer
+
+    tok = world_tokenizer()
+    torch.manual_seed(0)
+    clip = build_clip(len(tok)).eval()
+    clip.save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    reward = visalign.load_reward("world-clip", pretrained=str(tmp_path))
+    pixels = torch.rand(3, 3, 32, 32, requires_grad=True)
+    texts = ["a red circle", "two blue squares", "a circle"]
+    out = reward(pixels, texts)
+    ids = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        mean = torch.tensor([0.48145466, 0.4578275, 0.40821073]).view(1, 3, 1, 1)
+        std = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
+        o = clip(input_ids=ids.input_ids, attention_mask=ids.attention_mask, pixel_values=(pixels - mean) / std)
+        expected = o.logits_per_image.diagonal().double()
+    torch.testing.assert_close(out.score.double(), expected, atol=1e-4, rtol=1e-4)
+    out.score.sum().backward()
+    assert pixels.grad.abs().sum() > 0
+    with pytest.raises(FileNotFoundError, match="train-base"):
+        visalign.load_reward("world-clip", pretrained=str(tmp_path / "missing"))
+
+
+def test_world_tokenizer_spells_world_words_as_single_tokens():
+    from visalign.world.models import TOKENS, world_tokenizer
+
+    tok = world_tokenizer()
+    assert tok.tokenize("a purple triangle is to the right of a yellow circle") == [
+        w + "</w>" for w in "a purple triangle is to the right of a yellow circle".split()
+    ]
+    assert max(len(tok(p.text).input_ids) for p in all_prompts().values()) <= TOKENS
+
+
+def test_accuracy_is_per_category_mean():
+    rng = np.random.default_rng(0)
+    ps = [parse_prompt("a red circle"), parse_prompt("a red circle"), parse_prompt("three squares")]
+    images = torch.from_numpy(np.stack([render_prompt(ps[0], rng), np.zeros((3, 32, 32), np.float32),
+                                        render_prompt(ps[2], rng)]))
+    acc = accuracy(images, ps)
+    assert acc["per_category"] == {"colors": 0.5, "counting": 1.0}
+    assert acc["overall"] == 0.75
+    with pytest.raises(ValueError, match="prompts"):
+        accuracy(images, ps[:2])
+
+
+def test_train_base_smoke(tmp_path):
+    """The whole recipe at toy size: every stage runs and the saved pipelines load through diffusers."""
+    from visalign.world.models import generation_kwargs, load_pipeline
+    from visalign.world.train import TrainBaseConfig, train_base
+
+    cfg = TrainBaseConfig(out=str(tmp_path), num_images=128, batch_size=8, vae_steps=2, vae_batch_size=8,
+                          clip_steps=2, clip_batch_size=16, sd_steps=2, sd3_steps=2, eval_every=2, eval_per_category=1)
+    results = train_base(cfg)
+    assert set(results) == {"vae", "clip", "sd", "sd3"}
+    record = json.loads((tmp_path / "training_record.json").read_text())
+    assert record["sd3"]["steps"] == 2 and record["sd"]["curve"][0]["step"] == 2
+    for family in ("sd", "sd3"):
+        pipe = load_pipeline(family, tmp_path / family)
+        kw = generation_kwargs(tmp_path / family) | {"num_inference_steps": 2, "output_type": "pt"}
+        images = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
+        assert images.shape == (1, 3, 32, 32)
+    with pytest.raises(ValueError, match="stages"):
+        train_base(cfg, ("vae", "gan"))

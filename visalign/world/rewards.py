@@ -1,0 +1,125 @@
+"""Rewards of the shapes world, served through the normal registry (`load_reward("world-verifier")`, ...).
+
+- `world-verifier`: the fraction of the prompt's clauses that hold (not differentiable). Aspects: `correct`
+  (all clauses hold) and one per clause kind (`object`, `color`, `count`, `position`): the fraction of that kind
+  that holds, 1 when the prompt has none of that kind (nothing to violate).
+- `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
+  nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
+- `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from visalign.reward_models.clip import PickScore
+from visalign.rewards import RewardModel
+from visalign.types import RewardOutput
+from visalign.world.scenes import BACKGROUND, COLORS, parse_prompt
+from visalign.world.verifier import verify
+
+CLAUSE_KINDS = ("object", "color", "count", "position")
+
+
+class WorldVerifierReward(RewardModel):
+    """Verifiable reward: fraction of satisfied clauses of a world prompt."""
+
+    name = "world-verifier"
+    differentiable = False
+    aspect_names = ("correct", *CLAUSE_KINDS)
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None) -> RewardModel:
+        if pretrained is not None:
+            raise ValueError("`pretrained` must be None: the world verifier has no weights")
+        return cls()
+
+    @torch.no_grad()
+    def _score(self, pixels: Tensor, prompts: list[str]) -> RewardOutput:
+        parsed = [parse_prompt(p) for p in prompts]
+        verdicts = [verify(img, p) for img, p in zip(pixels.float().cpu().numpy(), parsed)]
+        aspects = {"correct": [float(v.correct) for v in verdicts]}
+        for kind in CLAUSE_KINDS:
+            aspects[kind] = [
+                sum(ok for k, ok, _ in v.clauses if k == kind) / max(1, sum(k == kind for k, _, _ in v.clauses))
+                if any(k == kind for k, _, _ in v.clauses) else 1.0
+                for v in verdicts
+            ]
+        as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=pixels.device)  # noqa: E731
+        return RewardOutput(
+            as_tensor([v.fraction for v in verdicts]),
+            {k: as_tensor(v) for k, v in aspects.items()},
+            extras={"reasons": [v.reason for v in verdicts]},
+        )
+
+
+class WorldDefectsReward(RewardModel):
+    """Dense reward: soft map of foreground pixels whose color is none of the prompt's requested colors.
+
+    For a pixel p, `fg(p) = sigmoid((||p - background|| - 0.2) / 0.03)` and
+    `match(p) = max over allowed colors c of exp(-||p - c||^2 / (2 * width^2))`; the defect map is
+    `fg(p) * (1 - match(p))`. Prompts that name no color allow every palette color, so only off-palette
+    foreground counts.
+    """
+
+    name = "world-defects"
+    heatmap_names = ("defects",)
+
+    def __init__(self, width: float = 0.15):
+        super().__init__()
+        if width <= 0:
+            raise ValueError(f"`width` must be positive, got {width}")
+        self.width = width
+        self.register_buffer("palette", torch.tensor(list(COLORS.values())), persistent=False)
+        self.register_buffer("background", torch.tensor(BACKGROUND), persistent=False)
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None,
+                        width: float = 0.15) -> RewardModel:
+        if pretrained is not None:
+            raise ValueError("`pretrained` must be None: the world defects map has no weights")
+        return cls(width)
+
+    def allowed(self, prompts: list[str]) -> Tensor:
+        """`[B, n_colors]` mask of the palette colors each prompt allows."""
+        names = list(COLORS)
+        rows = []
+        for text in prompts:
+            wanted = {o.color for o in parse_prompt(text).objects}
+            rows.append([c in wanted or None in wanted for c in names])
+        return torch.tensor(rows, device=self.palette.device)
+
+    def _score(self, pixels: Tensor, prompts: list[str]) -> RewardOutput:
+        px = pixels.float().permute(0, 2, 3, 1)  # [B, H, W, 3]
+        fg = torch.sigmoid(((px - self.background).norm(dim=-1) - 0.2) / 0.03)
+        d2 = (px[..., None, :] - self.palette).pow(2).sum(-1)  # [B, H, W, C]
+        match = torch.exp(-d2 / (2 * self.width**2)) * self.allowed(prompts)[:, None, None, :]
+        defects = fg * (1 - match.amax(-1))
+        return RewardOutput(1 - defects.mean(dim=(1, 2)), heatmaps={"defects": defects})
+
+
+def world_clip_folder(pretrained: str | Path | None) -> Path:
+    """The world CLIP folder (the shipped one when `pretrained` is None)."""
+    from visalign.world.models import default_model_dir
+
+    folder = Path(pretrained) if pretrained is not None else default_model_dir("clip")
+    if not (folder / "config.json").exists():
+        raise FileNotFoundError(
+            f"no world CLIP at {folder} (config.json, model.safetensors and the tokenizer files are expected); "
+            f"`visalign world train-base --stages vae,clip` makes it"
+        )
+    return folder
+
+
+class WorldCLIPReward(PickScore):
+    """The world's CLIP as a reward: `exp(logit_scale) * cos`, loaded through PickScore's loader."""
+
+    name = "world-clip"
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None) -> PickScore:
+        folder = str(world_clip_folder(pretrained))
+        return super().from_pretrained(folder, dtype=dtype, processor=folder)
