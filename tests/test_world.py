@@ -54,7 +54,7 @@ def test_verifier_agrees_with_renderer():
         p = prompts[rng.integers(len(prompts))]
         image = render_prompt(p, rng)
         own.append(verify(image, p).correct)
-        same_cat = [q for q in prompts[:: 7] if q.category == p.category and q.objects != p.objects]
+        same_cat = [q for q in prompts[::7] if q.category == p.category and q.objects != p.objects]
         q = same_cat[rng.integers(len(same_cat))]
         other.append(verify(image, q).correct)
     own_acc, false_pass = float(np.mean(own)), float(np.mean(other))
@@ -146,8 +146,9 @@ def test_world_tokenizer_spells_world_words_as_single_tokens():
 def test_accuracy_is_per_category_mean():
     rng = np.random.default_rng(0)
     ps = [parse_prompt("a red circle"), parse_prompt("a red circle"), parse_prompt("three squares")]
-    images = torch.from_numpy(np.stack([render_prompt(ps[0], rng), np.zeros((3, 32, 32), np.float32),
-                                        render_prompt(ps[2], rng)]))
+    images = torch.from_numpy(
+        np.stack([render_prompt(ps[0], rng), np.zeros((3, 32, 32), np.float32), render_prompt(ps[2], rng)])
+    )
     acc = accuracy(images, ps)
     assert acc["per_category"] == {"colors": 0.5, "counting": 1.0}
     assert acc["overall"] == 0.75
@@ -160,8 +161,19 @@ def test_train_base_smoke(tmp_path):
     from visalign.world.models import generation_kwargs, load_pipeline
     from visalign.world.train import TrainBaseConfig, train_base
 
-    cfg = TrainBaseConfig(out=str(tmp_path), num_images=128, batch_size=8, vae_steps=2, vae_batch_size=8,
-                          clip_steps=2, clip_batch_size=16, sd_steps=2, sd3_steps=2, eval_every=2, eval_per_category=1)
+    cfg = TrainBaseConfig(
+        out=str(tmp_path),
+        num_images=128,
+        batch_size=8,
+        vae_steps=2,
+        vae_batch_size=8,
+        clip_steps=2,
+        clip_batch_size=16,
+        sd_steps=2,
+        sd3_steps=2,
+        eval_every=2,
+        eval_per_category=1,
+    )
     results = train_base(cfg)
     assert set(results) == {"vae", "clip", "sd", "sd3"}
     record = json.loads((tmp_path / "training_record.json").read_text())

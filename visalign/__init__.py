@@ -20,7 +20,7 @@ _EXPORTS = {
     "check_pixels": "visalign.types",
     "check_prompts": "visalign.types",
 }
-__all__ = list(_EXPORTS)
+__all__ = ["RewardModel", "RewardOutput", "check_pixels", "check_prompts", "list_rewards", "load_reward"]
 
 if TYPE_CHECKING:
     from visalign.rewards import RewardModel, list_rewards, load_reward

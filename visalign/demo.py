@@ -55,8 +55,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = heldout_prompts(args.per_category)
     slots = [p for p in prompts for _ in range(args.images_per_prompt)]
     texts = [p.text for p in slots]
-    print(f"visalign demo: {len(prompts)} held-out prompts x {args.images_per_prompt} images, best-of-{args.n} "
-          f"by {args.reward}", file=sys.stderr)
+    print(
+        f"visalign demo: {len(prompts)} held-out prompts x {args.images_per_prompt} images, best-of-{args.n} "
+        f"by {args.reward}",
+        file=sys.stderr,
+    )
 
     # candidates[k] is the k-th candidate of every slot; candidate 0 is the base model's own sample ("before")
     candidates, rewards = [], []
@@ -70,8 +73,14 @@ def run(args: argparse.Namespace) -> int:
     for n in range(1, args.n + 1):
         best = rewards_t[:n].argmax(0)
         picks = torch.stack([candidates[b][i] for i, b in enumerate(best.tolist())])
-        curve.append({"n": n, "generator_calls_per_image": n, "reward": float(rewards_t[:n].max(0).values.mean()),
-                      **accuracy(picks, slots)})
+        curve.append(
+            {
+                "n": n,
+                "generator_calls_per_image": n,
+                "reward": float(rewards_t[:n].max(0).values.mean()),
+                **accuracy(picks, slots),
+            }
+        )
     before, after = candidates[0], picks
     summary = {
         "method": f"best-of-{args.n}",
@@ -87,12 +96,13 @@ def run(args: argparse.Namespace) -> int:
         "command": "visalign " + " ".join(sys.argv[1:]) if sys.argv[1:2] == ["demo"] else "visalign demo",
     }
     verdicts = {
-        name: [verify(img.numpy(), p) for img, p in zip(images, slots)] for name, images in (("before", before),
-                                                                                             ("after", after))
+        name: [verify(img.numpy(), p) for img, p in zip(images, slots)]
+        for name, images in (("before", before), ("after", after))
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     write_demo_report(out / "report.html", summary, slots, before, after, verdicts)
-    print(f"accuracy before {curve[0]['overall']:.3f} -> after {curve[-1]['overall']:.3f} "
-          f"({summary['seconds']:.0f} s)")
+    print(
+        f"accuracy before {curve[0]['overall']:.3f} -> after {curve[-1]['overall']:.3f} ({summary['seconds']:.0f} s)"
+    )
     print(f"report: {out / 'report.html'}\nsummary: {out / 'summary.json'}")
     return 0

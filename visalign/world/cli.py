@@ -1,7 +1,7 @@
 """`visalign world ...`: train the world's base models and evaluate world generators.
 
-    visalign world train-base [--out assets/world] [--stages vae,clip,sd,sd3] [--set key=value ...]
-    visalign world eval [--family sd|sd3] [--model PATH] [--images-per-prompt 4] [--json OUT]
+visalign world train-base [--out assets/world] [--stages vae,clip,sd,sd3] [--set key=value ...]
+visalign world eval [--family sd|sd3] [--model PATH] [--images-per-prompt 4] [--json OUT]
 """
 
 from __future__ import annotations
@@ -67,10 +67,15 @@ def run(args: argparse.Namespace) -> int:
     pipe = load_pipeline(args.family, args.model)
     pipe.set_progress_bar_config(disable=True)
     start = time.time()
-    result = evaluate(pipe, heldout_prompts(args.limit_per_category), images_per_prompt=args.images_per_prompt,
-                      seed=args.seed)
-    result |= {"family": args.family, "model": args.model or "shipped", "seconds": time.time() - start,
-               "command": command}
+    result = evaluate(
+        pipe, heldout_prompts(args.limit_per_category), images_per_prompt=args.images_per_prompt, seed=args.seed
+    )
+    result |= {
+        "family": args.family,
+        "model": args.model or "shipped",
+        "seconds": time.time() - start,
+        "command": command,
+    }
     print(json.dumps(result, indent=2))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -70,8 +70,9 @@ def accuracy(images: Tensor, prompts: list[Prompt]) -> dict:
     return {"overall": float(np.mean(list(per.values()))), "per_category": per, "images": len(prompts)}
 
 
-def evaluate(pipe: DiffusionPipeline, prompts: list[Prompt], *, images_per_prompt: int = 4, seed: int = 0,
-             **kw) -> dict:
+def evaluate(
+    pipe: DiffusionPipeline, prompts: list[Prompt], *, images_per_prompt: int = 4, seed: int = 0, **kw
+) -> dict:
     """GenEval-protocol accuracy of `pipe` on `prompts`."""
     expanded = [p for p in prompts for _ in range(images_per_prompt)]
     images = generate(pipe, [p.text for p in expanded], seed=seed, **kw)
@@ -89,8 +90,13 @@ def write_heldout(path: Path, per_category: dict[str, int], seed: int = 0) -> li
         pool = test[cat]
         idx = rng.permutation(len(pool))[:n]
         chosen += [pool[i] for i in sorted(idx)]
-    header = {"name": "shapes-world-heldout", "version": 1, "license": "Apache-2.0", "prompts": len(chosen),
-              "protocol": "GenEval: 4 images per prompt, an image is correct when all clauses hold"}
+    header = {
+        "name": "shapes-world-heldout",
+        "version": 1,
+        "license": "Apache-2.0",
+        "prompts": len(chosen),
+        "protocol": "GenEval: 4 images per prompt, an image is correct when all clauses hold",
+    }
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(json.dumps(d) for d in [header] + [p.to_dict() for p in chosen]) + "\n")
     return chosen

@@ -29,7 +29,7 @@ from diffusers import (
 from transformers import CLIPConfig, CLIPModel, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from visalign.testing import _bytes_to_unicode, _clip_merges
-from visalign.world.scenes import COLORS, NUMBERS, RELATIONS, SHAPES, SIZE, _TEMPLATES
+from visalign.world.scenes import _TEMPLATES, COLORS, NUMBERS, RELATIONS, SHAPES, SIZE
 
 TOKENS = 16  # tokenizer model_max_length: the longest caption is 13 tokens with its start and end tokens
 MAX_SEQUENCE_LENGTH = 16  # zero "T5" tokens the SD3-class world model was trained with
@@ -74,17 +74,36 @@ def world_tokenizer() -> CLIPTokenizer:
     keep = {m for w in world_words() for m in _bpe_merges_used(w, ranks)}
     kept = [m for m in merges if m in keep]
     symbols = _bytes_to_unicode()
-    tokens = symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in kept] + ["<|startoftext|>", "<|endoftext|>"]
+    tokens = (
+        symbols + [s + "</w>" for s in symbols] + ["".join(m) for m in kept] + ["<|startoftext|>", "<|endoftext|>"]
+    )
     vocab = {t: i for i, t in enumerate(tokens)}
     return CLIPTokenizer(vocab=vocab, merges=kept, model_max_length=TOKENS)
 
 
 def clip_config(vocab_size: int) -> CLIPConfig:
-    text = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                num_attention_heads=4, max_position_embeddings=TOKENS, bos_token_id=vocab_size - 2,
-                eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1, projection_dim=64)
-    vision = dict(image_size=SIZE, patch_size=4, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                  num_attention_heads=4, num_channels=3, projection_dim=64)
+    text = dict(
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=TOKENS,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+        projection_dim=64,
+    )
+    vision = dict(
+        image_size=SIZE,
+        patch_size=4,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_channels=3,
+        projection_dim=64,
+    )
     return CLIPConfig(text_config=text, vision_config=vision, projection_dim=64)
 
 
@@ -94,32 +113,59 @@ def build_clip(vocab_size: int) -> CLIPModel:
 
 def build_vae() -> AutoencoderKL:
     return AutoencoderKL(
-        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(16, 32), layers_per_block=1,
-        latent_channels=4, norm_num_groups=8, sample_size=SIZE, shift_factor=0.0,
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2,
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=8,
+        sample_size=SIZE,
+        shift_factor=0.0,
     )
 
 
 def build_unet() -> UNet2DConditionModel:
     return UNet2DConditionModel(
-        sample_size=LATENT, in_channels=4, out_channels=4, block_out_channels=(32, 64, 64), layers_per_block=1,
+        sample_size=LATENT,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
         down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=64, attention_head_dim=8, norm_num_groups=16,
+        cross_attention_dim=64,
+        attention_head_dim=8,
+        norm_num_groups=16,
     )
 
 
 def build_transformer() -> SD3Transformer2DModel:
     return SD3Transformer2DModel(
-        sample_size=LATENT, patch_size=2, in_channels=4, out_channels=4, num_layers=6, attention_head_dim=16,
-        num_attention_heads=6, joint_attention_dim=128, caption_projection_dim=96, pooled_projection_dim=128,
+        sample_size=LATENT,
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=6,
+        attention_head_dim=16,
+        num_attention_heads=6,
+        joint_attention_dim=128,
+        caption_projection_dim=96,
+        pooled_projection_dim=128,
         pos_embed_max_size=LATENT // 2,
     )
 
 
 def sd_scheduler() -> DDIMScheduler:
-    return DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1)
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
 
 
 def assemble(family: str, clip: CLIPModel, tokenizer: CLIPTokenizer, vae: AutoencoderKL, denoiser):
@@ -127,16 +173,31 @@ def assemble(family: str, clip: CLIPModel, tokenizer: CLIPTokenizer, vae: Autoen
     if family == "sd":
         text = CLIPTextModel(clip.config.text_config)
         text.load_state_dict(clip.text_model.state_dict())
-        return StableDiffusionPipeline(vae=vae, text_encoder=text.eval(), tokenizer=tokenizer, unet=denoiser,
-                                       scheduler=sd_scheduler(), safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
+        return StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text.eval(),
+            tokenizer=tokenizer,
+            unet=denoiser,
+            scheduler=sd_scheduler(),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
     if family == "sd3":
         text = CLIPTextModelWithProjection(clip.config.text_config)
         text.text_model.load_state_dict(clip.text_model.state_dict())
         text.text_projection.load_state_dict(clip.text_projection.state_dict())
-        return StableDiffusion3Pipeline(transformer=denoiser, scheduler=FlowMatchEulerDiscreteScheduler(), vae=vae,
-                                        text_encoder=text.eval(), tokenizer=tokenizer, text_encoder_2=text,
-                                        tokenizer_2=tokenizer, text_encoder_3=None, tokenizer_3=None)
+        return StableDiffusion3Pipeline(
+            transformer=denoiser,
+            scheduler=FlowMatchEulerDiscreteScheduler(),
+            vae=vae,
+            text_encoder=text.eval(),
+            tokenizer=tokenizer,
+            text_encoder_2=text,
+            tokenizer_2=tokenizer,
+            text_encoder_3=None,
+            tokenizer_3=None,
+        )
     raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}")
 
 

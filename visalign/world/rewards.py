@@ -45,7 +45,8 @@ class WorldVerifierReward(RewardModel):
         for kind in CLAUSE_KINDS:
             aspects[kind] = [
                 sum(ok for k, ok, _ in v.clauses if k == kind) / max(1, sum(k == kind for k, _, _ in v.clauses))
-                if any(k == kind for k, _, _ in v.clauses) else 1.0
+                if any(k == kind for k, _, _ in v.clauses)
+                else 1.0
                 for v in verdicts
             ]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=pixels.device)  # noqa: E731
@@ -77,8 +78,9 @@ class WorldDefectsReward(RewardModel):
         self.register_buffer("background", torch.tensor(BACKGROUND), persistent=False)
 
     @classmethod
-    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None,
-                        width: float = 0.15) -> RewardModel:
+    def from_pretrained(
+        cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None, width: float = 0.15
+    ) -> RewardModel:
         if pretrained is not None:
             raise ValueError("`pretrained` must be None: the world defects map has no weights")
         return cls(width)

@@ -42,13 +42,24 @@ NUMBERS = {2: "two", 3: "three", 4: "four"}
 
 _TEMPLATES = {
     "single_object": (
-        "a {0}", "one {0}", "a single {0}", "a picture of a {0}", "an image of a {0}", "a drawing of a {0}",
-        "a {0} on a dark background", "there is a {0}",
+        "a {0}",
+        "one {0}",
+        "a single {0}",
+        "a picture of a {0}",
+        "an image of a {0}",
+        "a drawing of a {0}",
+        "a {0} on a dark background",
+        "there is a {0}",
     ),
     "colors": ("a {0}", "one {0}", "a single {0}", "a picture of a {0}"),
     "counting": ("{0}", "a picture of {0}", "exactly {0}"),
-    "two_objects": ("a {0} and a {1}", "a picture of a {0} and a {1}", "one {0} and one {1}", "both a {0} and a {1}",
-                    "a {0} together with a {1}"),
+    "two_objects": (
+        "a {0} and a {1}",
+        "a picture of a {0} and a {1}",
+        "one {0} and one {1}",
+        "both a {0} and a {1}",
+        "a {0} together with a {1}",
+    ),
     "color_attr": ("a {0} and a {1}", "one {0} and one {1}"),
     "position": ("a {0} {2} a {1}", "a {0} is {2} a {1}"),
 }
@@ -105,7 +116,9 @@ def _prompts_of(category: str) -> list[Prompt]:
         for s1, s2 in itertools.permutations(SHAPES, 2):
             out += [Prompt(t.format(s1, s2), category, (Obj(s1), Obj(s2))) for t in _TEMPLATES[category]]
     elif category == "color_attr":
-        for (s1, s2), (c1, c2) in itertools.product(itertools.permutations(SHAPES, 2), itertools.permutations(COLORS, 2)):
+        for (s1, s2), (c1, c2) in itertools.product(
+            itertools.permutations(SHAPES, 2), itertools.permutations(COLORS, 2)
+        ):
             a, b = Obj(s1, c1), Obj(s2, c2)
             out += [Prompt(t.format(a.noun(), b.noun()), category, (a, b)) for t in _TEMPLATES[category]]
     elif category == "position":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler, SD3Transformer2DModel, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
@@ -108,7 +108,9 @@ def train_vae(cfg: TrainBaseConfig, images: torch.Tensor) -> AutoencoderKL:
             bar.set_postfix(loss=f"{loss.item():.4f}")
     vae.eval()
     with torch.no_grad():
-        z = torch.cat([vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 2048), 256)])
+        z = torch.cat(
+            [vae.encode(images[i : i + 256] * 2 - 1).latent_dist.mean for i in range(0, min(len(images), 2048), 256)]
+        )
     vae.register_to_config(scaling_factor=float(1 / z.std()), shift_factor=0.0)
     return vae
 
@@ -185,8 +187,14 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
         if family == "sd":
             embeds = pipe.encode_prompt(vocab, "cpu", 1, False)[0]
         else:
-            embeds, _, pooled, _ = pipe.encode_prompt(vocab, None, None, device="cpu", do_classifier_free_guidance=False,
-                                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
+            embeds, _, pooled, _ = pipe.encode_prompt(
+                vocab,
+                None,
+                None,
+                device="cpu",
+                do_classifier_free_guidance=False,
+                max_sequence_length=MAX_SEQUENCE_LENGTH,
+            )
     ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     denoiser.train()
     opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=0.01)
@@ -210,8 +218,12 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
         else:
             sigma = torch.sigmoid(torch.randn(len(x0), generator=g)).view(-1, 1, 1, 1)
             xt = (1 - sigma) * x0 + sigma * noise
-            pred = denoiser(hidden_states=xt, encoder_hidden_states=embeds[c], pooled_projections=pooled[c],
-                            timestep=sigma.flatten() * 1000).sample
+            pred = denoiser(
+                hidden_states=xt,
+                encoder_hidden_states=embeds[c],
+                pooled_projections=pooled[c],
+                timestep=sigma.flatten() * 1000,
+            ).sample
             loss = F.mse_loss(pred, noise - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -236,9 +248,15 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
     denoiser.eval()
     folder = out / family
     pipe.save_pretrained(folder, safe_serialization=True)
-    info = {"steps": steps, "wall_minutes": (time.time() - start) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60,
-            "params": sum(p.numel() for p in denoiser.parameters()), "final_loss": float(np.mean(losses[-100:])),
-            "curve": evals, "config": asdict(cfg)}
+    info = {
+        "steps": steps,
+        "wall_minutes": (time.time() - start) / 60,
+        "cpu_minutes": (time.process_time() - cpu0) / 60,
+        "params": sum(p.numel() for p in denoiser.parameters()),
+        "final_loss": float(np.mean(losses[-100:])),
+        "curve": evals,
+        "config": asdict(cfg),
+    }
     gen = {"num_inference_steps": 20, "guidance_scale": 3.0, "height": 32, "width": 32}
     if family == "sd3":
         gen["max_sequence_length"] = MAX_SEQUENCE_LENGTH
@@ -273,7 +291,10 @@ def train_base(cfg: TrainBaseConfig, stages: tuple[str, ...] = STAGES) -> dict:
             info = {"heldout_top1_retrieval_256": clip_retrieval_accuracy(clip, tok)}
         else:
             info = train_generator(cfg, stage, images, captions, out)
-        info |= {"stage_wall_minutes": (time.time() - start) / 60, "stage_cpu_minutes": (time.process_time() - cpu0) / 60}
+        info |= {
+            "stage_wall_minutes": (time.time() - start) / 60,
+            "stage_cpu_minutes": (time.process_time() - cpu0) / 60,
+        }
         _record(out, stage, info)
         results[stage] = info
         logger.info("stage %s: %s", stage, {k: v for k, v in info.items() if k != "curve"})

@@ -96,8 +96,9 @@ def detect(image: np.ndarray) -> list[Detection]:
         for k in np.unique(comp[comp > 0]):
             ys, xs = np.nonzero(comp == k)
             if len(xs) >= MIN_AREA:
-                found.append(Detection(_shape_of(ys, xs), name, float(xs.mean()) + 0.5, float(ys.mean()) + 0.5,
-                                       len(xs)))
+                found.append(
+                    Detection(_shape_of(ys, xs), name, float(xs.mean()) + 0.5, float(ys.mean()) + 0.5, len(xs))
+                )
     return found
 
 
@@ -107,8 +108,12 @@ def _matches(d: Detection, o: Obj) -> bool:
 
 def _relation(a: Detection, b: Detection, relation: str) -> bool:
     dx, dy = b.x - a.x, b.y - a.y
-    return {"to the left of": dx > MARGIN, "to the right of": -dx > MARGIN, "above": dy > MARGIN,
-            "below": -dy > MARGIN}[relation]
+    return {
+        "to the left of": dx > MARGIN,
+        "to the right of": -dx > MARGIN,
+        "above": dy > MARGIN,
+        "below": -dy > MARGIN,
+    }[relation]
 
 
 def verify(image: np.ndarray, prompt: Prompt) -> Verdict:

@@ -1,0 +1,397 @@
+"""Judges: one interface from (image, prompt, test points) to a pass/fail verdict with a reason per test point.
+
+A `Judge` receives `Sample`s (a prompt item, the image's index among the prompt's images, and its pixels
+`[3, H, W]` float in [0, 1]) and returns one `JudgeResult` per sample: a `Verdict` per test point, in the item's
+order, plus the judge's raw output when it has one. A verdict's status is
+
+- `"ok"`: judged; `passed` is True or False;
+- `"abstain"`: the judge cannot judge this criterion (`passed` is None); the report lists what was not covered;
+- `"error"`: the judge should have judged but failed (an unparseable VLM answer, a failed request); `passed` is
+  False, so by default it counts as a failure, and it is always reported.
+
+Judges here: `RewardJudge` (a registered reward, thresholded), `RuleJudge` (GenEval's rules over a `Detector`;
+`WorldDetector` is the shapes-world verifier's detector), `WorldJudge` (the shapes-world verifier itself), and
+`CompositeJudge` (the first judge that does not abstain decides each test point). The VLM judge lives in `vlm.py`.
+`build_judge("world" | "rules:world" | "reward:NAME@THRESHOLD" | "vlm:PATH" | "openai:MODEL@URL" | "replay:FILE")`
+makes one from a command-line spec.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from visalign.benchmarks.prompts import PromptItem, TestPoint
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """The judgment of one test point on one image."""
+
+    passed: bool | None
+    reason: str = ""
+    status: str = "ok"  # "ok" | "abstain" | "error"
+    judge: str = ""
+
+    @classmethod
+    def abstain(cls, reason: str, judge: str = "") -> Verdict:
+        return cls(None, reason, "abstain", judge)
+
+    @classmethod
+    def error(cls, reason: str, judge: str = "") -> Verdict:
+        return cls(False, reason, "error", judge)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class Sample:
+    """What a judge looks at: a prompt item, which of its images (`image_id`), and the pixels `[3, H, W]`."""
+
+    item: PromptItem
+    image_id: int
+    pixels: Tensor
+
+
+@dataclass
+class JudgeResult:
+    verdicts: list[Verdict]
+    raw: str | None = None
+
+
+class Judge(ABC):
+    """Base class: `name`, `settings()` (recorded in the run record and hashed into `fingerprint()`), `judge()`."""
+
+    name: str = "judge"
+
+    def settings(self) -> dict:
+        """Everything that changes the verdicts: model ids, thresholds, decoding parameters, template versions."""
+        return {}
+
+    def fingerprint(self) -> str:
+        """A hash of `name` and `settings()`: cached verdicts are reused only under the same fingerprint."""
+        blob = json.dumps({"name": self.name, **self.settings()}, sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    @abstractmethod
+    def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
+        """One result per sample, each with one verdict per test point of the sample's item."""
+
+
+class CompositeJudge(Judge):
+    """Several judges in order; each test point takes the first verdict that is not an abstention."""
+
+    def __init__(self, judges: Sequence[Judge]):
+        if not judges:
+            raise ValueError("`judges` is empty")
+        self.judges = list(judges)
+        self.name = "+".join(j.name for j in self.judges)
+
+    def settings(self) -> dict:
+        return {"judges": [{"name": j.name, **j.settings()} for j in self.judges]}
+
+    def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
+        per_judge = [j.judge(samples) for j in self.judges]
+        out = []
+        for i, sample in enumerate(samples):
+            verdicts = []
+            for k in range(len(sample.item.test_points)):
+                candidates = [results[i].verdicts[k] for results in per_judge]
+                verdicts.append(next((v for v in candidates if v.status != "abstain"), candidates[0]))
+            raws = [f"[{j.name}] {r[i].raw}" for j, r in zip(self.judges, per_judge) if r[i].raw is not None]
+            out.append(JudgeResult(verdicts, "\n".join(raws) or None))
+        return out
+
+
+class RewardJudge(Judge):
+    """A registered reward as a judge: a test point passes when the image's score reaches `threshold`.
+
+    The reward scores the whole prompt, so every judged test point of an image gets the same verdict; `criteria`
+    (None = all) limits which criteria it judges, the others abstain.
+    """
+
+    def __init__(self, reward: Any, threshold: float, criteria: Sequence[str] | None = None, batch_size: int = 16):
+        if batch_size < 1:
+            raise ValueError(f"`batch_size` must be positive, got {batch_size}")
+        self.reward, self.threshold, self.batch_size = reward, float(threshold), batch_size
+        self.criteria = None if criteria is None else tuple(criteria)
+        self.name = f"reward:{reward.name}"
+
+    def settings(self) -> dict:
+        return {"reward": self.reward.name, "threshold": self.threshold, "criteria": self.criteria}
+
+    @torch.no_grad()
+    def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
+        scores: list[float] = []
+        for start in range(0, len(samples), self.batch_size):
+            chunk = samples[start : start + self.batch_size]
+            pixels = torch.stack([s.pixels for s in chunk]).to(self.reward.device)
+            scores += self.reward.score(pixels, [s.item.text for s in chunk]).score.tolist()
+        out = []
+        for sample, score in zip(samples, scores):
+            ok = score >= self.threshold
+            why = f"{self.reward.name} = {score:.4g} {'>=' if ok else '<'} {self.threshold:g}"
+            out.append(JudgeResult([
+                Verdict(ok, why, judge=self.name) if self._judges(tp) else
+                Verdict.abstain(f"{self.name} does not judge {tp.criterion}", self.name)
+                for tp in sample.item.test_points
+            ], raw=f"{score:.6g}"))
+        return out
+
+    def _judges(self, tp: TestPoint) -> bool:
+        return self.criteria is None or tp.criterion in self.criteria
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GenEval rules over a detector
+
+
+@dataclass(frozen=True)
+class Detection:
+    """A detected object: class label, confidence, box `(x0, y0, x1, y1)` in pixels, and its color if known."""
+
+    label: str
+    score: float
+    box: tuple[float, float, float, float]
+    color: str | None = None
+
+
+class Detector(ABC):
+    """Finds objects in an image. Subclasses set `name` and implement `detect`."""
+
+    name: str = "detector"
+
+    def settings(self) -> dict:
+        return {}
+
+    @abstractmethod
+    def detect(self, pixels: Tensor) -> list[Detection]:
+        """Objects in `pixels` (`[3, H, W]`, float in [0, 1])."""
+
+
+@dataclass
+class GenEvalRules:
+    """GenEval's thresholds (`evaluation/evaluate_images.py` defaults)."""
+
+    threshold: float = field(default=0.3, metadata={"help": "keep detections scoring above this"})
+    counting_threshold: float = field(default=0.9, metadata={"help": "the same, for prompts tagged counting"})
+    max_objects: int = field(default=16, metadata={"help": "at most this many detections per class"})
+    max_overlap: float = field(default=1.0, metadata={"help": "NMS IoU threshold; 1.0 turns NMS off"})
+    position_threshold: float = field(default=0.1, metadata={"help": "box-size fraction removed from offsets"})
+
+
+def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
+    def area(box: Sequence[float]) -> float:
+        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
+
+    inter = area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
+    union = area(a) + area(b) - inter
+    return inter / union if union else 0.0
+
+
+def relative_position(a: Detection, b: Detection, position_threshold: float) -> set[str]:
+    """Relations of `a` to `b` ("left of", "right of", "above", "below"), GenEval's rule.
+
+    The center offset shrinks on each axis by `position_threshold * (size_a + size_b)`; a relation holds when the
+    shrunk offset, divided by the length of the full offset, exceeds 0.5 along its axis.
+    """
+    ba, bb = np.array(a.box, np.float64).reshape(2, 2), np.array(b.box, np.float64).reshape(2, 2)
+    offset = ba.mean(0) - bb.mean(0)
+    dims = np.abs(np.diff(ba, axis=0))[0] + np.abs(np.diff(bb, axis=0))[0]
+    revised = np.maximum(np.abs(offset) - position_threshold * dims, 0) * np.sign(offset)
+    if np.all(np.abs(revised) < 1e-3):
+        return set()
+    dx, dy = revised / np.linalg.norm(offset)
+    rel = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
+    return {k for k, v in rel.items() if v}
+
+
+def check_geneval(spec: dict, detections: Sequence[Detection], rules: GenEvalRules) -> tuple[bool | None, str]:
+    """Check a GenEval clause (`{"tag", "include": [...], "exclude": [...]}`) against detections.
+
+    Includes are AND-ed (at least `count` objects of the class; the `count` most confident must have `color`; each
+    of them must stand in `position` to every object of the target include), excludes OR-ed (fewer than `count`).
+    Returns (passed, reason); passed is None when a color is required and the detector gives no colors.
+    """
+    threshold = rules.counting_threshold if spec.get("tag") == "counting" else rules.threshold
+    by_class: dict[str, list[Detection]] = {}
+    for label in {d.label for d in detections}:
+        ranked = sorted((d for d in detections if d.label == label and d.score > threshold), key=lambda d: -d.score)
+        kept: list[Detection] = []
+        for d in ranked[: rules.max_objects]:
+            if rules.max_overlap >= 1 or all(_iou(d.box, k.box) < rules.max_overlap for k in kept):
+                kept.append(d)
+        if kept:
+            by_class[label] = kept
+    ok, reasons, groups = True, [], []
+    for req in spec.get("include", []):
+        cls, count = req["class"], req["count"]
+        found = by_class.get(cls, [])[:count]
+        matched = len(found) >= count
+        if not matched:
+            reasons.append(f"expected {cls}>={count}, found {len(found)}")
+        if matched and "color" in req:
+            colors = [d.color for d in found]
+            if None in colors:
+                return None, f"the detector gives no colors, needed for {req['color']} {cls}"
+            if colors.count(req["color"]) < count:
+                matched = False
+                reasons.append(f"expected {req['color']} {cls}>={count}, found colors {', '.join(map(str, colors))}")
+        if matched and "position" in req:
+            relation, target = req["position"]
+            if groups[target] is None:
+                matched = False
+                reasons.append(f"no target for {cls} to be {relation}")
+            else:
+                for obj in found:
+                    bad = [t for t in groups[target] if relation not in relative_position(obj, t, rules.position_threshold)]
+                    if bad:
+                        seen = relative_position(obj, bad[0], rules.position_threshold)
+                        reasons.append(f"expected {cls} {relation} target, found {' and '.join(sorted(seen)) or 'no relation'}")
+                        matched = False
+                        break
+        ok &= matched
+        groups.append(found if matched else None)
+    for req in spec.get("exclude", []):
+        n = len(by_class.get(req["class"], []))
+        if n >= req["count"]:
+            ok = False
+            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
+    return ok, "; ".join(reasons) or "all clauses hold"
+
+
+class RuleJudge(Judge):
+    """GenEval's rules over a `Detector`: judges test points that carry a `spec` (or whose prompt has one)."""
+
+    def __init__(self, detector: Detector, rules: GenEvalRules | None = None):
+        self.detector, self.rules = detector, rules or GenEvalRules()
+        self.name = f"rules:{detector.name}"
+
+    def settings(self) -> dict:
+        return {"detector": self.detector.name, **self.detector.settings(), **asdict(self.rules)}
+
+    def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
+        out = []
+        for sample in samples:
+            specs = [tp.spec or sample.item.spec for tp in sample.item.test_points]
+            dets = self.detector.detect(sample.pixels) if any(specs) else []
+            verdicts = []
+            for tp, spec in zip(sample.item.test_points, specs):
+                if not spec:
+                    verdicts.append(Verdict.abstain(f"no rule spec for {tp.criterion}", self.name))
+                    continue
+                passed, why = check_geneval(spec, dets, self.rules)
+                verdicts.append(Verdict(passed, why, "ok" if passed is not None else "abstain", self.name))
+            found = ", ".join(f"{d.color + ' ' if d.color else ''}{d.label}@{d.score:.2f}" for d in dets)
+            out.append(JudgeResult(verdicts, raw=f"detections: {found or 'none'}"))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The shapes world
+
+
+class WorldDetector(Detector):
+    """The shapes-world verifier's detector: shapes and palette colors by color segmentation, confidence 1.
+
+    The verifier reports centroids and areas; the box is the square of the same area around the centroid.
+    """
+
+    name = "world"
+
+    def detect(self, pixels: Tensor) -> list[Detection]:
+        from visalign.world.verifier import detect
+
+        out = []
+        for d in detect(pixels.float().cpu().numpy()):
+            h = float(np.sqrt(d.area)) / 2
+            out.append(Detection(d.shape, 1.0, (d.x - h, d.y - h, d.x + h, d.y + h), d.color))
+        return out
+
+
+class WorldJudge(Judge):
+    """The shapes-world verifier: a world prompt's test points pass when every clause of the prompt holds.
+
+    Prompts outside the world's language are abstained on. The reason lists each clause (`ok`/`FAIL`).
+    """
+
+    name = "world"
+
+    def settings(self) -> dict:
+        from visalign.world import verifier
+
+        return {"min_area": verifier.MIN_AREA, "margin": verifier.MARGIN, "color_distance": verifier.COLOR_DISTANCE}
+
+    def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
+        from visalign.world.scenes import Prompt, parse_prompt
+        from visalign.world.verifier import verify
+
+        out = []
+        for sample in samples:
+            item = sample.item
+            try:
+                prompt = Prompt.from_dict(item.extras["world"]) if "world" in item.extras else parse_prompt(item.text)
+            except ValueError as e:
+                out.append(JudgeResult([Verdict.abstain(str(e), self.name) for _ in item.test_points]))
+                continue
+            verdict = verify(sample.pixels.float().cpu().numpy(), prompt)
+            out.append(JudgeResult([Verdict(verdict.correct, verdict.reason, judge=self.name)
+                                    for _ in item.test_points], raw=verdict.reason))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def build_judge(spec: str, *, device: str | None = None, **vlm_options: Any) -> Judge:
+    """A judge from a command-line spec.
+
+    - `world`: the shapes-world verifier; `rules:world`: GenEval's rules over the world detector;
+    - `reward:NAME@THRESHOLD`: a registered reward (`visalign.list_rewards()`), passing at `score >= THRESHOLD`;
+    - `vlm:PATH`: a local transformers VLM (Qwen2.5-VL class); `openai:MODEL@URL`: an OpenAI-compatible server
+      (URL like `http://127.0.0.1:8000/v1`); `replay:FILE`: answers recorded in a JSONL file (a run's
+      `verdicts.jsonl` or lines `{"prompt_id", "image_id", "raw"}`).
+
+    `vlm_options` go to `VLMJudgeConfig` (e.g. `max_new_tokens`, `max_retries`, `image_format`).
+    """
+    kind, _, arg = spec.partition(":")
+    if spec == "world":
+        return WorldJudge()
+    if kind == "rules":
+        if arg != "world":
+            raise ValueError(f"`spec` {spec!r}: the only built-in detector is 'world' (rules:world)")
+        return RuleJudge(WorldDetector())
+    if kind == "reward":
+        from visalign.rewards import load_reward
+
+        name, sep, threshold = arg.partition("@")
+        if not name or not sep:
+            raise ValueError(f"`spec` {spec!r} must look like reward:NAME@THRESHOLD, e.g. reward:world-verifier@1")
+        return RewardJudge(load_reward(name, device=device), float(threshold))
+    if kind in ("vlm", "openai", "replay"):
+        from visalign.benchmarks import vlm
+
+        if not arg:
+            raise ValueError(f"`spec` {spec!r} needs an argument after '{kind}:'")
+        config = vlm.VLMJudgeConfig(**vlm_options)
+        if kind == "vlm":
+            backend = vlm.TransformersVLM.from_pretrained(arg, device=device)
+        elif kind == "openai":
+            model, _, url = arg.partition("@")
+            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, seed=config.seed)
+        else:
+            backend = vlm.ReplayVLM.from_jsonl(arg)
+        return vlm.VLMJudge(backend, config)
+    raise ValueError(
+        f"unknown judge `spec` {spec!r}; use world, rules:world, reward:NAME@THRESHOLD, vlm:PATH, openai:MODEL@URL "
+        f"or replay:FILE"
+    )

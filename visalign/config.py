@@ -1,0 +1,211 @@
+"""Configs: dataclasses whose fields carry their help, read from YAML with `key=value` overrides.
+
+    config = load_config(FlowGRPOConfig, "configs/world_flow_grpo.yaml", ["learning_rate=1e-4", "max_steps=20"])
+
+Every field has a default and `metadata={"help": ...}` (trl's `GRPOConfig` style). Values from YAML and from
+overrides are coerced to the field's annotated type here: PyYAML reads `1e-5` as the string `'1e-5'` (YAML 1.1
+floats need a dot), so a float field accepts it and an int field accepts `1e3`. An unknown key, or a value that
+cannot be the field's type, is a `ValueError` naming the key. Range checks live in each config's `__post_init__`.
+
+`TrainConfig` holds what the training engine (`visalign.engine.Engine`) reads; method configs extend it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+
+C = TypeVar("C")
+
+# peft targets: the joint-attention projections of SD3 and FLUX blocks (Flow-GRPO's LoRA targets).
+ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+
+
+@dataclass
+class TrainConfig:
+    """What every trainer's engine needs: output, optimization, precision, LoRA, EMA, logging and checkpoints."""
+
+    output_dir: str = field(default="runs/visalign", metadata={"help": "Folder for checkpoints, logs and the result."})
+    seed: int = field(default=0, metadata={"help": "Seed of the LoRA init, the prompts and every noise draw."})
+    max_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (Flow-GRPO LoRA: 3e-4)."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
+    adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
+    adam_weight_decay: float = field(default=1e-4, metadata={"help": "AdamW weight decay."})
+    adam_epsilon: float = field(default=1e-8, metadata={"help": "AdamW epsilon."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient-norm clip; 0 disables clipping."})
+    lr_scheduler: str = field(
+        default="constant", metadata={"help": "A `diffusers.optimization.get_scheduler` name: constant, linear, ..."}
+    )
+    lr_warmup_steps: int = field(default=0, metadata={"help": "Warm-up steps of the learning-rate schedule."})
+    mixed_precision: Literal["no", "fp16", "bf16"] = field(
+        default="no", metadata={"help": "Autocast dtype; frozen weights are stored in it, trained ones in float32."}
+    )
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "Recompute activations in backward."})
+    use_lora: bool = field(default=True, metadata={"help": "Train LoRA adapters (else the whole denoiser)."})
+    lora_rank: int = field(default=32, metadata={"help": "LoRA rank r (Flow-GRPO: 32)."})
+    lora_alpha: float = field(default=64.0, metadata={"help": "LoRA alpha (Flow-GRPO: 64)."})
+    lora_init: str = field(default="gaussian", metadata={"help": "peft `init_lora_weights` (B starts at 0)."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: list(ATTENTION_PROJECTIONS),
+        metadata={"help": "Module-name suffixes that get adapters (attention projections)."},
+    )
+    ema_decay: float = field(
+        default=0.0, metadata={"help": "EMA decay of the trained weights, 0 = no EMA (Flow-GRPO: 0.9 every 8 steps)."}
+    )
+    ema_update_every: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
+    report_to: str = field(
+        default="tensorboard", metadata={"help": "accelerate tracker: tensorboard, wandb, all, or none."}
+    )
+    project_name: str = field(default="visalign", metadata={"help": "Tracker project name."})
+    checkpointing_steps: int = field(
+        default=0, metadata={"help": "Checkpoint every this many optimizer steps (0 = only at the end)."}
+    )
+    checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many."})
+    resume_from: str | None = field(
+        default=None, metadata={"help": "A checkpoint folder, or 'latest' (the newest under output_dir, if any)."}
+    )
+    cpu: bool = field(default=False, metadata={"help": "Force CPU (gloo) even when an accelerator is present."})
+
+    def __post_init__(self) -> None:
+        for name, value in {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
+                            "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
+                            "ema_update_every": self.ema_update_every}.items():
+            if not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value!r}")
+        for name, value in {"max_grad_norm": self.max_grad_norm, "lr_warmup_steps": self.lr_warmup_steps,
+                            "checkpointing_steps": self.checkpointing_steps,
+                            "adam_weight_decay": self.adam_weight_decay}.items():
+            if value < 0:
+                raise ValueError(f"`{name}` must be >= 0, got {value!r}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"`ema_decay` must be in [0, 1), got {self.ema_decay}")
+        if self.checkpoints_total_limit is not None and self.checkpoints_total_limit < 1:
+            raise ValueError(f"`checkpoints_total_limit` must be >= 1 or None, got {self.checkpoints_total_limit}")
+        if self.report_to not in ("tensorboard", "wandb", "all", "none"):
+            raise ValueError(f"`report_to` must be tensorboard, wandb, all or none, got {self.report_to!r}")
+
+
+def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
+    """Build `cls` from its defaults, then the YAML mapping at `path`, then `key=value` `overrides`.
+
+    Override values are parsed as YAML (`beta=0.04`, `use_lora=false`, `lora_target_modules=[to_q, to_k]`,
+    `resume_from=null`) and coerced like file values.
+    """
+    values: dict[str, Any] = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text())
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ValueError(f"config file {path} must hold a mapping of field names to values")
+        values.update(loaded)
+    values.update(parse_overrides(overrides))
+    return config_from_dict(cls, values)
+
+
+def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
+    """`["key=value", ...]` -> `{key: YAML-parsed value}` (types are coerced later, against the dataclass)."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key.strip():
+            raise ValueError(f"an override must look like key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+    return out
+
+
+def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
+    """`cls(**values)` after rejecting unknown keys and coercing each value to its field's type."""
+    if not dataclasses.is_dataclass(cls):
+        raise ValueError(f"{cls!r} is not a dataclass")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls) if f.init]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
+    return cls(**{k: coerce(v, hints[k], k) for k, v in values.items()})
+
+
+def config_to_dict(config: Any) -> dict[str, Any]:
+    """The config as plain YAML-safe values (tuples become lists)."""
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
+
+
+def save_config(config: Any, path: str | Path) -> None:
+    """Write the resolved config as YAML (what a run actually used)."""
+    Path(path).write_text(yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def coerce(value: Any, annotation: Any, name: str) -> Any:
+    """`value` as an instance of `annotation` (bool, int, float, str, Literal, X | None, list, tuple, dict)."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for option in (a for a in args if a is not type(None)):
+            try:
+                return coerce(value, option, name)
+            except ValueError as e:
+                errors.append(str(e))
+        raise ValueError(errors[0] if len(errors) == 1 else f"`{name}`: {value!r} fits none of {annotation}")
+    if origin is Literal:
+        if value not in args:
+            raise ValueError(f"`{name}` must be one of {list(args)}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"`{name}` must be a list, got {value!r}")
+        if origin is tuple and not (len(args) == 2 and args[1] is Ellipsis):
+            if len(value) != len(args):
+                raise ValueError(f"`{name}` must have {len(args)} items, got {value!r}")
+            return tuple(coerce(v, a, f"{name}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+        item = args[0] if args else Any
+        items = [coerce(v, item, f"{name}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ValueError(f"`{name}` must be a mapping, got {value!r}")
+        key_type, value_type = args or (Any, Any)
+        return {coerce(k, key_type, name): coerce(v, value_type, f"{name}[{k}]") for k, v in value.items()}
+    if annotation is Any:
+        return value
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
+            return value.lower() in ("true", "yes")
+        raise ValueError(f"`{name}` must be true or false, got {value!r}")
+    if annotation is int:
+        number = _number(value, name)
+        if number != int(number):
+            raise ValueError(f"`{name}` must be an integer, got {value!r}")
+        return int(number)
+    if annotation is float:
+        return float(_number(value, name))
+    if annotation is str:
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ValueError(f"`{name}` must be a string, got {value!r}")
+        return str(value)
+    raise ValueError(f"`{name}` has an annotation configs cannot read: {annotation!r}")
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a number, got {value!r}")
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    raise ValueError(f"`{name}` must be a number, got {value!r}")
