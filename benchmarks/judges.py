@@ -49,6 +49,11 @@ class Verdict:
     def error(cls, reason: str, judge: str = "") -> Verdict:
         return cls(False, reason, "error", judge)
 
+    def __post_init__(self):
+        expected = {"ok": (True, False), "abstain": (None,), "error": (False,)}
+        if self.status not in expected or self.passed not in expected[self.status]:
+            raise ValueError(f"a verdict with `status` {self.status!r} cannot have `passed` {self.passed!r}")
+
     def to_dict(self) -> dict:
         return asdict(self)
 
@@ -140,11 +145,17 @@ class RewardJudge(Judge):
         for sample, score in zip(samples, scores):
             ok = score >= self.threshold
             why = f"{self.reward.name} = {score:.4g} {'>=' if ok else '<'} {self.threshold:g}"
-            out.append(JudgeResult([
-                Verdict(ok, why, judge=self.name) if self._judges(tp) else
-                Verdict.abstain(f"{self.name} does not judge {tp.criterion}", self.name)
-                for tp in sample.item.test_points
-            ], raw=f"{score:.6g}"))
+            out.append(
+                JudgeResult(
+                    [
+                        Verdict(ok, why, judge=self.name)
+                        if self._judges(tp)
+                        else Verdict.abstain(f"{self.name} does not judge {tp.criterion}", self.name)
+                        for tp in sample.item.test_points
+                    ],
+                    raw=f"{score:.6g}",
+                )
+            )
         return out
 
     def _judges(self, tp: TestPoint) -> bool:
@@ -248,15 +259,23 @@ def check_geneval(spec: dict, detections: Sequence[Detection], rules: GenEvalRul
                 reasons.append(f"expected {req['color']} {cls}>={count}, found colors {', '.join(map(str, colors))}")
         if matched and "position" in req:
             relation, target = req["position"]
+            if not 0 <= target < len(groups):
+                raise ValueError(f"`spec` position target {target} of {cls} must index an earlier include")
             if groups[target] is None:
                 matched = False
                 reasons.append(f"no target for {cls} to be {relation}")
             else:
                 for obj in found:
-                    bad = [t for t in groups[target] if relation not in relative_position(obj, t, rules.position_threshold)]
+                    bad = [
+                        t
+                        for t in groups[target]
+                        if relation not in relative_position(obj, t, rules.position_threshold)
+                    ]
                     if bad:
                         seen = relative_position(obj, bad[0], rules.position_threshold)
-                        reasons.append(f"expected {cls} {relation} target, found {' and '.join(sorted(seen)) or 'no relation'}")
+                        reasons.append(
+                            f"expected {cls} {relation} target, found {' and '.join(sorted(seen)) or 'no relation'}"
+                        )
                         matched = False
                         break
         ok &= matched
@@ -344,15 +363,19 @@ class WorldJudge(Judge):
                 out.append(JudgeResult([Verdict.abstain(str(e), self.name) for _ in item.test_points]))
                 continue
             verdict = verify(sample.pixels.float().cpu().numpy(), prompt)
-            out.append(JudgeResult([Verdict(verdict.correct, verdict.reason, judge=self.name)
-                                    for _ in item.test_points], raw=verdict.reason))
+            out.append(
+                JudgeResult(
+                    [Verdict(verdict.correct, verdict.reason, judge=self.name) for _ in item.test_points],
+                    raw=verdict.reason,
+                )
+            )
         return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_judge(spec: str, *, device: str | None = None, **vlm_options: Any) -> Judge:
+def build_judge(spec: str, *, device: str | None = None, api_key: str | None = None, **vlm_options: Any) -> Judge:
     """A judge from a command-line spec.
 
     - `world`: the shapes-world verifier; `rules:world`: GenEval's rules over the world detector;
@@ -361,7 +384,8 @@ def build_judge(spec: str, *, device: str | None = None, **vlm_options: Any) -> 
       (URL like `http://127.0.0.1:8000/v1`); `replay:FILE`: answers recorded in a JSONL file (a run's
       `verdicts.jsonl` or lines `{"prompt_id", "image_id", "raw"}`).
 
-    `vlm_options` go to `VLMJudgeConfig` (e.g. `max_new_tokens`, `max_retries`, `image_format`).
+    `api_key` is sent to an OpenAI-compatible server; `vlm_options` go to `VLMJudgeConfig` (e.g. `max_new_tokens`,
+    `max_retries`, `image_format`); other judges ignore both.
     """
     kind, _, arg = spec.partition(":")
     if spec == "world":
@@ -387,7 +411,7 @@ def build_judge(spec: str, *, device: str | None = None, **vlm_options: Any) -> 
             backend = vlm.TransformersVLM.from_pretrained(arg, device=device)
         elif kind == "openai":
             model, _, url = arg.partition("@")
-            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, seed=config.seed)
+            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, api_key=api_key, seed=config.seed)
         else:
             backend = vlm.ReplayVLM.from_jsonl(arg)
         return vlm.VLMJudge(backend, config)

@@ -27,6 +27,7 @@ and the set records the file's path and sha256 so a run says which copy it used:
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import io
 import json
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from visalign.benchmarks import taxonomy
+from visalign.world.scenes import CATEGORIES as WORLD_CATEGORIES
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +81,13 @@ class PromptItem:
     extras: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        d: dict[str, Any] = {"id": self.id, "text": self.text, "theme": self.theme, "subtheme": self.subtheme,
-                             "test_points": [tp.to_dict() for tp in self.test_points]}
+        d: dict[str, Any] = {
+            "id": self.id,
+            "text": self.text,
+            "theme": self.theme,
+            "subtheme": self.subtheme,
+            "test_points": [tp.to_dict() for tp in self.test_points],
+        }
         return d | ({"spec": self.spec} if self.spec else {}) | ({"extras": self.extras} if self.extras else {})
 
 
@@ -110,6 +117,8 @@ class PromptSet:
     metadata: dict = field(default_factory=dict)
 
     def __post_init__(self):
+        if not self.items:
+            raise ValueError(f"prompt set {self.name!r} has no prompts (`items` is empty)")
         seen: set[str] = set()
         for item in self.items:
             if not _ID.match(item.id):
@@ -125,9 +134,16 @@ class PromptSet:
 
     def record(self) -> dict:
         """What a run record keeps about the set."""
-        return {"name": self.name, "version": self.version, "license": self.license, "source": self.source,
-                "sha256": self.sha256, "prompts": len(self.items), "primary_criteria": list(self.primary_criteria),
-                "issues": [str(i) for i in self.issues]}
+        return {
+            "name": self.name,
+            "version": self.version,
+            "license": self.license,
+            "source": self.source,
+            "sha256": self.sha256,
+            "prompts": len(self.items),
+            "primary_criteria": list(self.primary_criteria),
+            "issues": [str(i) for i in self.issues],
+        }
 
     def limit(self, n: int | None) -> PromptSet:
         """The first `n` prompts (all when `n` is None), same metadata."""
@@ -135,8 +151,7 @@ class PromptSet:
             return self
         if n < 1:
             raise ValueError(f"`n` must be positive, got {n}")
-        return PromptSet(self.name, self.items[:n], self.version, self.license, self.source, self.sha256,
-                         self.primary_criteria, self.issues, self.metadata)
+        return dataclasses.replace(self, items=self.items[:n])
 
 
 def _read(path: str | Path) -> tuple[str, str]:
@@ -173,22 +188,43 @@ def load_visalign_jsonl(path: str | Path) -> PromptSet:
         try:
             d = json.loads(line)
             tps = tuple(TestPoint(tp["criterion"], tp.get("span", ""), tp.get("spec")) for tp in d["test_points"])
-            items.append(PromptItem(str(d["id"]), d["text"], d.get("theme", ""), d.get("subtheme", ""), tps,
-                                    d.get("spec"), d.get("extras", {})))
+            items.append(
+                PromptItem(
+                    str(d["id"]),
+                    d["text"],
+                    d.get("theme", ""),
+                    d.get("subtheme", ""),
+                    tps,
+                    d.get("spec"),
+                    d.get("extras", {}),
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: line {n} is not a valid prompt ({type(e).__name__}: {e})") from None
     known = {"format", "format_version", "name", "version", "license", "source", "primary_criteria"}
-    return PromptSet(header.get("name", Path(path).stem), items, str(header.get("version", "")),
-                     header.get("license", ""), str(path), sha, tuple(header.get("primary_criteria", ())),
-                     metadata={k: v for k, v in header.items() if k not in known})
+    return PromptSet(
+        header.get("name", Path(path).stem),
+        items,
+        str(header.get("version", "")),
+        header.get("license", ""),
+        str(path),
+        sha,
+        tuple(header.get("primary_criteria", ())),
+        metadata={k: v for k, v in header.items() if k not in known},
+    )
 
 
 def write_prompt_set(prompt_set: PromptSet, path: str | Path) -> Path:
     """Write `prompt_set` in our JSONL format (the source file's path and hash go into the header)."""
-    header = {"format": FORMAT, "format_version": FORMAT_VERSION, "name": prompt_set.name,
-              "version": prompt_set.version, "license": prompt_set.license,
-              "primary_criteria": list(prompt_set.primary_criteria),
-              "converted_from": {"source": prompt_set.source, "sha256": prompt_set.sha256}} | prompt_set.metadata
+    header = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "name": prompt_set.name,
+        "version": prompt_set.version,
+        "license": prompt_set.license,
+        "primary_criteria": list(prompt_set.primary_criteria),
+        "converted_from": {"source": prompt_set.source, "sha256": prompt_set.sha256},
+    } | prompt_set.metadata
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     lines = [header] + [item.to_dict() for item in prompt_set.items]
@@ -223,18 +259,22 @@ def load_unigenbench_csv(path: str | Path, name: str | None = None) -> PromptSet
     if f"prompt_{lang}" not in columns or f"sub_dims_{lang}" not in columns or "index" not in columns:
         raise ValueError(f"{path}: expected columns index, prompt_en|zh, sub_dims_en|zh; got {columns}")
     keys = {field_: pair[lang == "zh"] for field_, pair in _UGB_KEYS.items()}
-    items, issues = [], []
+    items, issues, seen = [], [], set()
     for row_number, raw in enumerate(reader, 1):
         row = _stripped(raw)
         where = f"index {row.get('index')!r}"
         try:
-            dims = _stripped(json.loads(row[f"sub_dims_{lang}"] or ""))
+            dims = json.loads(row[f"sub_dims_{lang}"] or "")
         except json.JSONDecodeError as e:
             issues.append(LoadIssue(row_number, f"{where}: sub_dims is not valid JSON ({e}); row skipped"))
             continue
+        if not isinstance(dims, dict):
+            issues.append(LoadIssue(row_number, f"{where}: sub_dims is not a JSON object; row skipped"))
+            continue
+        dims = _stripped(dims)
         criteria, spans = dims.get(keys["test_points"]), dims.get(keys["spans"])
-        if not row.get(f"prompt_{lang}") or not row.get("index"):
-            issues.append(LoadIssue(row_number, f"{where}: no prompt or index; row skipped"))
+        if not row.get(f"prompt_{lang}") or not _ID.match(row.get("index") or "") or row["index"] in seen:
+            issues.append(LoadIssue(row_number, f"{where}: no prompt, or a missing, odd or repeated index; skipped"))
             continue
         if not isinstance(criteria, list) or not isinstance(spans, list) or len(criteria) != len(spans):
             issues.append(LoadIssue(row_number, f"{where}: test points and descriptions differ; row skipped"))
@@ -251,16 +291,37 @@ def load_unigenbench_csv(path: str | Path, name: str | None = None) -> PromptSet
         if theme is None or subtheme is None:
             issues.append(LoadIssue(row_number, f"{where}: unknown theme/subtheme {theme_label!r}/{sub_label!r}"))
         sentence = str(dims.get(keys["sentence"], ""))
-        extras = {"lang": lang, "subject": dims.get(keys["subject"], ""),
-                  "sentence": taxonomy.canonical_sentence(sentence) or sentence}
-        items.append(PromptItem(row["index"], row[f"prompt_{lang}"], theme or theme_label, subtheme or sub_label,
-                                tuple(tps), extras=extras))
+        extras = {
+            "lang": lang,
+            "subject": dims.get(keys["subject"], ""),
+            "sentence": taxonomy.canonical_sentence(sentence) or sentence,
+        }
+        seen.add(row["index"])
+        items.append(
+            PromptItem(
+                row["index"],
+                row[f"prompt_{lang}"],
+                theme or theme_label,
+                subtheme or sub_label,
+                tuple(tps),
+                extras=extras,
+            )
+        )
     if not items:
         raise ValueError(f"{path}: no valid rows ({len(issues)} issues, first: {issues[0] if issues else '-'})")
     for issue in issues:
         logger.warning("%s: %s", path, issue)
-    return PromptSet(name or f"unigenbench-{Path(path).stem}", items, "", "CC-BY-4.0 (UniGenBench, Tencent)",
-                     str(path), sha, taxonomy.PRIMARY_CRITERIA, issues, {"lang": lang})
+    return PromptSet(
+        name or f"unigenbench-{Path(path).stem}",
+        items,
+        "",
+        "CC-BY-4.0 (UniGenBench, Tencent)",
+        str(path),
+        sha,
+        taxonomy.PRIMARY_CRITERIA,
+        issues,
+        {"lang": lang},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -286,8 +347,16 @@ def load_geneval_jsonl(path: str | Path, name: str | None = None) -> PromptSet:
     if not items:
         raise ValueError(f"{path}: no valid GenEval lines")
     present = {tp.criterion for it in items for tp in it.test_points}
-    return PromptSet(name or "geneval", items, "", "MIT (GenEval)", str(path), sha,
-                     tuple(t for t in GENEVAL_TAGS if t in present), issues)
+    return PromptSet(
+        name or "geneval",
+        items,
+        "",
+        "MIT (GenEval)",
+        str(path),
+        sha,
+        tuple(t for t in GENEVAL_TAGS if t in present),
+        issues,
+    )
 
 
 _WORLD_RELATIONS = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
@@ -299,8 +368,10 @@ def world_spec(prompt: dict) -> dict:
     GenEval puts the relation on the second object relative to the first; the world's relation is the first object's
     relative to the second, so the object order is swapped.
     """
-    objs = [{"class": o["shape"], "count": o["count"]} | ({"color": o["color"]} if o["color"] else {})
-            for o in prompt["objects"]]
+    objs = [
+        {"class": o["shape"], "count": o["count"]} | ({"color": o["color"]} if o["color"] else {})
+        for o in prompt["objects"]
+    ]
     spec: dict[str, Any] = {"tag": prompt["category"]}
     if prompt.get("relation"):
         spec["include"] = [objs[1], objs[0] | {"position": [_WORLD_RELATIONS[prompt["relation"]], 0]}]
@@ -317,26 +388,41 @@ def load_world_heldout(path: str | Path | None = None) -> PromptSet:
     Each prompt's test point is its category (GenEval's six tasks); `extras["world"]` keeps the structured prompt
     for the world verifier and `spec` the same prompt as a GenEval clause for rule judges.
     """
-    path = Path(path) if path is not None else Path(str(resources.files("visalign.assets") / BUILTIN_SETS["world-heldout"]))
+    path = (
+        Path(path)
+        if path is not None
+        else Path(str(resources.files("visalign.assets") / BUILTIN_SETS["world-heldout"]))
+    )
     text, sha = _read(path)
-    lines = [line for line in text.splitlines() if line.strip()]
+    lines = text.splitlines()
     header = json.loads(lines[0])
     items, issues = [], []
     for n, line in enumerate(lines[1:], 2):
+        if not line.strip():
+            continue
         try:
             d = json.loads(line)
             spec = world_spec(d)
             tp = TestPoint(d["category"], d["text"], spec)
-            items.append(PromptItem(f"world-{len(items):03d}", d["text"], "Shapes World", d["category"], (tp,),
-                                    extras={"world": d}))
+            items.append(
+                PromptItem(
+                    f"world-{len(items):03d}", d["text"], "Shapes World", d["category"], (tp,), extras={"world": d}
+                )
+            )
         except (json.JSONDecodeError, KeyError, TypeError, IndexError) as e:
             issues.append(LoadIssue(n, f"not a world prompt ({type(e).__name__}: {e}); skipped"))
-    from visalign.world.scenes import CATEGORIES
-
     present = {it.subtheme for it in items}
-    return PromptSet(header.get("name", "shapes-world-heldout"), items, str(header.get("version", "")),
-                     header.get("license", ""), str(path), sha, tuple(c for c in CATEGORIES if c in present), issues,
-                     {"protocol": header.get("protocol", "")})
+    return PromptSet(
+        header.get("name", "shapes-world-heldout"),
+        items,
+        str(header.get("version", "")),
+        header.get("license", ""),
+        str(path),
+        sha,
+        tuple(c for c in WORLD_CATEGORIES if c in present),
+        issues,
+        {"protocol": header.get("protocol", "")},
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -354,8 +440,16 @@ def load_parti_tsv(path: str | Path, name: str | None = None) -> PromptSet:
             issues.append(LoadIssue(n, "no Prompt; skipped"))
             continue
         tp = TestPoint(row.get("Challenge") or "Prompt", row["Prompt"])
-        items.append(PromptItem(f"{len(items):04d}", row["Prompt"], row.get("Category") or "", "", (tp,),
-                                extras={"note": row["Note"]} if row.get("Note") else {}))
+        items.append(
+            PromptItem(
+                f"{len(items):04d}",
+                row["Prompt"],
+                row.get("Category") or "",
+                "",
+                (tp,),
+                extras={"note": row["Note"]} if row.get("Note") else {},
+            )
+        )
     if not items:
         raise ValueError(f"{path}: no prompts (expected a TSV with a Prompt column)")
     return PromptSet(name or "partiprompts", items, "", "Apache-2.0 (PartiPrompts)", str(path), sha, issues=issues)
@@ -385,8 +479,11 @@ def _guess_format(path: Path) -> str:
         return "t2i-compbench"
     if suffix == ".jsonl":
         with path.open(encoding="utf-8-sig") as f:
-            first = json.loads(f.readline() or "{}")
-            second = json.loads(f.readline() or "{}")
+            try:
+                first, second = (json.loads(f.readline() or "{}") for _ in range(2))
+            except json.JSONDecodeError:
+                first = second = {}
+        first, second = (d if isinstance(d, dict) else {} for d in (first, second))
         if first.get("format") == FORMAT:
             return "visalign"
         if "tag" in first and "include" in first:
@@ -403,10 +500,17 @@ def load_prompt_set(name_or_path: str | Path, format: str | None = None) -> Prom
         return load_world_heldout(path) if name_or_path == "world-heldout" else load_visalign_jsonl(path)
     path = Path(name_or_path)
     if not path.is_file():
-        raise FileNotFoundError(f"`name_or_path` {str(name_or_path)!r} is neither a built-in set "
-                                f"({', '.join(BUILTIN_SETS)}) nor a file")
+        raise FileNotFoundError(
+            f"`name_or_path` {str(name_or_path)!r} is neither a built-in set ({', '.join(BUILTIN_SETS)}) nor a file"
+        )
     if format is not None and format not in FORMATS:
         raise ValueError(f"`format` must be one of {FORMATS}, got {format!r}")
-    loader = {"visalign": load_visalign_jsonl, "unigenbench": load_unigenbench_csv, "geneval": load_geneval_jsonl,
-              "world": load_world_heldout, "parti": load_parti_tsv, "t2i-compbench": load_t2i_compbench_txt}
+    loader = {
+        "visalign": load_visalign_jsonl,
+        "unigenbench": load_unigenbench_csv,
+        "geneval": load_geneval_jsonl,
+        "world": load_world_heldout,
+        "parti": load_parti_tsv,
+        "t2i-compbench": load_t2i_compbench_txt,
+    }
     return loader[format or _guess_format(path)](path)

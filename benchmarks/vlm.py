@@ -26,7 +26,7 @@ import base64
 import io
 import json
 import logging
-import urllib.error
+import re
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
@@ -34,14 +34,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import re
-
 import torch
 from PIL import Image
 
 from visalign.benchmarks import taxonomy
 from visalign.benchmarks.judges import Judge, JudgeResult, Sample, Verdict
 from visalign.benchmarks.prompts import PromptItem
+from visalign.benchmarks.report import to_pil
 
 logger = logging.getLogger(__name__)
 
@@ -160,9 +159,8 @@ class VLMJudgeConfig:
 
 def encode_image(pixels: torch.Tensor, image_format: str = "png") -> tuple[bytes, str]:
     """`[3, H, W]` float pixels in [0, 1] as PNG or JPEG (quality 95) bytes, and the MIME type."""
-    array = (pixels.detach().float().clamp(0, 1).cpu().permute(1, 2, 0).numpy() * 255).round().astype("uint8")
     buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format=image_format.upper(), **({"quality": 95} if image_format == "jpeg" else {}))
+    to_pil(pixels).save(buf, format=image_format.upper(), **({"quality": 95} if image_format == "jpeg" else {}))
     return buf.getvalue(), f"image/{image_format}"
 
 
@@ -226,9 +224,15 @@ class TransformersVLM(VLMBackend):
     def settings(self) -> dict:
         import transformers
 
-        return {"backend": "transformers", "model": self.name, "class": type(self.model).__name__,
-                "dtype": str(self.model.dtype), "do_sample": False, "num_beams": 1,
-                "transformers": transformers.__version__}
+        return {
+            "backend": "transformers",
+            "model": self.name,
+            "class": type(self.model).__name__,
+            "dtype": str(self.model.dtype),
+            "do_sample": False,
+            "num_beams": 1,
+            "transformers": transformers.__version__,
+        }
 
     @torch.no_grad()
     def complete(self, request: VLMRequest) -> str:
@@ -242,25 +246,45 @@ class TransformersVLM(VLMBackend):
 class OpenAIServerVLM(VLMBackend):
     """An OpenAI-compatible chat-completions server (vLLM, sglang, ...): `POST {base_url}/chat/completions`."""
 
-    def __init__(self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 300.0,
-                 seed: int = 0):
+    def __init__(
+        self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 300.0, seed: int = 0
+    ):
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"`base_url` must start with http:// or https://, got {base_url!r}")
         if not model:
             raise ValueError("`model` is empty: give the served model name (e.g. QwenVL)")
-        self.base_url, self.model, self.api_key, self.timeout, self.seed = base_url.rstrip("/"), model, api_key, timeout, seed
+        self.base_url, self.model, self.api_key, self.timeout, self.seed = (
+            base_url.rstrip("/"),
+            model,
+            api_key,
+            timeout,
+            seed,
+        )
         self.name = model
 
     def settings(self) -> dict:
-        return {"backend": "openai", "base_url": self.base_url, "model": self.model, "temperature": 0.0,
-                "top_p": 1.0, "seed": self.seed}
+        return {
+            "backend": "openai",
+            "base_url": self.base_url,
+            "model": self.model,
+            "temperature": 0.0,
+            "top_p": 1.0,
+            "seed": self.seed,
+        }
 
     def complete(self, request: VLMRequest) -> str:
         url = f"data:{request.mime};base64,{base64.b64encode(request.image).decode()}"
         body = {
             "model": self.model,
-            "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                      {"type": "text", "text": request.text}]}],
+            "messages": [
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": url}},
+                        {"type": "text", "text": request.text},
+                    ],
+                }
+            ],
             "max_tokens": request.max_new_tokens,
             "temperature": 0.0,
             "top_p": 1.0,

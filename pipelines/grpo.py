@@ -21,10 +21,22 @@ gives singleton groups 0 only through `r - mean = 0` (we force 0 in every scope,
 from __future__ import annotations
 
 import math
+import resource
+import time
+from collections import defaultdict
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
+
+from visalign.config import TrainConfig
+from visalign.engine import Engine, PromptSampler, load_pipeline, load_prompts
+from visalign.rewards import RewardModel, load_reward
+from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
+from visalign.sampling import noise_aware_weights
+from visalign.types import check_scores
 
 ADVANTAGE_SCOPES = ("group", "global")
 KL_KINDS = ("exact", "flow_grpo")
@@ -241,6 +253,499 @@ def ratio_norm_log_prob(
     old = old_log_prob.detach().to(dtype)
     drift = ((mean.to(dtype) - old_mean.detach().to(dtype)) ** 2).mean(dim=tuple(range(1, mean.ndim)))
     return old + std * (log_prob.to(dtype) - old) + drift / (2 * std)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The trainer: sample groups -> rewards -> group advantages -> clipped policy loss per trained timestep.
+
+
+@dataclass
+class FlowGRPOConfig(TrainConfig):
+    """Flow-GRPO (and its SDE-window variants); defaults are the paper's SD3.5-M recipe (`config/grpo.py`).
+
+    Sizes are per process: an iteration samples `num_batches_per_iteration` batches of `sample_batch_size`
+    samples on every process, `group_size` per prompt (groups may span processes, as in Flow-GRPO), and takes
+    `num_batches_per_iteration / gradient_accumulation_steps` optimizer steps, each accumulating over its samples
+    (`train_batch_size` at a time) and over every trained timestep.
+    """
+
+    pretrained: str = field(
+        default="tiny:sd3",
+        metadata={"help": "The pipeline: a diffusers folder or hub id, `world:sd3` (the shapes world), `tiny:sd3`."},
+    )
+    prompts: str = field(
+        default="world:train", metadata={"help": "Training prompts: a text file (one a line) or `world:train`."}
+    )
+    reward: str = field(default="world-verifier", metadata={"help": "The trained reward (`list_rewards()`)."})
+    reward_pretrained: str | None = field(default=None, metadata={"help": "Weights of the reward, if any."})
+    reward_mode: Literal["score", "win_rate"] = field(
+        default="score",
+        metadata={"help": "score: pointwise `reward.score`; win_rate: Pref-GRPO, a pairwise judge's `reward.group`."},
+    )
+    external_reward: str | None = field(
+        default=None, metadata={"help": "A pointwise reward logged on the same samples (and at eval), never trained."}
+    )
+    external_reward_pretrained: str | None = field(default=None, metadata={"help": "Weights of the external reward."})
+    height: int = field(default=512, metadata={"help": "Image height."})
+    width: int = field(default=512, metadata={"help": "Image width."})
+    num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps while training (T)."})
+    guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale (FLUX.1-dev: the guidance embedding)."})
+    max_sequence_length: int = field(default=256, metadata={"help": "T5 tokens (the shapes world: 16)."})
+    negative_prompt: str = field(default="", metadata={"help": "SD3's CFG negative prompt."})
+    noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (Flow-GRPO SD3: 0.7, FLUX: 0.9)."})
+    sde_kind: Literal["sde", "cps", "dance"] = field(default="sde", metadata={"help": "`sde_step` kind."})
+    sde_window_size: int = field(
+        default=0, metadata={"help": "SDE on this many consecutive steps, ODE elsewhere (0 = SDE everywhere)."}
+    )
+    sde_window_range: tuple[int, int] | None = field(
+        default=None, metadata={"help": "[lo, hi): where a window may lie (default [0, T // 2), Flow-GRPO-Fast)."}
+    )
+    same_noise: bool = field(default=False, metadata={"help": "The samples of a group share their initial noise."})
+    group_size: int = field(default=24, metadata={"help": "Samples per prompt (G)."})
+    sample_batch_size: int = field(default=9, metadata={"help": "Samples per sampling batch and process."})
+    num_batches_per_iteration: int = field(default=4, metadata={"help": "Sampling batches per iteration."})
+    advantage_scope: Literal["group", "global"] = field(
+        default="global", metadata={"help": "Where the advantage std is taken (Flow-GRPO: the whole batch)."}
+    )
+    advantage_unbiased: bool = field(default=False, metadata={"help": "Bessel-corrected std (Pref-GRPO)."})
+    advantage_eps: float = field(default=1e-4, metadata={"help": "Added to the advantage std."})
+    train_batch_size: int = field(default=9, metadata={"help": "Samples per training micro-batch and process."})
+    gradient_accumulation_steps: int = field(
+        default=2, metadata={"help": "Sampling batches per optimizer step (each also accumulated over timesteps)."}
+    )
+    timestep_fraction: float = field(
+        default=1.0, metadata={"help": "Train this fraction of the noisy steps, a random subset per iteration."}
+    )
+    num_inner_epochs: int = field(default=1, metadata={"help": "Passes over each iteration's samples."})
+    clip_range: float = field(default=1e-4, metadata={"help": "PPO clip range (log-probs are element means)."})
+    adv_clip: float = field(default=5.0, metadata={"help": "Advantage clip."})
+    beta: float = field(default=0.04, metadata={"help": "KL coefficient (Flow-GRPO GenEval: 0.04)."})
+    kl_kind: Literal["exact", "flow_grpo"] = field(default="flow_grpo", metadata={"help": "`kl_penalty` kind."})
+    ratio_norm: bool = field(default=False, metadata={"help": "GRPO-Guard's RatioNorm of the ratio."})
+    noise_aware_weighting: bool = field(
+        default=False, metadata={"help": "Weight each step's policy loss by its noise std, mean 1 (TempFlow-GRPO)."}
+    )
+    eval_prompts: str | None = field(default=None, metadata={"help": "Evaluation prompts (`world:heldout`, a file)."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every this many iterations (0: start and end)."})
+    eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE steps at evaluation."})
+    eval_guidance_scale: float = field(default=4.5, metadata={"help": "Guidance at evaluation."})
+    eval_images_per_prompt: int = field(default=1, metadata={"help": "Images per evaluation prompt."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name, value in {
+            "group_size": self.group_size,
+            "sample_batch_size": self.sample_batch_size,
+            "num_batches_per_iteration": self.num_batches_per_iteration,
+            "train_batch_size": self.train_batch_size,
+            "num_inner_epochs": self.num_inner_epochs,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
+            "num_inference_steps": self.num_inference_steps,
+            "noise_level": self.noise_level,
+            "eval_num_inference_steps": self.eval_num_inference_steps,
+            "eval_images_per_prompt": self.eval_images_per_prompt,
+        }.items():
+            if not value > 0:
+                raise ValueError(f"`{name}` must be > 0, got {value!r}")
+        if self.group_size < 2:
+            raise ValueError(
+                f"`group_size` must be >= 2: a group of one has no relative advantage, got {self.group_size}"
+            )
+        if self.num_batches_per_iteration % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"`num_batches_per_iteration` ({self.num_batches_per_iteration}) must be a multiple of "
+                f"`gradient_accumulation_steps` ({self.gradient_accumulation_steps})"
+            )
+        if self.max_steps % self.updates_per_iteration:
+            raise ValueError(
+                f"`max_steps` ({self.max_steps}) must be a multiple of the optimizer steps per iteration "
+                f"({self.updates_per_iteration} = num_batches_per_iteration / gradient_accumulation_steps)"
+            )
+        if not 0 < self.timestep_fraction <= 1:
+            raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}")
+        if self.num_inference_steps < 2:
+            raise ValueError("`num_inference_steps` must be >= 2: the last step is never trained")
+        lo, hi = self.window_range
+        if self.sde_window_size and not (0 <= lo and lo + self.sde_window_size <= hi <= self.num_inference_steps - 1):
+            raise ValueError(
+                f"an SDE window of {self.sde_window_size} steps must fit in `sde_window_range` [{lo}, {hi}) within "
+                f"the trainable steps [0, {self.num_inference_steps - 1})"
+            )
+        if self.reward_mode == "win_rate" and self.external_reward is None:
+            raise ValueError(
+                "reward_mode='win_rate' needs `external_reward`: win rates average 0.5 whatever the samples, so only "
+                "an external metric shows progress"
+            )
+
+    @property
+    def updates_per_iteration(self) -> int:
+        return self.num_batches_per_iteration // self.gradient_accumulation_steps
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        return self.sde_window_range or (0, self.num_inference_steps // 2)
+
+
+@dataclass
+class PrefGRPOConfig(FlowGRPOConfig):
+    """Pref-GRPO: rewards are a pairwise judge's win rates within each group (`scripts/_common_finetune.sh`)."""
+
+    reward_mode: Literal["score", "win_rate"] = field(default="win_rate", metadata={"help": "Pref-GRPO: win_rate."})
+    external_reward: str | None = field(default="world-verifier", metadata={"help": "Logged, never trained on."})
+    group_size: int = field(default=8, metadata={"help": "Samples per prompt (G)."})
+    sample_batch_size: int = field(default=8, metadata={"help": "Samples per sampling batch and process."})
+    train_batch_size: int = field(default=8, metadata={"help": "Samples per training micro-batch and process."})
+    advantage_scope: Literal["group", "global"] = field(default="group", metadata={"help": "Per-group std."})
+    advantage_unbiased: bool = field(default=True, metadata={"help": "torch's unbiased std, as the reference."})
+    advantage_eps: float = field(default=1e-8, metadata={"help": "Added to the advantage std."})
+    same_noise: bool = field(default=True, metadata={"help": "`--init_same_noise`."})
+    timestep_fraction: float = field(default=0.6, metadata={"help": "A random 60% of the noisy steps."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (Pref-GRPO: 0)."})
+    kl_kind: Literal["exact", "flow_grpo"] = field(default="exact", metadata={"help": "Pref-GRPO's `grpo/kl.py`."})
+
+
+class FlowGRPOTrainer:
+    """Flow-GRPO, Pref-GRPO (`reward_mode="win_rate"`) and, through `TempFlowGRPOTrainer`, TempFlow-GRPO.
+
+    Each iteration: draw prompts; sample groups with `FlowSampler` (SDE in the configured window); score them
+    (pointwise `reward.score`, or a pairwise judge's win rates `reward.group` per group); gather the rewards of
+    every process and normalize them per group (`group_advantages`); then, for every trained timestep of every
+    micro-batch, recompute the log-prob of the stored transition and minimize the clipped surrogate
+    (`policy_loss`), times the step's noise-aware weight when asked, plus `beta` times the KL to the reference
+    (adapters disabled). The external reward is logged on the same samples.
+
+    Args:
+        pipe (`StableDiffusion3Pipeline` or `FluxPipeline`): the policy; its transformer is trained (LoRA or full).
+        reward (`RewardModel`): the trained reward.
+        config (`FlowGRPOConfig`): the recipe.
+        prompts (`list[str]`): training prompts.
+        external_reward (`RewardModel`, *optional*): logged on the samples, and the evaluation reward when given.
+        eval_prompts (`list[str]`, *optional*): prompts of the ODE evaluation (`config.eval_every`).
+    """
+
+    def __init__(
+        self,
+        pipe: FlowPipeline,
+        reward: RewardModel,
+        config: FlowGRPOConfig,
+        prompts: list[str],
+        *,
+        external_reward: RewardModel | None = None,
+        eval_prompts: list[str] | None = None,
+    ):
+        if config.reward_mode == "win_rate" and external_reward is None:
+            raise ValueError("reward_mode='win_rate' needs an `external_reward` to log (win rates average 0.5)")
+        self.config = config
+        self.engine = Engine(config, pipe, keep_reference=config.beta > 0)
+        per_prompt, batch, processes = self.samples_per_prompt(), config.sample_batch_size, self.engine.num_processes
+        if (processes * batch) % per_prompt:
+            raise ValueError(
+                f"misconfigured group sizes: {processes} process(es) x sample_batch_size {batch} = "
+                f"{processes * batch} samples per batch, not a multiple of group_size ({per_prompt})"
+            )
+        if config.reward_mode == "win_rate" and batch % per_prompt:
+            raise ValueError(
+                f"misconfigured group sizes: win rates compare a whole group on one process, so sample_batch_size "
+                f"({batch}) must be a multiple of group_size ({per_prompt})"
+            )
+        self.sampler = FlowSampler(
+            pipe,
+            height=config.height,
+            width=config.width,
+            max_sequence_length=config.max_sequence_length,
+            negative_prompt=config.negative_prompt,
+        )
+        self.reward = reward.to(self.engine.device).eval()
+        self.external_reward = None if external_reward is None else external_reward.to(self.engine.device).eval()
+        self.prompt_sampler = PromptSampler(prompts, config.seed)
+        self.eval_prompts = eval_prompts
+        self.history: list[dict[str, float]] = []
+
+    @classmethod
+    def from_config(cls, config: FlowGRPOConfig) -> FlowGRPOTrainer:
+        """Build the pipeline, rewards and prompts the config names (what `visalign train` runs)."""
+        external = None
+        if config.external_reward is not None:
+            external = load_reward(config.external_reward, config.external_reward_pretrained)
+        return cls(
+            load_pipeline(config.pretrained),
+            load_reward(config.reward, config.reward_pretrained),
+            config,
+            load_prompts(config.prompts),
+            external_reward=external,
+            eval_prompts=None if config.eval_prompts is None else load_prompts(config.eval_prompts),
+        )
+
+    def samples_per_prompt(self) -> int:
+        """Consecutive samples of an iteration that share a prompt: Flow-GRPO's group."""
+        return self.config.group_size
+
+    def train(self) -> list[dict[str, float]]:
+        """Train to `max_steps` (resuming first when `resume_from` says so); returns the logged metrics."""
+        state = self.engine.resume()
+        if state is not None:
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if self.eval_prompts and self.engine.step == 0:
+            self._log(self.evaluate())
+        while self.engine.step < self.config.max_steps:
+            iteration = self.prompt_sampler.iteration
+            self._log(self.train_iteration())
+            every = self.config.eval_every
+            if (
+                self.eval_prompts
+                and every
+                and (iteration + 1) % every == 0
+                and self.engine.step < self.config.max_steps
+            ):
+                self._log(self.evaluate())
+            self.engine.maybe_checkpoint(self.state_dict())
+        if self.eval_prompts:
+            self._log(self.evaluate())
+        self.engine.maybe_checkpoint(self.state_dict(), force=True)
+        self.engine.finish()
+        return self.history
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint needs besides the engine's state: the prompt sampler's position."""
+        return {"prompt_sampler": self.prompt_sampler.state_dict()}
+
+    def train_iteration(self) -> dict[str, float]:
+        """Sample, score and normalize one iteration's groups, then take `updates_per_iteration` optimizer steps."""
+        start = time.perf_counter()
+        iteration = self.prompt_sampler.iteration
+        rollout, rewards, metrics = self.rollout()
+        advantages, advantage_metrics = self.advantages(rollout, rewards)
+        tick = time.perf_counter()
+        update_metrics = self.update(rollout, advantages, iteration)
+        self._synchronize()
+        metrics["time/update"] = time.perf_counter() - tick
+        metrics["time/iteration"] = time.perf_counter() - start
+        metrics["samples_per_second"] = len(rollout) * self.engine.num_processes / metrics["time/iteration"]
+        metrics["memory/peak_gb"] = peak_memory_gb(self.engine.device)
+        return {**metrics, **advantage_metrics, **update_metrics}
+
+    def rollout(self) -> tuple[Rollout, Tensor, dict[str, float]]:
+        """This process's samples of one iteration, their rewards `[N]`, and reward and timing metrics."""
+        c, engine = self.config, self.engine
+        iteration = self.prompt_sampler.iteration
+        global_batch = engine.num_processes * c.sample_batch_size
+        per_prompt = self.samples_per_prompt()
+        drawn = self.prompt_sampler.draw(c.num_batches_per_iteration * global_batch // per_prompt)
+        texts = [p for p in drawn for _ in range(per_prompt)]
+        parts, rewards, timing = [], [], {"time/sampling": 0.0, "time/reward": 0.0}
+        aspects: dict[str, list[Tensor]] = defaultdict(list)
+        for b in range(c.num_batches_per_iteration):
+            first = b * global_batch + engine.process_index * c.sample_batch_size
+            index = torch.arange(first, first + c.sample_batch_size)
+            tick = time.perf_counter()
+            part = self.sample_batch([texts[i] for i in index.tolist()], index, iteration, b)
+            self._synchronize()
+            timing["time/sampling"] += time.perf_counter() - tick
+            tick = time.perf_counter()
+            rewards.append(self.score(part, aspects))
+            timing["time/reward"] += time.perf_counter() - tick
+            parts.append(part)
+        rollout, rewards = Rollout.cat(parts), torch.cat(rewards)
+        metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(correction=0))}
+        metrics |= {name: float(torch.cat(values).mean()) for name, values in aspects.items()}
+        return rollout, rewards, engine.mean_across_processes(metrics) | timing | {"iteration": iteration}
+
+    def sample_batch(self, prompts: list[str], index: Tensor, iteration: int, batch: int) -> Rollout:
+        """Sample one batch; `index` holds the samples' positions in the iteration (the same on any process count).
+
+        Initial noise is keyed by group when `same_noise`, else by sample; SDE noise always by sample.
+        """
+        c = self.config
+        group_ids = index // self.samples_per_prompt()
+        noise_keys = group_ids if c.same_noise else index
+        latents = self.sampler.initial_latents(seeded_generators([(c.seed, iteration, 0, k) for k in noise_keys]))
+        with self.engine.autocast():
+            return self.sampler.sample(
+                prompts,
+                self.sampler.encode(prompts, c.guidance_scale),
+                latents,
+                num_inference_steps=c.num_inference_steps,
+                guidance_scale=c.guidance_scale,
+                noise_level=c.noise_level,
+                noise_steps=self.noise_window(iteration, batch),
+                kind=c.sde_kind,
+                generator=seeded_generators([(c.seed, iteration, 1, i) for i in index]),
+                group_ids=group_ids,
+                transformer=self.engine.unwrapped,
+            )
+
+    def noise_window(self, iteration: int, batch: int) -> list[int] | None:
+        """The SDE steps of a batch: all (None), or `sde_window_size` consecutive ones placed at random."""
+        c = self.config
+        if not c.sde_window_size:
+            return None
+        lo, hi = c.window_range
+        generator = seeded_generators([(c.seed, iteration, 2, batch)])[0]
+        start = lo + int(torch.randint(hi - lo - c.sde_window_size + 1, (1,), generator=generator))
+        return list(range(start, start + c.sde_window_size))
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout, aspects: dict[str, list[Tensor]]) -> Tensor:
+        """Rewards `[N]` of a batch (validated: finite, one per sample); logs aspects and the external reward."""
+        n = len(rollout)
+        if self.config.reward_mode == "score":
+            out = self.reward.score(rollout.images, rollout.prompts)
+            rewards = check_scores(out.score, n, f"{self.reward.name} reward").float()
+            for name, values in out.aspects.items():
+                aspects[f"reward/{name}"].append(values.float())
+        else:
+            rewards = torch.empty(n, device=rollout.images.device)
+            for group in rollout.group_ids.unique():
+                rows = (rollout.group_ids == group).nonzero().flatten()
+                rates = self.reward.group(rollout.images[rows], rollout.prompts[int(rows[0])]).score
+                rewards[rows] = check_scores(rates, len(rows), f"{self.reward.name} win rates").float()
+            if not ((rewards >= 0) & (rewards <= 1)).all() or abs(float(rewards.mean()) - 0.5) > 0.05:
+                raise ValueError(
+                    f"{self.reward.name}.group() did not return win rates (in [0, 1], averaging 0.5 in a group): "
+                    f"reward_mode='win_rate' needs a pairwise judge; use reward_mode='score' for pointwise rewards"
+                )
+        if self.external_reward is not None:
+            out = self.external_reward.score(rollout.images, rollout.prompts)
+            name = self.external_reward.name
+            aspects[f"external/{name}"].append(check_scores(out.score, n, f"{name} external reward").float())
+            for aspect, values in out.aspects.items():
+                aspects[f"external/{name}/{aspect}"].append(values.float())
+        return rewards
+
+    def advantages(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
+        """Group advantages over every process's rewards; returns this process's `[N]` and metrics."""
+        c, engine = self.config, self.engine
+        all_rewards, all_groups = engine.gather(rewards), engine.gather(rollout.group_ids)
+        advantages = group_advantages(
+            all_rewards, all_groups, scope=c.advantage_scope, unbiased=c.advantage_unbiased, eps=c.advantage_eps
+        )
+        _, inverse = all_groups.unique(return_inverse=True)
+        spread = torch.zeros(int(inverse.max()) + 1, device=advantages.device).index_add_(0, inverse, advantages.abs())
+        metrics = {
+            "advantage/abs_mean": float(advantages.abs().mean()),
+            "advantage/zero_groups": float((spread == 0).float().mean()),
+        }
+        return advantages.reshape(engine.num_processes, -1)[engine.process_index], metrics
+
+    def trained_steps(self, rollout: Rollout, iteration: int) -> Tensor:
+        """`[T]` bool: the noisy steps except the last one (Flow-GRPO's `timestep_fraction=0.99`), optionally a
+        random `timestep_fraction` of them, the same on every process."""
+        trained = (rollout.stds > 0).any(dim=0)
+        trained[-1] = False
+        if self.config.timestep_fraction < 1:
+            steps = trained.nonzero().flatten()
+            keep = max(1, int(len(steps) * self.config.timestep_fraction))
+            generator = seeded_generators([(self.config.seed, iteration, 3)])[0]
+            trained[:] = False
+            trained[steps[torch.randperm(len(steps), generator=generator)[:keep].to(steps.device)]] = True
+        if not trained.any():
+            raise ValueError("no trainable step: every step was deterministic (noise_level 0 or ODE)")
+        return trained
+
+    def update(self, rollout: Rollout, advantages: Tensor, iteration: int) -> dict[str, float]:
+        """`updates_per_iteration` optimizer steps over the rollout; each accumulates all its (samples, step) units."""
+        c, engine = self.config, self.engine
+        trained = self.trained_steps(rollout, iteration)
+        step_stds = rollout.stds.max(dim=0).values
+        weights = noise_aware_weights(step_stds, trained) if c.noise_aware_weighting else trained.float()
+        stats: dict[str, list[float]] = defaultdict(list)
+        for _ in range(c.num_inner_epochs):
+            for part in torch.arange(len(rollout), device=rollout.latents.device).chunk(c.updates_per_iteration):
+                units = [
+                    (rows, int(t))
+                    for t in trained.nonzero().flatten()
+                    for rows in part[rollout.stds[part, t] > 0].split(c.train_batch_size)
+                ]
+                self._check_same_unit_count(len(units))
+                for i, (rows, t) in enumerate(units):
+                    with engine.accumulate(sync=i == len(units) - 1):
+                        loss, unit_stats = self.loss(rollout, rows, t, advantages[rows], float(weights[t]))
+                        engine.backward(loss / len(units))
+                    for k, v in unit_stats.items():
+                        stats[k].append(float(v))
+                for k, v in engine.optimizer_step().items():
+                    stats[k].append(v)
+        means = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
+        return engine.mean_across_processes(means)
+
+    def loss(
+        self, rollout: Rollout, rows: Tensor, step: int, advantages: Tensor, weight: float
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """`weight * policy_loss + beta * KL` for the transitions of `rows` at `step` under the current model."""
+        c, engine = self.config, self.engine
+        with engine.autocast():
+            policy = self.sampler.log_prob(rollout, rows, step, transformer=engine.model)
+        old_log_prob = rollout.log_probs[rows, step]
+        log_prob = policy.log_prob
+        if c.ratio_norm:
+            log_prob = ratio_norm_log_prob(log_prob, old_log_prob, policy.mean, rollout.means[rows, step], policy.std)
+        loss, stats = policy_loss(log_prob, old_log_prob, advantages, c.clip_range, c.adv_clip)
+        stats["policy_loss"] = loss.detach()
+        loss = weight * loss
+        if c.beta > 0:
+            with torch.no_grad(), engine.reference() as reference, engine.autocast():
+                ref_mean = self.sampler.log_prob(rollout, rows, step, transformer=reference).mean
+            dt = rollout.sigmas[step + 1] - rollout.sigmas[step] if c.kl_kind == "flow_grpo" else None
+            kl = kl_penalty(policy.mean, ref_mean, policy.std, kind=c.kl_kind, dt=dt).mean()
+            loss = loss + c.beta * kl
+            stats["kl"] = kl.detach()
+        stats["loss"] = loss.detach()
+        return loss, stats
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """ODE samples of the evaluation prompts (EMA weights when on), scored by the external reward (else the
+        reward); returns `eval/<name>` and `eval/<name>/<aspect>` means over images. Seeds are fixed."""
+        c, engine = self.config, self.engine
+        judge = self.external_reward or self.reward
+        texts = [p for p in self.eval_prompts for _ in range(c.eval_images_per_prompt)]
+        mine = torch.arange(engine.process_index, len(texts), engine.num_processes)
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=engine.device))
+        with engine.ema_weights():
+            for index in mine.split(c.sample_batch_size):
+                prompts = [texts[i] for i in index.tolist()]
+                latents = self.sampler.initial_latents(seeded_generators([(c.seed, 0xE7A1, i) for i in index]))
+                with engine.autocast():
+                    images = self.sampler.sample(
+                        prompts,
+                        self.sampler.encode(prompts, c.eval_guidance_scale),
+                        latents,
+                        num_inference_steps=c.eval_num_inference_steps,
+                        guidance_scale=c.eval_guidance_scale,
+                        transformer=engine.unwrapped,
+                    ).images
+                out = judge.score(images, prompts)
+                sums[f"eval/{judge.name}"] += out.score.double().sum()
+                for aspect, values in out.aspects.items():
+                    sums[f"eval/{judge.name}/{aspect}"] += values.double().sum()
+        names = sorted(sums) or [f"eval/{judge.name}"]
+        totals = torch.stack([sums[k] for k in names])
+        if engine.num_processes > 1:
+            totals = engine.accelerator.reduce(totals, reduction="sum")
+        return {k: float(v) / len(texts) for k, v in zip(names, totals)}
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.history.append({"step": self.engine.step, **metrics})
+        self.engine.log(metrics)
+
+    def _check_same_unit_count(self, count: int) -> None:
+        """DDP needs every process to take the same number of micro-steps per update."""
+        if self.engine.num_processes == 1:
+            return
+        counts = self.engine.gather(torch.tensor([count], device=self.engine.device))
+        if not (counts == count).all():
+            raise RuntimeError(f"processes disagree on micro-steps per update: {counts.tolist()}")
+
+    def _synchronize(self) -> None:
+        if self.engine.device.type == "cuda":
+            torch.cuda.synchronize(self.engine.device)
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated on the CUDA device, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -36,7 +36,12 @@ from visalign.types import RewardOutput
 AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"
 AESTHETIC_SOURCE = "https://github.com/christophschuhmann/improved-aesthetic-predictor"
 CLIP_L14 = "openai/clip-vit-large-patch14"
-TEXT_TOWER = ("text_model.", "text_projection.", "logit_scale")
+
+
+class CLIPImageTower(CLIPVisionModelWithProjection):
+    """CLIP's image tower and projection, loadable from a full `CLIPModel` folder (the text tower is skipped)."""
+
+    _keys_to_ignore_on_load_unexpected = [r"^text_model\.", r"^text_projection\.", r"^logit_scale$"]
 
 
 class AestheticMLP(nn.Module):
@@ -129,11 +134,7 @@ class LAIONAesthetic(PixelValuesReward):
         config = CLIPConfig.from_pretrained(folder)
         config.vision_config.projection_dim = config.projection_dim  # the image tower alone, projection included
         vision = load_transformers_model(
-            CLIPVisionModelWithProjection,
-            folder,
-            what="LAION aesthetic (clip)",
-            unused_prefixes=TEXT_TOWER,
-            config=config.vision_config,
+            CLIPImageTower, folder, what="LAION aesthetic (clip)", config=config.vision_config
         )
         head = AestheticMLP(vision.visual_projection.out_features)
         load_mapped_state_dict(head, state, lambda k: k, what="LAION aesthetic", source=str(Path(path)))

@@ -22,8 +22,9 @@ from typing import Literal
 import torch
 from torch import Tensor, nn
 
+from visalign.reward_models.preprocess import score_sharing_preprocessing
 from visalign.rewards import RewardModel
-from visalign.types import RewardOutput, check_prompts, check_scores
+from visalign.types import RewardOutput, check_prompts
 
 MODES = ("weighted_raw", "weighted_advantage")
 
@@ -155,8 +156,5 @@ class CompositeReward(RewardModel):
         return total
 
     def _score(self, pixels: Tensor, prompts: list[str]) -> RewardOutput:
-        scores = {
-            name: check_scores(reward.score(pixels, prompts).score, pixels.shape[0], name)
-            for name, reward in zip(self.part_names, self.rewards)
-        }
+        scores = score_sharing_preprocessing(dict(zip(self.part_names, self.rewards)), pixels, prompts)
         return RewardOutput(self.combine(scores, prompts), aspects=scores)

@@ -40,6 +40,8 @@ class HPSv2(CLIPScorer):
         transform: default: longest side to the model's image size, zero padding (HPSv2's eval transform).
     """
 
+    name = "hpsv2"
+
     def __init__(
         self,
         model: open_clip.CLIP,

@@ -159,22 +159,18 @@ def load_mapped_state_dict(
     module.load_state_dict(mapped, strict=True)
 
 
-def load_transformers_model(
-    cls: type[M], folder: Path, *, what: str, unused_prefixes: tuple[str, ...] = (), **kwargs: Any
-) -> M:
+def load_transformers_model(cls: type[M], folder: Path, *, what: str, **kwargs: Any) -> M:
     """`cls.from_pretrained(folder, **kwargs)` in float32 that fails on any missing, unexpected or mis-shaped weight.
 
-    `unused_prefixes`: checkpoint keys the folder may hold beyond `cls` (the text tower of a full CLIP folder when
-    only `CLIPVisionModelWithProjection` is wanted).
+    Keys a class skips on purpose are those of its `_keys_to_ignore_on_load_unexpected`.
     """
     try:
         model, info = cls.from_pretrained(folder, dtype=torch.float32, output_loading_info=True, **kwargs)
     except Exception as e:
         raise ValueError(f"{what}: could not load a {cls.__name__} from {folder} ({type(e).__name__}: {e})") from e
-    unexpected = [k for k in info["unexpected_keys"] if not k.startswith(unused_prefixes)]
     mismatched = [str(k) for k in info.get("mismatched_keys", ())]
-    if info["missing_keys"] or unexpected or mismatched:
-        raise key_mismatch_error(what, str(folder), info["missing_keys"], unexpected, mismatched)
+    if info["missing_keys"] or info["unexpected_keys"] or mismatched:
+        raise key_mismatch_error(what, str(folder), info["missing_keys"], info["unexpected_keys"], mismatched)
     return model.eval()
 
 

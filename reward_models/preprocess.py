@@ -22,7 +22,7 @@ tests and for the reference-style path of the scoring benchmark.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Literal
 
@@ -32,7 +32,7 @@ from PIL import Image
 from torch import Tensor
 
 from visalign.rewards import RewardModel
-from visalign.types import RewardOutput, check_prompts
+from visalign.types import RewardOutput, check_prompts, check_scores
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -165,3 +165,25 @@ class PixelValuesReward(RewardModel):
         return RewardOutput(
             out.score.to(device), {k: v.to(device) for k, v in out.aspects.items()}, out.heatmaps, out.extras
         )
+
+
+def score_sharing_preprocessing(
+    rewards: Mapping[str, RewardModel], pixels: Tensor, prompts: list[str]
+) -> dict[str, Tensor]:
+    """Each reward's score `[B]` (float32) on already validated `pixels`, keyed like `rewards`.
+
+    `PixelValuesReward`s with equal transforms on one device share one preprocessing pass (and one autograd node
+    through it), as ReNO preprocesses once for all its rewards; every other reward goes through its `score`.
+    """
+    shared: dict[tuple[ImageTransform, torch.device], Tensor] = {}
+    scores = {}
+    for name, reward in rewards.items():
+        if isinstance(reward, PixelValuesReward):
+            key = (reward.transform, reward.device)
+            if key not in shared:
+                shared[key] = reward.transform(pixels.to(reward.device))
+            score = reward.score_pixel_values(shared[key], prompts).score.to(pixels.device)
+        else:
+            score = reward.score(pixels, prompts).score
+        scores[name] = check_scores(score, pixels.shape[0], name).float()
+    return scores

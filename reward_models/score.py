@@ -167,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     from visalign.reward_models.compose import CompositeReward, RewardPart
     from visalign.rewards import load_reward
 
-    dtype = getattr(torch, args.dtype) if args.dtype else None
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}.get(args.dtype)
     parts = [
         RewardPart(load_reward(name, device=args.device, dtype=dtype, **options[name]), weight, name=name)
         for name, weight in rewards.items()

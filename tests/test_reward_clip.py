@@ -10,6 +10,7 @@ import torch
 from reward_helpers import PROMPTS, TINY_OPEN_CLIP, save_clip_folder, tiny_clip
 from safetensors.torch import load_file, save_file
 
+from visalign import load_reward
 from visalign.reward_models.clip import CLIPScore, CLIPScorer, PickScore, build_open_clip
 from visalign.reward_models.preprocess import ImageTransform
 from visalign.testing import clip_tokenizer
@@ -40,6 +41,15 @@ def test_in_memory_scorer_for_small_images() -> None:
     torch.testing.assert_close(out.score, 10.0 * out.aspects["cosine"])
     learned = CLIPScorer(model, clip_tokenizer())(pixels, PROMPTS[:3])
     torch.testing.assert_close(learned.score, model.logit_scale.exp() * learned.aspects["cosine"])
+
+
+def test_generic_loader_for_a_small_world_clip(folder: Path) -> None:
+    """How a world's CLIP folder registers: `load_reward("...clip:CLIPScorer", folder, name=..., image_size=...)`."""
+    reward = load_reward("visalign.reward_models.clip:CLIPScorer", str(folder), name="world-clip", image_size=32)
+    assert isinstance(reward, CLIPScorer) and reward.name == "world-clip" and reward.transform.size == 32
+    assert reward(torch.rand(2, 3, 32, 32), PROMPTS[:2]).score.shape == (2,)
+    with pytest.raises(ValueError, match="`pretrained`"):
+        CLIPScorer.from_pretrained()
 
 
 def test_default_transform_follows_the_backend() -> None:

@@ -75,14 +75,21 @@ class TrainConfig:
     cpu: bool = field(default=False, metadata={"help": "Force CPU (gloo) even when an accelerator is present."})
 
     def __post_init__(self) -> None:
-        for name, value in {"max_steps": self.max_steps, "learning_rate": self.learning_rate,
-                            "lora_rank": self.lora_rank, "lora_alpha": self.lora_alpha,
-                            "ema_update_every": self.ema_update_every}.items():
+        for name, value in {
+            "max_steps": self.max_steps,
+            "learning_rate": self.learning_rate,
+            "lora_rank": self.lora_rank,
+            "lora_alpha": self.lora_alpha,
+            "ema_update_every": self.ema_update_every,
+        }.items():
             if not value > 0:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}")
-        for name, value in {"max_grad_norm": self.max_grad_norm, "lr_warmup_steps": self.lr_warmup_steps,
-                            "checkpointing_steps": self.checkpointing_steps,
-                            "adam_weight_decay": self.adam_weight_decay}.items():
+        for name, value in {
+            "max_grad_norm": self.max_grad_norm,
+            "lr_warmup_steps": self.lr_warmup_steps,
+            "checkpointing_steps": self.checkpointing_steps,
+            "adam_weight_decay": self.adam_weight_decay,
+        }.items():
             if value < 0:
                 raise ValueError(f"`{name}` must be >= 0, got {value!r}")
         if not 0 <= self.ema_decay < 1:

@@ -39,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from visalign import load_reward
-    from visalign.benchmarks.report import write_demo_report
+    from visalign.benchmarks.report import write_html_report
     from visalign.world.evaluate import accuracy, generate, heldout_prompts
     from visalign.world.models import load_pipeline
     from visalign.world.verifier import verify
@@ -100,9 +100,63 @@ def run(args: argparse.Namespace) -> int:
         for name, images in (("before", before), ("after", after))
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    write_demo_report(out / "report.html", summary, slots, before, after, verdicts)
+    write_html_report(
+        out / "report.html",
+        "visalign demo: aligning a shapes-world generator",
+        report_sections(summary, slots, before, after, verdicts),
+        subtitle=f"{summary['method']} by {args.reward}; judged by the world verifier",
+    )
     print(
         f"accuracy before {curve[0]['overall']:.3f} -> after {curve[-1]['overall']:.3f} ({summary['seconds']:.0f} s)"
     )
     print(f"report: {out / 'report.html'}\nsummary: {out / 'summary.json'}")
     return 0
+
+
+def report_sections(summary: dict, slots: list, before, after, verdicts: dict) -> list:
+    """The demo report: the per-category table, the best-of-n curve, and before/after grids with verdicts."""
+    from visalign.benchmarks.report import GridCell, GridRow, Mark, Section, bar_plot, line_plot
+
+    b, a = summary["before"], summary["after"]
+    cats = list(b["per_category"])
+    rows = [[c, f"{b['per_category'][c]:.3f}", f"{a['per_category'][c]:.3f}"] for c in cats]
+    rows.append(["overall", f"{b['overall']:.3f}", f"{a['overall']:.3f}"])
+    table = Section(
+        "Held-out verifier accuracy",
+        [
+            f"{summary['prompts']} held-out prompts x {summary['images_per_prompt']} images, "
+            f"{summary['family']} model; an image is correct when every clause of its prompt holds."
+        ],
+        ["category", "before", "after"],
+        rows,
+        bar_plot(
+            {"before": b["per_category"], "after": a["per_category"]},
+            title="Accuracy per category",
+            ylabel="accuracy",
+            ymax=1.0,
+        ),
+    )
+    curve = Section(
+        "Reward curve",
+        ["Best-of-n for n = 1..N: the training reward of the pick, and the verifier accuracy it brings."],
+        ["n", summary["reward"], "accuracy"],
+        [[c["n"], f"{c['reward']:.3f}", f"{c['overall']:.3f}"] for c in summary["curve"]],
+        line_plot(
+            {summary["reward"]: [(c["n"], c["reward"]) for c in summary["curve"]]},
+            title="Training reward of best-of-n",
+            xlabel="n (generator calls per image)",
+            ylabel="reward",
+        ),
+    )
+
+    def cell(image, verdict):
+        return GridCell(image, [Mark("verifier", verdict.correct, verdict.reason)])
+
+    grid = [
+        GridRow(
+            p.text, [cell(before[i], verdicts["before"][i]), cell(after[i], verdicts["after"][i])], note=p.category
+        )
+        for i, p in enumerate(slots)
+    ]
+    images = Section("Before and after", grid=grid, grid_columns=["before", "after"])
+    return [table, curve, images]

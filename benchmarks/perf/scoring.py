@@ -17,8 +17,9 @@ Inputs: `--batch-size` images of `--image-size` squared (uint8 levels), prompts 
 
 Both run under `torch.no_grad()`; the time is the median of `--repeats` runs after a warm-up, and memory is the peak
 resident set size sampled every 2 ms while scoring, in a fresh process per (family, path). Scores are compared on
-the same images: `max_abs_diff` (batched vs reference, which includes the stated preprocessing tolerance) and
-`max_abs_diff_same_inputs` (the batched model on the reference's preprocessed tensors vs per image).
+the same images, score and aspects (CLIPScore's cosine): `max_abs_diff` (batched vs reference, which includes the
+stated preprocessing tolerance) and `max_abs_diff_same_inputs` (the batched model on the reference's preprocessed
+tensors vs per image).
 
     python benchmarks/perf/scoring.py                  # writes benchmarks/results/scoring.json
 """
@@ -134,25 +135,29 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-def worker(family: str, path: str, batch_size: int, image_size: int, repeats: int) -> dict[str, Any]:
+def worker(family: str, path: str, batch_size: int, image_size: int, repeats: int, threads: int) -> dict[str, Any]:
     """Time one path of one family in this (fresh) process; returns timings, memory and scores."""
     import torch
     from PIL import Image
 
+    torch.set_num_threads(threads)
     reward = build(family)
     uint8 = images(batch_size, image_size)
     pixels = uint8.float() / 255
     prompts = [PROMPTS[i // 4 % len(PROMPTS)] for i in range(batch_size)]
     reference = reward.transform.reference_pipeline()
 
+    def values(out) -> torch.Tensor:  # the score and the aspects (CLIPScore's cosine), `[B, 1 + aspects]`
+        return torch.stack([out.score, *out.aspects.values()], dim=1)
+
     def batched(n: int) -> torch.Tensor:
-        return reward.score(pixels[:n], prompts[:n]).score
+        return values(reward.score(pixels[:n], prompts[:n]))
 
     def per_image(n: int) -> torch.Tensor:
         scores = []
         for i in range(n):
             image = Image.fromarray(uint8[i].permute(1, 2, 0).numpy())
-            scores.append(reward.score_pixel_values(reference(image)[None], [prompts[i]]).score)
+            scores.append(values(reward.score_pixel_values(reference(image)[None], [prompts[i]])))
         return torch.cat(scores)
 
     run = batched if path == "batched" else per_image
@@ -167,7 +172,7 @@ def worker(family: str, path: str, batch_size: int, image_size: int, repeats: in
         result = {"seconds": statistics.median(times), "times": times, "scores": scores.tolist()}
         if path == "reference":  # the batched model on the reference's inputs, for the same-inputs comparison
             stacked = torch.stack([reference(Image.fromarray(u.permute(1, 2, 0).numpy())) for u in uint8])
-            result["batched_on_reference_inputs"] = reward.score_pixel_values(stacked, prompts).score.tolist()
+            result["batched_on_reference_inputs"] = values(reward.score_pixel_values(stacked, prompts)).tolist()
     result |= {"peak_rss_mb": memory.peak / 2**20, "scoring_rss_mb": (memory.peak - memory.start) / 2**20}
     result["params_m"] = sum(p.numel() for p in reward.parameters()) / 1e6
     return result
@@ -179,24 +184,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--image-size", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads per process")
     parser.add_argument("--output", type=Path, default=RESULT)
     parser.add_argument("--worker", nargs=2, metavar=("FAMILY", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch_size, args.image_size, args.repeats)))
+        print(json.dumps(worker(*args.worker, args.batch_size, args.image_size, args.repeats, args.threads)))
         return 0
 
     import torch
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    common = [
-        "--batch-size",
-        str(args.batch_size),
-        "--image-size",
-        str(args.image_size),
-        "--repeats",
-        str(args.repeats),
-    ]
+    common = [f"--batch-size={args.batch_size}", f"--image-size={args.image_size}", f"--repeats={args.repeats}"]
+    common += [f"--threads={args.threads}"]
     families = {}
     for family in args.families:
         runs = {}
@@ -208,8 +208,12 @@ def main(argv: list[str] | None = None) -> int:
                 return done.returncode
             runs[path] = json.loads(done.stdout.strip().splitlines()[-1])
         batched, reference = runs["batched"], runs["reference"]
-        diff = max(abs(a - b) for a, b in zip(batched["scores"], reference["scores"]))
-        same = max(abs(a - b) for a, b in zip(reference["batched_on_reference_inputs"], reference["scores"]))
+        diff = max(abs(a - b) for x, y in zip(batched["scores"], reference["scores"]) for a, b in zip(x, y))
+        same = max(
+            abs(a - b)
+            for x, y in zip(reference["batched_on_reference_inputs"], reference["scores"])
+            for a, b in zip(x, y)
+        )
         families[family] = {
             "params_m": round(batched["params_m"], 1),
             **{
@@ -224,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
             "speedup": round(reference["seconds"] / batched["seconds"], 2),
             "max_abs_diff": diff,
             "max_abs_diff_same_inputs": same,
-            "score_range": [min(batched["scores"]), max(batched["scores"])],
+            "score_range": [min(v[0] for v in batched["scores"]), max(v[0] for v in batched["scores"])],
         }
         print(f"{family:12s} {json.dumps(families[family])}", flush=True)
     report = {
@@ -233,11 +237,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine": {
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
+            "torch_threads": args.threads,
             "load_average_at_start": os.getloadavg(),
             "torch": torch.__version__,
         },
         "config": {"batch_size": args.batch_size, "image_size": args.image_size, "repeats": args.repeats},
+        "load_average_at_end": os.getloadavg(),
         "families": families,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

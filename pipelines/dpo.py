@@ -1,0 +1,354 @@
+"""Diffusion-DPO: direct preference optimization of text-to-image denoisers (Wallace et al. 2023, arXiv 2311.12908).
+
+For a prompt `c` with a preferred image `x^w` and a dispreferred `x^l`, both are noised with the same noise and
+timestep, and the trained model is pushed to lower its denoising error on `x^w` more than the reference model does,
+relative to `x^l` (the paper's Eq. 14; `dpo_loss`). The errors are per-sample MSEs of the prediction target
+(`visalign.pipelines.denoiser`): epsilon (SD1.5, SDXL), v (v-prediction SD 2.x), or the flow velocity `eps - x0` with
+logit-normal timesteps (SD3.x: Flow-GRPO's `scripts/train_sd3_dpo.py`). The reference is the model with its LoRA
+adapters disabled, or a frozen copy under full fine-tuning (`visalign.engine.Engine.reference`).
+
+Pairs come from a Pick-a-Pic-schema dataset (`visalign.pipelines.preference_data.load_pairs`) or are built online
+from the current model and a reward (`build_pairs`: best vs worst per prompt, Flow-GRPO's online DPO), rebuilt every
+`rebuild_every` steps and written under `output_dir/pairs/`.
+
+Logged: `implicit_accuracy` (the fraction of pairs the model ranks better than the reference; 0.5 at the start),
+the model's and the reference's errors on winners and losers, and their gaps `mse_gap_w = model - ref` (on the
+winner it should fall below the loser's): the useful progress signals, since the loss itself is flat and noisy.
+
+Deliberate deviations from the reference code: ties in the implicit accuracy count 1/2 (diffusers) instead of 0
+(the official script); flow timesteps are continuous; each pair's noise, timestep, caption dropout and VAE sample
+come from a generator keyed by `(seed, step, pair)`, so an update is the same on any number of processes and a
+resumed run repeats the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from visalign.config import TrainConfig
+from visalign.engine import Engine, PromptSampler
+from visalign.pipelines.denoiser import Denoiser
+from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs, load_pairs, save_pairs
+from visalign.rewards import RewardModel
+from visalign.sampler import seeded_generators
+
+logger = logging.getLogger(__name__)
+
+LOSS_KINDS = ("sigmoid", "hinge", "ipo")
+
+
+def dpo_logits(model_err_w: Tensor, model_err_l: Tensor, ref_err_w: Tensor, ref_err_l: Tensor) -> Tensor:
+    """`h = (L_ref(w) - L_ref(l)) - (L_theta(w) - L_theta(l))`: how much more the model improved on the winner than on
+    the loser, relative to the reference (diffusers' `logits`). `[B]`, float32 (float64 when an input is); the
+    reference errors are treated as constants."""
+    errors = dict(model_err_w=model_err_w, model_err_l=model_err_l, ref_err_w=ref_err_w, ref_err_l=ref_err_l)
+    for name, t in errors.items():
+        if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] == 0 or not t.is_floating_point():
+            raise ValueError(f"`{name}` must be a non-empty 1-D float tensor [B] of per-sample errors")
+        if t.shape != model_err_w.shape:
+            raise ValueError(f"`{name}` must have the shape of `model_err_w` {tuple(model_err_w.shape)}")
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in errors.values()) else torch.float32
+    model_diff = model_err_w.to(dtype) - model_err_l.to(dtype)
+    ref_diff = ref_err_w.detach().to(dtype) - ref_err_l.detach().to(dtype)
+    return ref_diff - model_diff
+
+
+def dpo_loss(
+    model_err_w: Tensor,
+    model_err_l: Tensor,
+    ref_err_w: Tensor,
+    ref_err_l: Tensor,
+    beta: float = 5000.0,
+    *,
+    kind: str = "sigmoid",
+) -> tuple[Tensor, Tensor]:
+    """The Diffusion-DPO loss (Wallace et al. 2023, arXiv 2311.12908, Eq. 14) and its implicit accuracy.
+
+    With per-sample denoising errors `L(x) = ||target - prediction(x_t, t)||^2` (element mean) of the winner `w` and
+    the loser `l` under the trained model (`theta`) and the reference, each pair sharing its noise and timestep,
+    `h = (L_ref(w) - L_ref(l)) - (L_theta(w) - L_theta(l))` and `u = (beta / 2) h`:
+    - `"sigmoid"`: `-log sigmoid(u)` (Eq. 14, the paper's `T omega(lambda_t)` folded into `beta`; the official
+      `train.py`'s `-logsigmoid(-0.5 beta_dpo (model_diff - ref_diff))`).
+    - `"hinge"`: `max(0, 1 - u)` (SLiC's hinge, diffusers' `--loss_type hinge`).
+    - `"ipo"`: `(h - 1 / beta)^2` (IPO, Azar et al. 2023, arXiv 2310.12036, Eq. 17 with `tau = beta / 2`; diffusers'
+      `(logits - 1 / (2 beta'))^2`).
+    The batch mean is returned. `beta` is in the original paper's units, with the 1/2 factor: 5000 for SD1.5 and
+    SDXL (`launchers/sd15.sh`). diffusers' `train_diffusion_dpo.py` has no 1/2 (`beta' h`): its `--beta_dpo 2500`
+    is this `beta=5000`, so pass twice the diffusers value. Flow-GRPO's flow-matching DPO keeps the paper's 1/2 (its
+    beta 100 for SD3.5-M is this `beta=100`).
+
+    The implicit accuracy is the fraction of pairs with `h > 0` (the model ranks the winner better than the
+    reference does), ties counted 1/2 as diffusers does, so it is 0.5 when the model equals the reference. The
+    official script counts ties as 0.
+
+    Identity: when the model equals the reference, `h = 0` and the sigmoid loss is `ln 2` for every `beta`.
+
+    Args:
+        model_err_w, model_err_l (`Tensor` `[B]`): the trained model's errors on winners and losers (with gradient).
+        ref_err_w, ref_err_l (`Tensor` `[B]`): the reference's errors (treated as constants).
+        beta (`float`): `> 0`, paper units.
+        kind (`str`): `"sigmoid"`, `"hinge"` or `"ipo"`.
+
+    Returns:
+        `(loss, implicit_accuracy)`: scalars, float32 (float64 when an input is); the accuracy is detached.
+    """
+    if kind not in LOSS_KINDS:
+        raise ValueError(f"`kind` must be one of {LOSS_KINDS}, got {kind!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
+        raise ValueError(f"`beta` must be a finite number > 0 (paper units, e.g. 5000 for SD1.5), got {beta!r}")
+    h = dpo_logits(model_err_w, model_err_l, ref_err_w, ref_err_l)
+    u = 0.5 * beta * h
+    if kind == "sigmoid":
+        losses = -F.logsigmoid(u)
+    elif kind == "hinge":
+        losses = torch.relu(1 - u)
+    else:
+        losses = (h - 1 / beta) ** 2
+    with torch.no_grad():
+        accuracy = ((h > 0).to(h.dtype) + 0.5 * (h == 0).to(h.dtype)).mean()
+    return losses.mean(), accuracy
+
+
+@dataclass
+class DPOConfig(TrainConfig):
+    """Diffusion-DPO settings; the engine's (`TrainConfig`) are inherited. Defaults are the paper's SD1.5 recipe
+    where it has one (beta 5000, caption dropout 0.2); the LoRA defaults are diffusers' DPO script's."""
+
+    model: str = field(
+        default="world:sd", metadata={"help": "Generator: a diffusers folder, a hub id, or world:sd / world:sd3."}
+    )
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "Pick-a-Pic-schema pairs (.parquet, .jsonl, or a folder with manifest.jsonl); "
+                  "None builds pairs online from the current model and `reward`."},
+    )
+    on_error: Literal["raise", "skip"] = field(
+        default="raise", metadata={"help": "Bad dataset rows: raise naming the row, or skip and count them."}
+    )
+    beta: float = field(default=5000.0, metadata={"help": "DPO beta in paper units (diffusers' beta_dpo x 2)."})
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = field(default="sigmoid", metadata={"help": "The DPO loss."})
+    train_batch_size: int = field(default=8, metadata={"help": "Pairs per optimizer step, all processes together."})
+    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    caption_dropout: float = field(
+        default=0.2, metadata={"help": "Probability of an empty caption for a pair (official train.py: 0.2)."}
+    )
+    resolution: int | None = field(
+        default=None, metadata={"help": "Training image size (default: the denoiser's native size)."}
+    )
+    max_sequence_length: int = field(default=256, metadata={"help": "SD3 T5 tokens (world:sd3 reads its own)."})
+    logit_mean: float = field(default=0.0, metadata={"help": "Flow models: logit-normal timestep mean."})
+    logit_std: float = field(default=1.0, metadata={"help": "Flow models: logit-normal timestep std."})
+    reward: str = field(default="world-verifier", metadata={"help": "Online pairs: the reward that ranks a group."})
+    prompts: str = field(
+        default="world:train", metadata={"help": "Online pairs: world:train or a file of prompts (one a line)."}
+    )
+    prompts_per_round: int = field(default=32, metadata={"help": "Online pairs: prompts sampled per round."})
+    num_images_per_prompt: int = field(default=8, metadata={"help": "Online pairs: images per prompt."})
+    pair_mode: Literal["best_worst", "all"] = field(
+        default="best_worst", metadata={"help": "Online pairs: best vs worst, or all pairs with a margin."}
+    )
+    pair_margin: float = field(default=0.0, metadata={"help": "Online pairs: minimal reward gap of a pair."})
+    rebuild_every: int = field(
+        default=0, metadata={"help": "Online pairs: rebuild from the current model every this many steps (0: once)."}
+    )
+    num_inference_steps: int = field(default=20, metadata={"help": "Online pairs: sampling steps."})
+    guidance_scale: float = field(default=7.5, metadata={"help": "Online pairs: classifier-free guidance."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.beta > 0:
+            raise ValueError(f"`beta` must be > 0, got {self.beta}")
+        for name in ("train_batch_size", "gradient_accumulation_steps", "prompts_per_round", "num_images_per_prompt",
+                     "num_inference_steps", "max_sequence_length"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.train_batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"`train_batch_size` ({self.train_batch_size}) must be divisible by `gradient_accumulation_steps` "
+                f"({self.gradient_accumulation_steps})"
+            )
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
+        if self.rebuild_every < 0 or self.pair_margin < 0:
+            raise ValueError("`rebuild_every` and `pair_margin` must be >= 0")
+        if self.num_images_per_prompt < 2 and self.dataset is None:
+            raise ValueError("online pairs need `num_images_per_prompt` >= 2")
+
+
+class DPOTrainer:
+    """Diffusion-DPO on the training engine.
+
+    Args:
+        config (`DPOConfig`): the run.
+        pipe: an SD, SDXL or SD3 pipeline (the engine freezes it and adds LoRA, or trains the denoiser whole).
+        pairs (`PreferencePairs`, *optional*): offline pairs (`load_pairs`); required unless pairs are built online.
+        reward (`RewardModel`, *optional*), prompts (`list[str]`, *optional*): for online pairs.
+        generation_kwargs (`dict`, *optional*): extra pipeline arguments for online sampling (`max_sequence_length`).
+    """
+
+    def __init__(
+        self,
+        config: DPOConfig,
+        pipe,
+        *,
+        pairs: PreferencePairs | None = None,
+        reward: RewardModel | None = None,
+        prompts: list[str] | None = None,
+        generation_kwargs: dict | None = None,
+    ):
+        if (pairs is None) == (reward is None or prompts is None):
+            raise ValueError("pass `pairs` (offline DPO) or both `reward` and `prompts` (online pairs), not both")
+        if pairs is not None and pairs.has_ties:
+            raise ValueError("DPO needs strict preferences: load the pairs with ties='drop'")
+        self.config = config
+        self.generation_kwargs = dict(generation_kwargs or {})
+        self.denoiser = Denoiser(
+            pipe,
+            height=config.resolution,
+            width=config.resolution,
+            max_sequence_length=self.generation_kwargs.get("max_sequence_length", config.max_sequence_length),
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+        )
+        component = "transformer" if self.denoiser.target == "flow" else "unet"
+        self.engine = Engine(config, pipe, component=component, keep_reference=not config.use_lora)
+        self.reward = None if reward is None else reward.to(self.engine.device)
+        self.prompt_sampler = None if prompts is None else PromptSampler(prompts, config.seed)
+        self.pairs = pairs
+        self.pairs_path: str | None = None
+        self.sampler = None if pairs is None else IndexSampler(len(pairs), config.seed)
+        self._built_at: int | None = None
+        if self.engine.num_processes > 1 and (config.train_batch_size // config.gradient_accumulation_steps) % (
+            self.engine.num_processes
+        ):
+            raise ValueError("`train_batch_size / gradient_accumulation_steps` must be divisible by the process count")
+
+    # -- the loop -----------------------------------------------------------------------------------------------------
+
+    def train(self) -> Path:
+        """Run to `max_steps` (resuming when `resume_from` says so); returns the final weights' folder."""
+        state = self.engine.resume()
+        if state is not None:
+            self.load_state_dict(state)
+        while self.engine.step < self.config.max_steps:
+            if self.reward is not None and (self.pairs is None or self._rebuild_due()):
+                self.rebuild_pairs()
+            metrics = self.update()
+            self.engine.log(metrics)
+            self.engine.maybe_checkpoint(self.state_dict())
+        return self.engine.finish()
+
+    def _rebuild_due(self) -> bool:
+        every = self.config.rebuild_every
+        return every > 0 and self.engine.step % every == 0 and self.engine.step > 0 and self._built_at != self.engine.step
+
+    def rebuild_pairs(self) -> None:
+        """Online pairs from the current model (EMA weights when on): sample, rank by the reward, save, use."""
+        cfg = self.config
+        prompts = self.prompt_sampler.draw(cfg.prompts_per_round)
+        self.denoiser.model.eval()
+        with self.engine.ema_weights():
+            pairs = build_pairs(
+                self.denoiser.pipe,
+                prompts,
+                self.reward,
+                num_images_per_prompt=cfg.num_images_per_prompt,
+                mode=cfg.pair_mode,
+                margin=cfg.pair_margin,
+                seed=cfg.seed * 1_000_003 + self.engine.step,
+                num_inference_steps=cfg.num_inference_steps,
+                guidance_scale=cfg.guidance_scale,
+                height=self.denoiser.height,
+                width=self.denoiser.width,
+                **self.generation_kwargs,
+            )
+        self.denoiser.model.train()
+        path = Path(cfg.output_dir) / "pairs" / f"step-{self.engine.step}"
+        if self.engine.is_main_process:
+            save_pairs(pairs, path)
+        self.engine.accelerator.wait_for_everyone()
+        scores = torch.tensor(pairs.scores)
+        logger.info("built %d pairs at step %d (mean reward gap %.3f, prompts without a pair: %d)", len(pairs),
+                    self.engine.step, float((scores[:, 0] - scores[:, 1]).mean()), pairs.skipped.get("no_margin", 0))
+        # Train on the saved (8-bit) images, as a resumed run will: both see the same pairs.
+        saved = load_pairs(path, resolution=self.denoiser.height)
+        self._use_pairs(saved, str(path), IndexSampler(len(saved), cfg.seed + self.engine.step))
+
+    def _use_pairs(self, pairs: PreferencePairs, path: str | None, sampler: IndexSampler) -> None:
+        self.pairs, self.pairs_path, self.sampler = pairs, path, sampler
+        self._built_at = self.engine.step
+
+    def update(self) -> dict[str, float]:
+        """One optimizer step on `train_batch_size` pairs; returns the step's metrics (averaged over processes)."""
+        cfg, engine = self.config, self.engine
+        indices = self.sampler.draw(cfg.train_batch_size)
+        keys = [(engine.step, k) for k in range(cfg.train_batch_size)]
+        micro = cfg.train_batch_size // cfg.gradient_accumulation_steps
+        sums: dict[str, float] = {}
+        self.denoiser.model.train()
+        for m in range(cfg.gradient_accumulation_steps):
+            rows = list(range(m * micro, (m + 1) * micro))[engine.process_index :: engine.num_processes]
+            last = m == cfg.gradient_accumulation_steps - 1
+            with engine.accumulate(sync=last), engine.autocast():
+                loss, stats = self.pair_loss([indices[r] for r in rows], [keys[r] for r in rows])
+                engine.backward(loss / cfg.gradient_accumulation_steps)
+            for k, v in stats.items():
+                sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
+        metrics = engine.mean_across_processes(sums)
+        return metrics | engine.optimizer_step()
+
+    def pair_loss(self, indices: list[int], keys: list[tuple[int, int]]) -> tuple[Tensor, dict[str, float]]:
+        """The DPO loss of pairs `indices`; `keys` (`(step, position in the global batch)`) seed their noise,
+        timesteps, caption dropout and VAE samples."""
+        cfg, d = self.config, self.denoiser
+        items = [self.pairs[i] for i in indices]
+        generators = seeded_generators([(cfg.seed, 0xD90, *k) for k in keys])
+        drop = [float(torch.rand(1, generator=g)) < cfg.caption_dropout for g in generators]
+        t = torch.cat([d.sample_timesteps(1, g) for g in generators])
+        winners, losers = zip(*(p.winner_loser() for p in items))
+        pixels = torch.stack(winners + losers).to(self.engine.device)
+        x0 = d.encode_images(pixels, generators + generators)
+        noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(x0.device)
+        cond = d.encode_prompts(["" if dropped else p.caption for p, dropped in zip(items, drop)]).repeat(2)
+        noise, t = noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2)
+        with torch.no_grad(), self.engine.reference() as reference:
+            ref_w, ref_l = d.errors(x0, noise, t, cond, reference).chunk(2)
+        model_w, model_l = d.errors(x0, noise, t, cond, self.engine.model).chunk(2)
+        loss, accuracy = dpo_loss(model_w, model_l, ref_w, ref_l, cfg.beta, kind=cfg.loss_type)
+        stats = {
+            "loss": float(loss.detach()),
+            "implicit_accuracy": float(accuracy),
+            "model_mse_w": float(model_w.mean()),
+            "model_mse_l": float(model_l.mean()),
+            "ref_mse_w": float(ref_w.mean()),
+            "ref_mse_l": float(ref_l.mean()),
+            "mse_gap_w": float((model_w - ref_w).mean()),
+            "mse_gap_l": float((model_l - ref_l).mean()),
+        }
+        return loss, stats
+
+    # -- resuming -------------------------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        state = {"pairs_sampler": self.sampler.state_dict(), "pairs_path": self.pairs_path}
+        if self.prompt_sampler is not None:
+            state["prompt_sampler"] = self.prompt_sampler.state_dict()
+            state["pairs_built_at"] = self._built_at
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        if state.get("prompt_sampler") is not None:
+            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if state.get("pairs_path") is not None:
+            pairs = load_pairs(state["pairs_path"], resolution=self.denoiser.height)
+            self._use_pairs(pairs, state["pairs_path"], IndexSampler(len(pairs), 0))
+            self._built_at = state["pairs_built_at"]  # the sampler's seed comes with its state below
+        self.sampler.load_state_dict(state["pairs_sampler"])

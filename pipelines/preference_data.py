@@ -1,0 +1,594 @@
+"""Preference data: Pick-a-Pic pairs from files, pairs built online from a model and a reward, DRO expert sets.
+
+Pairs follow the Pick-a-Pic schema (Kirstain et al. 2023, arXiv 2305.01569; `yuvalkirstain/pickapic_v2`): one row
+per comparison with `caption` (str), `jpg_0` and `jpg_1` (the two images) and `label_0` (1: image 0 preferred,
+0: image 1 preferred, 0.5: a tie). `load_pairs` reads
+- a `.parquet` file (needs `pyarrow`), whose image columns hold bytes (Pick-a-Pic's `binary`), paths, or the
+  `{"bytes", "path"}` structs Hugging Face `datasets` writes for its `Image` feature;
+- a `.jsonl` file, one JSON object a line, whose image fields are paths (or such structs with a path);
+- a folder holding `manifest.jsonl` (an image folder with a manifest).
+Paths are relative to the dataset root (the folder of the file, or the folder itself) and may not leave it: an
+absolute path or one that resolves outside the root (`..`, a symlink) is an error, always.
+
+Bad rows: a missing or undecodable image, an invalid label, and a pair whose two images are identical (equal bytes,
+equal pixels, or Pick-a-Pic's `are_different == False`) raise a `ValueError` naming the row and the column, or, with
+`on_error="skip"`, are skipped and counted in `PreferencePairs.skipped`. Ties are dropped and counted (`ties="drop"`,
+what Diffusion-DPO's `train.py` does) or kept (`ties="keep"`, for reward-model training). A dataset left with no pair
+is an error.
+
+Online pairs (`build_pairs`): sample `num_images_per_prompt` images per prompt from the current model, score each
+group with any `RewardModel` (`group`, so pairwise judges give win rates), and keep best vs worst or every pair whose
+score gap exceeds `margin` (UnifiedReward's and Flow-GRPO's online DPO pairing). `save_pairs` writes any pair set to
+disk as a manifest folder or a Pick-a-Pic parquet file, so online pairs become an offline dataset.
+
+Expert sets for Diffusion-DRO (Wu et al. 2025, arXiv 2510.18353): the top-k images of a pool by a reward
+(`top_k_experts`; the paper keeps the 500 best Pick-a-Pic images by PickScore or HPSv2) or a manifest folder of
+`{"caption", "image"}` rows (`load_experts`).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from visalign.rewards import RewardModel
+from visalign.sampler import seeded_generators
+from visalign.types import check_pixels, check_prompts
+
+logger = logging.getLogger(__name__)
+
+MANIFEST = "manifest.jsonl"
+PICKAPIC_IMAGE_COLUMNS = ("jpg_0", "jpg_1")
+TIES = ("drop", "keep")
+ON_ERROR = ("raise", "skip")
+PAIR_MODES = ("best_worst", "all")
+Source = bytes | Path | Tensor  # an image: encoded bytes, a checked path inside the root, or pixels [3, H, W]
+
+
+class BadRow(ValueError):
+    """A row that cannot be used; its message names the row, the column and the reason."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """One comparison: `image_0` and `image_1` (`Tensor` `[3, H, W]` in [0, 1]) of `caption`, `label_0` as in
+    Pick-a-Pic, and `row`, its row in the source."""
+
+    caption: str
+    image_0: Tensor
+    image_1: Tensor
+    label_0: float
+    row: int
+
+    def winner_loser(self) -> tuple[Tensor, Tensor]:
+        """`(preferred, other)`; a tie has no winner."""
+        if self.label_0 == 0.5:
+            raise ValueError(f"row {self.row} is a tie (label_0 = 0.5): it has no winner")
+        return (self.image_0, self.image_1) if self.label_0 == 1 else (self.image_1, self.image_0)
+
+
+class PreferencePairs(Dataset):
+    """A pair set whose images are decoded when read (`pairs[i]` is a `PreferencePair`).
+
+    Args:
+        captions (`list[str]`), sources (`list[tuple[Source, Source]]`), labels (`list[float]`), rows (`list[int]`):
+            one entry per kept pair, already validated.
+        resolution (`int`, *optional*): resize the shorter side to this and center-crop a square (bilinear).
+        skipped (`dict[str, int]`): rows left out, by reason (`"tie"`, `"missing"`, `"corrupt"`, `"identical"`,
+            `"label"`, `"no_margin"`).
+        scores (`list[tuple[float, float]]`, *optional*): the reward of each image, for pairs built online.
+        source (`str`): where the pairs came from, for messages.
+    """
+
+    def __init__(
+        self,
+        captions: list[str],
+        sources: list[tuple[Source, Source]],
+        labels: list[float],
+        rows: list[int],
+        *,
+        resolution: int | None = None,
+        skipped: dict[str, int] | None = None,
+        scores: list[tuple[float, float]] | None = None,
+        source: str = "<memory>",
+    ):
+        if not (len(captions) == len(sources) == len(labels) == len(rows)):
+            raise ValueError("`captions`, `sources`, `labels` and `rows` must have one entry per pair")
+        self.skipped = dict(skipped or {})
+        if not captions:
+            raise ValueError(f"{source} has no usable preference pair (skipped: {self.skipped or 'none'})")
+        if resolution is not None and resolution < 1:
+            raise ValueError(f"`resolution` must be a positive integer or None, got {resolution}")
+        self.captions, self.sources, self.labels, self.rows = captions, sources, labels, rows
+        self.resolution, self.scores, self.source = resolution, scores, source
+
+    @classmethod
+    def from_tensors(
+        cls,
+        captions: Sequence[str],
+        images_0: Tensor,
+        images_1: Tensor,
+        labels: Sequence[float] | None = None,
+        *,
+        on_error: str = "raise",
+        scores: list[tuple[float, float]] | None = None,
+        skipped: dict[str, int] | None = None,
+    ) -> PreferencePairs:
+        """Pairs from pixels `[N, 3, H, W]` in [0, 1] (labels default to 1: `images_0` preferred)."""
+        check_pixels(images_0, "images_0")
+        check_pixels(images_1, "images_1")
+        captions = check_prompts(captions, images_0.shape[0], "captions")
+        if images_1.shape != images_0.shape:
+            raise ValueError(f"`images_1` must have the shape of `images_0` {tuple(images_0.shape)}")
+        labels = [1.0] * len(captions) if labels is None else [float(v) for v in labels]
+        counts: Counter = Counter(skipped or {})
+        kept = ([], [], [], [], [])
+        for i, (caption, a, b, label) in enumerate(zip(captions, images_0, images_1, labels)):
+            try:
+                _check_label(label, i, "<memory>")
+                if torch.equal(a, b):
+                    raise BadRow(f"row {i}: the two images are identical", "identical")
+            except BadRow as e:
+                _raise_or_count(e, on_error, counts)
+                continue
+            for store, value in zip(kept, (caption, (a.detach().cpu(), b.detach().cpu()), label, i,
+                                           None if scores is None else scores[i])):
+                store.append(value)
+        return cls(kept[0], kept[1], kept[2], kept[3], skipped=dict(counts),
+                   scores=None if scores is None else kept[4])
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> PreferencePair:
+        a, b = (self._pixels(s, index, c) for s, c in zip(self.sources[index], PICKAPIC_IMAGE_COLUMNS))
+        return PreferencePair(self.captions[index], a, b, self.labels[index], self.rows[index])
+
+    @property
+    def has_ties(self) -> bool:
+        return any(label == 0.5 for label in self.labels)
+
+    def _pixels(self, source: Source, index: int, column: str) -> Tensor:
+        if isinstance(source, Tensor):
+            image = source
+        else:
+            image = _to_tensor(_open(source, f"row {self.rows[index]} of {self.source}: {column}"))
+        return image if self.resolution is None else _resize_center_crop(image, self.resolution)
+
+
+def load_pairs(
+    path: str | Path,
+    *,
+    ties: str = "drop",
+    on_error: str = "raise",
+    resolution: int | None = None,
+    caption_column: str = "caption",
+    image_columns: tuple[str, str] = PICKAPIC_IMAGE_COLUMNS,
+    label_column: str = "label_0",
+    check_images: bool = True,
+) -> PreferencePairs:
+    """Read Pick-a-Pic-schema pairs from a `.parquet` file, a `.jsonl` file or a folder with `manifest.jsonl`.
+
+    Args:
+        path: the file or folder; relative image paths resolve against its folder and may not leave it.
+        ties (`str`): `"drop"` (count them in `skipped["tie"]`) or `"keep"`.
+        on_error (`str`): `"raise"` a `ValueError` naming the first bad row, or `"skip"` bad rows and count them.
+        resolution (`int`, *optional*): resize and center-crop images to this square size when read.
+        caption_column, image_columns, label_column: the schema's names (Pick-a-Pic's by default).
+        check_images (`bool`): decode every image now (finds corrupt and identical images before training). With
+            False only missing files and identical bytes are found now; decoding errors surface when a row is read,
+            still naming it.
+    """
+    if ties not in TIES:
+        raise ValueError(f"`ties` must be one of {TIES}, got {ties!r}")
+    if on_error not in ON_ERROR:
+        raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}")
+    path = Path(path)
+    root, records = _read_records(path, [caption_column, *image_columns, label_column])
+    counts: Counter = Counter()
+    kept = ([], [], [], [])
+    for i, record in enumerate(records):
+        where = f"row {i} of {path}"
+        try:
+            caption = record.get(caption_column)
+            if not isinstance(caption, str):
+                raise BadRow(f"{where}: `{caption_column}` must be a string, got {caption!r}", "caption")
+            label = _check_label(record.get(label_column), i, path, label_column)
+            if label == 0.5 and ties == "drop":
+                counts["tie"] += 1
+                continue
+            pair = tuple(_source(record.get(c), root, f"{where}: {c}") for c in image_columns)
+            _check_distinct(pair, record, where, check_images)
+        except BadRow as e:
+            _raise_or_count(e, on_error, counts)
+            continue
+        for store, value in zip(kept, (caption, pair, label, i)):
+            store.append(value)
+    if counts:
+        logger.info("%s: kept %d of %d rows, skipped %s", path, len(kept[0]), len(records), dict(counts))
+    return PreferencePairs(*kept, resolution=resolution, skipped=dict(counts), source=str(path))
+
+
+def save_pairs(pairs: PreferencePairs, path: str | Path) -> Path:
+    """Write `pairs` as a Pick-a-Pic dataset: a folder with PNGs and `manifest.jsonl`, or (a `.parquet` path) one
+    parquet file with PNG bytes in `jpg_0`/`jpg_1`. Online scores, when known, go to `score_0`/`score_1`. Returns
+    `path`; `load_pairs(path)` reads it back."""
+    path = Path(path)
+    rows = []
+    for i in range(len(pairs)):
+        pair = pairs[i]
+        row: dict[str, Any] = {"caption": pair.caption, "label_0": pair.label_0}
+        if pairs.scores is not None:
+            row["score_0"], row["score_1"] = pairs.scores[i]
+        rows.append((row, pair.image_0, pair.image_1))
+    if path.suffix == ".parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        records = [{**row, "jpg_0": _png(a), "jpg_1": _png(b)} for row, a, b in rows]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.Table.from_pylist(records), path)
+        return path
+    (path / "images").mkdir(parents=True, exist_ok=True)
+    with open(path / MANIFEST, "w") as f:
+        for i, (row, a, b) in enumerate(rows):
+            for column, image in zip(PICKAPIC_IMAGE_COLUMNS, (a, b)):
+                name = f"images/{i:06d}_{column[-1]}.png"
+                (path / name).write_bytes(_png(image))
+                row[column] = name
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+class IndexSampler:
+    """Dataset indices in epochs, each a fresh permutation keyed by `(seed, epoch)`: deterministic and resumable.
+
+    `draw(n)` continues the current permutation and crosses into the next epoch when it runs out. Its state is
+    `{"seed", "epoch", "position"}`.
+    """
+
+    def __init__(self, size: int, seed: int):
+        if size < 1:
+            raise ValueError(f"`size` must be >= 1, got {size}")
+        self.size, self.seed = size, seed
+        self.epoch = self.position = 0
+
+    def draw(self, n: int) -> list[int]:
+        out: list[int] = []
+        while len(out) < n:
+            generator = seeded_generators([(self.seed, 0xDA7A, self.epoch)])[0]
+            order = torch.randperm(self.size, generator=generator).tolist()
+            take = order[self.position : self.position + n - len(out)]
+            out += take
+            self.position += len(take)
+            if self.position == self.size:
+                self.epoch, self.position = self.epoch + 1, 0
+        return out
+
+    def state_dict(self) -> dict[str, int]:
+        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Online pairs and expert pools
+
+
+def rank_pairs(scores: Tensor, *, mode: str = "best_worst", margin: float = 0.0) -> list[tuple[int, int]]:
+    """`(winner, loser)` indices within one group of `scores` (`[G]`).
+
+    `"best_worst"`: the highest against the lowest (first index on ties), if their gap exceeds `margin`.
+    `"all"`: every `(i, j)` with `scores[i] - scores[j] > margin` (each unordered pair at most once).
+    """
+    if mode not in PAIR_MODES:
+        raise ValueError(f"`mode` must be one of {PAIR_MODES}, got {mode!r}")
+    if not margin >= 0:
+        raise ValueError(f"`margin` must be >= 0, got {margin!r}")
+    if not isinstance(scores, Tensor) or scores.ndim != 1 or len(scores) < 2:
+        raise ValueError("`scores` must be a 1-D tensor of a group of at least 2 scores")
+    if not torch.isfinite(scores).all():
+        raise ValueError(f"`scores` contains NaN or infinite values: {scores.tolist()}")
+    s = scores.tolist()
+    if mode == "best_worst":
+        best, worst = int(np.argmax(s)), int(np.argmin(s))
+        return [(best, worst)] if s[best] - s[worst] > margin else []
+    return [(i, j) for i in range(len(s)) for j in range(len(s)) if s[i] - s[j] > margin]
+
+
+@torch.no_grad()
+def sample_groups(
+    pipe: Any,
+    prompts: Sequence[str],
+    *,
+    num_images_per_prompt: int,
+    seed: int = 0,
+    batch_size: int = 32,
+    **generation_kwargs: Any,
+) -> Tensor:
+    """`num_images_per_prompt` images per prompt from a diffusers pipeline: `[P, G, 3, H, W]` in [0, 1].
+
+    Image `g` of prompt `p` uses the generator keyed `(seed, p, g)` (`visalign.sampler.seeded_generators`), so the
+    images do not depend on `batch_size`. `generation_kwargs` go to the pipeline (`num_inference_steps`,
+    `guidance_scale`, `height`, `width`, `max_sequence_length`, ...); `output_type` is `"pt"`.
+    """
+    prompts = check_prompts(list(prompts))
+    if num_images_per_prompt < 1:
+        raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
+    jobs = [(p, g) for p in range(len(prompts)) for g in range(num_images_per_prompt)]
+    images = []
+    for start in range(0, len(jobs), batch_size):
+        chunk = jobs[start : start + batch_size]
+        generators = seeded_generators([(seed, p, g) for p, g in chunk])
+        out = pipe([prompts[p] for p, _ in chunk], generator=generators, output_type="pt", **generation_kwargs)
+        images.append(out.images.float().clamp(0, 1).cpu())
+    pixels = torch.cat(images)
+    return pixels.view(len(prompts), num_images_per_prompt, *pixels.shape[1:])
+
+
+@torch.no_grad()
+def build_pairs(
+    pipe: Any,
+    prompts: Sequence[str],
+    reward: RewardModel,
+    *,
+    num_images_per_prompt: int = 8,
+    mode: str = "best_worst",
+    margin: float = 0.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    **generation_kwargs: Any,
+) -> PreferencePairs:
+    """Online preference pairs: sample a group per prompt, score it with `reward.group`, pair with `rank_pairs`.
+
+    Image 0 of every pair is the preferred one (`label_0 = 1`); `scores` holds both rewards; prompts whose group
+    yields no pair (all scores within `margin`) are counted in `skipped["no_margin"]`. Raises when no prompt does.
+    """
+    groups = sample_groups(
+        pipe, prompts, num_images_per_prompt=num_images_per_prompt, seed=seed, batch_size=batch_size,
+        **generation_kwargs,
+    )
+    captions, winners, losers, scores = [], [], [], []
+    counts: Counter = Counter()
+    for prompt, images in zip(prompts, groups):
+        s = reward.group(images.to(reward.device), prompt).score.cpu()
+        pairs = rank_pairs(s, mode=mode, margin=margin)
+        if not pairs:
+            counts["no_margin"] += 1
+        for i, j in pairs:
+            captions.append(prompt)
+            winners.append(images[i])
+            losers.append(images[j])
+            scores.append((float(s[i]), float(s[j])))
+    if not captions:
+        raise ValueError(
+            f"no pair: on all {len(prompts)} prompts the {num_images_per_prompt} images' {reward.name} scores lie "
+            f"within `margin` {margin} (sample more images per prompt or lower the margin)"
+        )
+    return PreferencePairs.from_tensors(
+        captions, torch.stack(winners), torch.stack(losers), scores=scores, on_error="skip", skipped=counts
+    )
+
+
+@dataclass
+class ExpertSet(Dataset):
+    """Diffusion-DRO's expert demonstrations: `experts[i]` is `(caption, image [3, H, W] in [0, 1])`.
+
+    Args:
+        captions (`list[str]`), sources (`list[Source]`): one entry per expert image.
+        resolution (`int`, *optional*): resize and center-crop when read.
+        scores (`list[float]`, *optional*): the reward that selected each image.
+    """
+
+    captions: list[str]
+    sources: list[Source]
+    resolution: int | None = None
+    scores: list[float] | None = None
+    source: str = "<memory>"
+
+    def __post_init__(self) -> None:
+        if not self.captions:
+            raise ValueError(f"{self.source} holds no expert image")
+        if len(self.captions) != len(self.sources):
+            raise ValueError("`captions` and `sources` must have one entry per expert image")
+
+    def __len__(self) -> int:
+        return len(self.captions)
+
+    def __getitem__(self, index: int) -> tuple[str, Tensor]:
+        source = self.sources[index]
+        image = source if isinstance(source, Tensor) else _to_tensor(_open(source, f"row {index} of {self.source}"))
+        return self.captions[index], image if self.resolution is None else _resize_center_crop(image, self.resolution)
+
+
+@torch.no_grad()
+def top_k_experts(
+    images: Tensor, captions: Sequence[str], reward: RewardModel, k: int, *, batch_size: int = 64
+) -> ExpertSet:
+    """The `k` highest-scoring `(caption, image)` rows of a pool (`images` `[N, 3, H, W]` in [0, 1]) under `reward`.
+
+    Ties keep the pool's order. `scores` records each kept image's reward.
+    """
+    check_pixels(images, "images")
+    captions = check_prompts(list(captions), images.shape[0], "captions")
+    if not 1 <= k <= len(captions):
+        raise ValueError(f"`k` must be in [1, {len(captions)}] (the pool size), got {k}")
+    scores = torch.cat([
+        reward.score(images[i : i + batch_size].to(reward.device), captions[i : i + batch_size]).score.cpu()
+        for i in range(0, len(captions), batch_size)
+    ])
+    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+    return ExpertSet([captions[i] for i in order], [images[i].cpu() for i in order],
+                     scores=[float(scores[i]) for i in order])
+
+
+def load_experts(path: str | Path, *, resolution: int | None = None, on_error: str = "raise") -> ExpertSet:
+    """Expert images from a folder with `manifest.jsonl` (or a `.jsonl` file) of `{"caption", "image"}` rows; paths
+    stay inside the root; missing or corrupt images raise naming the row, or are skipped with `on_error="skip"`."""
+    if on_error not in ON_ERROR:
+        raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}")
+    path = Path(path)
+    root, records = _read_records(path, ["caption", "image"])
+    captions, sources, counts = [], [], Counter()
+    for i, record in enumerate(records):
+        where = f"row {i} of {path}"
+        try:
+            if not isinstance(record.get("caption"), str):
+                raise BadRow(f"{where}: `caption` must be a string, got {record.get('caption')!r}", "caption")
+            source = _source(record.get("image"), root, f"{where}: image")
+            _open(source, f"{where}: image")
+        except BadRow as e:
+            _raise_or_count(e, on_error, counts)
+            continue
+        captions.append(record["caption"])
+        sources.append(source)
+    if counts:
+        logger.info("%s: kept %d of %d expert images, skipped %s", path, len(captions), len(records), dict(counts))
+    return ExpertSet(captions, sources, resolution=resolution, source=str(path))
+
+
+def save_experts(experts: ExpertSet, folder: str | Path) -> Path:
+    """Write an expert set as a folder of PNGs with `manifest.jsonl` (`load_experts` reads it back)."""
+    folder = Path(folder)
+    (folder / "images").mkdir(parents=True, exist_ok=True)
+    with open(folder / MANIFEST, "w") as f:
+        for i in range(len(experts)):
+            caption, image = experts[i]
+            name = f"images/{i:06d}.png"
+            (folder / name).write_bytes(_png(image))
+            row = {"caption": caption, "image": name}
+            if experts.scores is not None:
+                row["score"] = experts.scores[i]
+            f.write(json.dumps(row) + "\n")
+    return folder
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _read_records(path: Path, columns: list[str]) -> tuple[Path, list[dict[str, Any]]]:
+    """`(root, rows)` of a parquet file, a JSONL file, or a folder's manifest."""
+    if path.is_dir():
+        path = path / MANIFEST
+        if not path.exists():
+            raise FileNotFoundError(f"{path.parent} is a folder without {MANIFEST}")
+    if not path.exists():
+        raise FileNotFoundError(f"no dataset at {path}")
+    root = path.parent.resolve()
+    if path.suffix == ".parquet":
+        try:
+            import pyarrow.parquet as pq
+        except ImportError as e:
+            raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from e
+        schema = pq.read_schema(path)
+        missing = [c for c in columns if c not in schema.names]
+        if missing:
+            raise ValueError(f"{path} lacks the column(s) {missing}; it has {schema.names}")
+        extra = ["are_different"] if "are_different" in schema.names else []
+        return root, pq.read_table(path, columns=columns + extra).to_pylist()
+    if path.suffix != ".jsonl":
+        raise ValueError(f"{path}: expected a .parquet or .jsonl file, or a folder with {MANIFEST}")
+    records = []
+    for n, line in enumerate(path.read_text().splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n + 1} is not valid JSON: {e}") from None
+        if not isinstance(record, dict):
+            raise ValueError(f"{path} line {n + 1} must be a JSON object, got {type(record).__name__}")
+        records.append(record)
+    return root, records
+
+
+def _source(value: Any, root: Path, where: str) -> bytes | Path:
+    """An image field as bytes, or as a path checked to lie inside `root` and to exist."""
+    if isinstance(value, dict):  # Hugging Face `datasets` Image struct
+        value = value.get("bytes") or value.get("path")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    if not isinstance(value, str) or not value:
+        raise BadRow(f"{where}: expected image bytes or a path, got {type(value).__name__}", "missing")
+    if Path(value).is_absolute():
+        raise ValueError(f"{where}: absolute path {value!r} is not allowed; paths are relative to {root}")
+    full = (root / value).resolve()
+    if not full.is_relative_to(root):
+        raise ValueError(f"{where}: path {value!r} escapes the dataset root {root}")
+    if not full.is_file():
+        raise BadRow(f"{where}: image file {value!r} is missing (looked for {full})", "missing")
+    return full
+
+
+def _open(source: bytes | Path, where: str) -> Image.Image:
+    """Decode an image fully (so truncated files fail here), as RGB."""
+    try:
+        data = source.read_bytes() if isinstance(source, Path) else source
+        with Image.open(io.BytesIO(data)) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError) as e:
+        raise BadRow(f"{where}: the image cannot be decoded ({type(e).__name__}: {e})", "corrupt") from None
+
+
+def _check_distinct(pair: tuple[bytes | Path, bytes | Path], record: dict, where: str, decode: bool) -> None:
+    if record.get("are_different") is False:
+        raise BadRow(f"{where}: the two images are identical (are_different is false)", "identical")
+    data = [s.read_bytes() if isinstance(s, Path) else s for s in pair]
+    if data[0] == data[1]:
+        raise BadRow(f"{where}: the two images are identical (equal bytes)", "identical")
+    if decode:
+        a, b = (np.asarray(_open(s, f"{where}: {c}")) for s, c in zip(pair, PICKAPIC_IMAGE_COLUMNS))
+        if a.shape == b.shape and np.array_equal(a, b):
+            raise BadRow(f"{where}: the two images are identical (equal pixels)", "identical")
+
+
+def _check_label(value: Any, row: int, source: Any, column: str = "label_0") -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) not in (0.0, 0.5, 1.0):
+        raise BadRow(f"row {row} of {source}: `{column}` must be 0, 0.5 or 1, got {value!r}", "label")
+    return float(value)
+
+
+def _raise_or_count(error: BadRow, on_error: str, counts: Counter) -> None:
+    if on_error == "raise":
+        raise ValueError(f"{error} (pass on_error='skip' to skip and count bad rows)") from None
+    counts[error.reason] += 1
+
+
+def _to_tensor(image: Image.Image) -> Tensor:
+    return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
+
+
+def _resize_center_crop(image: Tensor, size: int) -> Tensor:
+    """Resize the shorter side to `size` (bilinear, antialiased) and crop the center square."""
+    h, w = image.shape[-2:]
+    if (h, w) == (size, size):
+        return image
+    scale = size / min(h, w)
+    new = (max(size, round(h * scale)), max(size, round(w * scale)))
+    image = torch.nn.functional.interpolate(image[None], size=new, mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new[0] - size) // 2, (new[1] - size) // 2
+    return image[0, :, top : top + size, left : left + size].clamp(0, 1)
+
+
+def _png(image: Tensor) -> bytes:
+    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()

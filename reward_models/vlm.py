@@ -1,0 +1,199 @@
+"""Qwen2-VL / Qwen2.5-VL plumbing shared by the VLM rewards (pairwise judge, ImageDoctor, VideoReward).
+
+- `load_qwen_vl`: a frozen `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration` (picked by the
+  folder's `model_type`) and its processor, from a folder or Hub repo, through `visalign.reward_models.loading`
+  (strict keys, clear offline errors).
+- `VisionPatches`: pixels in [0, 1] -> the flat patch layout of `Qwen2VLImageProcessor` / `Qwen2VLVideoProcessor`
+  (`pixel_values` `[sum_i t_i h_i w_i, 3 * temporal_patch * patch^2]` and `grid_thw` `[N, 3]`) as torch ops on
+  the pixels' device, differentiable: bicubic antialiased resize to the `smart_resize` size, normalization,
+  patchify. Deviation: the processors resize uint8 images; we resize in float and clamp to [0, 1]. Without a resize
+  the two agree exactly (tested).
+- `chat_inputs`: conversations -> `input_ids`, `attention_mask` and `mm_token_type_ids`, each `<|image_pad|>` /
+  `<|video_pad|>` of the chat template expanded to one pad per merged patch, padded on the side asked for.
+- `generate_texts`: greedy decoding and the decoded new text, for judges whose answer is text.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from transformers import (
+    AutoProcessor,
+    ProcessorMixin,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2VLForConditionalGeneration,
+)
+from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
+from visalign.reward_models.loading import cast_backbone, load_transformers_model, read_json, resolve_folder
+
+QWEN_VL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
+QwenVL = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration
+VLM_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # weights, configs, tokenizer, chat template
+PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
+TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
+
+
+def load_qwen_vl(
+    pretrained: str | Path,
+    dtype: torch.dtype | None,
+    *,
+    what: str,
+    classes: Mapping[str, type[QwenVL]] = QWEN_VL_CLASSES,
+) -> tuple[QwenVL, ProcessorMixin]:
+    """A frozen Qwen2-VL-class model (strictly loaded, cast to `dtype`) and its processor from a folder or Hub repo.
+
+    `classes` maps the folder's `model_type` to the class to build: a subclass whose
+    `_keys_to_ignore_on_load_unexpected` names extra checkpoint keys (ImageDoctor's heatmap head) loads strictly too.
+    """
+    folder = resolve_folder(pretrained, VLM_FILES, required=["config.json"], what=what)
+    model_type = read_json(folder / "config.json", what=what).get("model_type")
+    if model_type not in classes:
+        raise ValueError(f"{what}: {folder} holds a {model_type!r} model; expected one of {sorted(classes)}")
+    if not any((folder / name).is_file() for name in PROCESSOR_FILES):
+        raise FileNotFoundError(f"{what}: {folder} has no processor config ({' or '.join(PROCESSOR_FILES)})")
+    if not any(all((folder / n).is_file() for n in names) for names in TOKENIZER_FILES):
+        raise FileNotFoundError(f"{what}: {folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
+    model = load_transformers_model(classes[model_type], folder, what=what)
+    processor = AutoProcessor.from_pretrained(folder)
+    return cast_backbone(model, dtype).requires_grad_(False), processor
+
+
+def check_qwen_vl(model: Any, processor: Any) -> None:
+    """Raise `ValueError` unless `model` is a Qwen2-VL-class model and `processor` has a tokenizer and a template."""
+    if not isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
+        raise ValueError(
+            f"`model` must be a Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration, "
+            f"got {type(model).__name__}"
+        )
+    if not isinstance(processor, ProcessorMixin) or processor.chat_template is None:
+        raise ValueError("`processor` must be the model's transformers processor, with a chat template")
+
+
+@dataclass(frozen=True)
+class VisionPatches:
+    """Pixels -> Qwen2-VL vision input, as the model's image (or video) processor lays it out.
+
+    Args:
+        patch_size, temporal_patch_size, merge_size: the vision tower's patching.
+        mean, std: per-channel normalization.
+        min_pixels, max_pixels: the pixel budget of `smart_resize` (sizes become multiples of
+            `patch_size * merge_size`).
+    """
+
+    patch_size: int
+    temporal_patch_size: int
+    merge_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    min_pixels: int
+    max_pixels: int
+
+    @classmethod
+    def from_processor(
+        cls, processor: ProcessorMixin, *, video: bool = False, max_pixels: int | None = None
+    ) -> VisionPatches:
+        """The layout of `processor.image_processor` (or `video_processor`), optionally with a smaller budget."""
+        source = processor.video_processor if video else processor.image_processor
+        budget = source.size.longest_edge if max_pixels is None else max_pixels
+        if not isinstance(budget, int) or budget < source.size.shortest_edge:
+            raise ValueError(f"`max_pixels` must be an int >= {source.size.shortest_edge}, got {max_pixels!r}")
+        return cls(
+            source.patch_size,
+            source.temporal_patch_size,
+            source.merge_size,
+            tuple(source.image_mean),
+            tuple(source.image_std),
+            source.size.shortest_edge,
+            budget,
+        )
+
+    def size_for(self, height: int, width: int) -> tuple[int, int]:
+        """The `(h, w)` the processor resizes a `height x width` input to."""
+        factor = self.patch_size * self.merge_size
+        return smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
+
+    def __call__(self, frames: Tensor, size: tuple[int, int] | None = None) -> tuple[Tensor, Tensor]:
+        """Patchify `frames` (`[N, T, 3, H, W]` in [0, 1]; images are T = 1) resized to `size` (default `size_for`).
+
+        Returns `pixel_values` `[N * t * h * w, 3 * temporal_patch * patch^2]` float32 and `grid_thw` `[N, 3]` long,
+        where `(t, h, w)` is the patch grid (T rounded up to a multiple of the temporal patch by repeating the last
+        frame, as the processors do).
+        """
+        n, t, c, height, width = frames.shape
+        h, w = size if size is not None else self.size_for(height, width)
+        x = frames.reshape(n * t, c, height, width).float()
+        if (h, w) != (height, width):
+            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True).clamp(0.0, 1.0)
+        mean = torch.tensor(self.mean, device=x.device).view(1, c, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, c, 1, 1)
+        x = ((x - mean) / std).view(n, t, c, h, w)
+        if pad := -t % self.temporal_patch_size:
+            x = torch.cat([x, x[:, -1:].expand(-1, pad, -1, -1, -1)], dim=1)
+        p, m, tp = self.patch_size, self.merge_size, self.temporal_patch_size
+        gt, gh, gw = x.shape[1] // tp, h // p, w // p
+        x = x.view(n, gt, tp, c, gh // m, m, p, gw // m, m, p).permute(0, 1, 4, 7, 5, 8, 3, 2, 6, 9)
+        grid = torch.tensor([[gt, gh, gw]] * n, dtype=torch.long, device=x.device)
+        return x.reshape(n * gt * gh * gw, c * tp * p * p), grid
+
+
+def chat_inputs(
+    processor: ProcessorMixin,
+    conversations: Sequence[list[dict[str, Any]]],
+    *,
+    image_grids: Sequence[Tensor] | None = None,
+    video_grids: Sequence[Tensor] | None = None,
+    suffix: Sequence[int] = (),
+    padding_side: str = "left",
+    device: torch.device | None = None,
+) -> dict[str, Tensor]:
+    """Token inputs for a batch of chats with `add_generation_prompt=True`.
+
+    Args:
+        conversations: one chat per sample, with `{"type": "image"}` / `{"type": "video"}` content items.
+        image_grids, video_grids: per sample, the `grid_thw` `[k, 3]` of its k images / videos, in order.
+        suffix: token ids appended to every sample after the generation prompt (a forced answer prefix).
+        padding_side: `"left"` (generation, last-position logits) or `"right"`.
+
+    Returns:
+        `input_ids`, `attention_mask`, `mm_token_type_ids`, each `[B, L]` long.
+    """
+    merge = processor.image_processor.merge_size**2
+    texts = []
+    for i, conversation in enumerate(conversations):
+        text = processor.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        for token, grids in ((processor.image_token, image_grids), (processor.video_token, video_grids)):
+            parts = text.split(token)
+            counts = [] if grids is None else [int(g.prod()) // merge for g in grids[i]]
+            if len(parts) - 1 != len(counts):
+                raise ValueError(f"sample {i} has {len(parts) - 1} {token} placeholders but {len(counts)} grids")
+            text = parts[0] + "".join(token * k + part for k, part in zip(counts, parts[1:]))
+        texts.append(text)
+    tokenizer = processor.tokenizer
+    ids = [row + list(suffix) for row in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+    types = processor.create_mm_token_type_ids(ids)
+    length = max(len(row) for row in ids)
+    out = {"input_ids": [], "attention_mask": [], "mm_token_type_ids": []}
+    for row, kind in zip(ids, types):
+        pad = length - len(row)
+        for key, values, fill in (("input_ids", row, tokenizer.pad_token_id), ("attention_mask", [1] * len(row), 0)):
+            out[key].append([fill] * pad + values if padding_side == "left" else values + [fill] * pad)
+        out["mm_token_type_ids"].append([0] * pad + kind if padding_side == "left" else kind + [0] * pad)
+    return {k: torch.tensor(v, dtype=torch.long, device=device) for k, v in out.items()}
+
+
+@torch.no_grad()
+def generate_texts(
+    model: QwenVL, processor: ProcessorMixin, inputs: dict[str, Tensor], max_new_tokens: int
+) -> tuple[list[str], Tensor]:
+    """Greedy decoding from left-padded `inputs`; returns the decoded new text and the new ids `[B, T_new]`."""
+    out = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
+    new = out[:, inputs["input_ids"].shape[1] :]
+    texts = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    return texts, new

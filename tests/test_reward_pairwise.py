@@ -1,0 +1,417 @@
+"""Pairwise judges: answer parsing, win-rate schedules and their properties, the tiny Qwen-VL judge loaded from the
+official layout, the HTTP judge against a local fake server, and pointwise rewards used pairwise."""
+
+import base64
+import io
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from visalign.reward_models.pairwise import (
+    PAIR_PROMPT,
+    BradleyTerryWinRate,
+    HTTPPairwiseJudge,
+    Judgments,
+    PairwiseJudge,
+    UnifiedRewardPairwise,
+    parse_pair_answer,
+    regular_schedule,
+)
+from visalign.reward_models.vlm import VisionPatches
+from visalign.testing_vlm import save_tiny_qwen_vl
+from visalign.world.rewards import WorldDefectsReward
+
+
+class CannedJudge(PairwiseJudge):
+    """A judge whose text answer for (first, second) comes from `answer(first_index, second_index)`."""
+
+    name = "canned"
+
+    def __init__(self, answer, **options):
+        super().__init__(**options)
+        self.answer = answer
+
+    def judge(self, images, pairs, prompts):
+        texts = [self.answer(i, j) for i, j in pairs.tolist()]
+        parsed = [parse_pair_answer(t) for t in texts]
+        return Judgments(torch.tensor([float("nan") if p is None else p for p in parsed]), texts)
+
+
+def first_wins(i, j):
+    return "Image 1 is better."
+
+
+def by_index(i, j):  # a consistent judge: the lower index is better
+    return "Image 1 is better." if i < j else "Image 2 is better."
+
+
+def noisy(i, j):  # wins, losses, ties, malformed, empty and adversarial answers
+    answers = [
+        "Image 1 is better.",
+        "Image 2 is better.",
+        "Both images are equally good.",
+        "I cannot tell.",
+        "",
+        "Image 1 is better? No: Image 2 is better.",
+        "<think>Image 1 is better lit</think><answer>Image 2 is better.</answer>",
+    ]
+    return answers[(3 * i + 5 * j) % len(answers)]
+
+
+@pytest.fixture
+def group8(generator):
+    return torch.rand(8, 3, 32, 32, generator=generator)
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ("Image 1 is better.", 1.0),
+        ("after careful thought, image 2 is BETTER", 0.0),
+        ("Both images are equally good.", 0.5),
+        ("Image 1 is better than image 2 in color, but overall Image 2 is better.", 0.0),
+        ("<think>Image 1 is better lit</think><answer>Image 2 is better.</answer>", 0.0),
+        ("<think>long reasoning</think><answer> Image 1 is better", 1.0),
+        ("Image 1 is not better.", None),
+        ("Image 3 is better.", None),
+        ("", None),
+        ("   ", None),
+        (None, None),
+        (42, None),
+        ("<think>Image 1 is better, surely</think> no verdict after thinking", None),
+        ("Alignment Score:\n Image 1: 0.25\n Image 2: 0.75\n\nStyle Score:\n Image 1: 0.75\n Image 2: 0.25", 0.5),
+        ("Coherence Score:\n Image 1: 0.8\n Image 2: 0.2", 0.8),
+        ("Image 1: 0\n Image 2: 0", None),
+    ],
+)
+def test_parse_pair_answer(text, expected):
+    result = parse_pair_answer(text)
+    assert result == (pytest.approx(expected) if expected is not None else None)
+
+
+@pytest.mark.parametrize("answer", [first_wins, by_index, noisy])
+@pytest.mark.parametrize("options", [{}, {"both_orders": True}, {"opponents": 4}, {"opponents": 3}])
+def test_win_rates_of_any_judge_sum_to_half_the_group(group8, answer, options):
+    out = CannedJudge(answer, **options).group(group8, "a red square")
+    assert out.score.shape == (8,)
+    assert float(out.score.sum()) == pytest.approx(4.0, abs=1e-5)
+    assert ((out.score >= 0) & (out.score <= 1)).all()
+
+
+def test_call_counts_of_the_schedules(group8):
+    count = {}
+    for label, options in [("all", {}), ("both", {"both_orders": True}), ("k4", {"opponents": 4})]:
+        count[label] = CannedJudge(by_index, **options).group(group8, "p").extras["calls"]
+    assert count == {"all": 28, "both": 56, "k4": 16}
+
+
+def test_both_orders_cancels_a_judge_that_always_prefers_the_first_image(group8):
+    biased = CannedJudge(first_wins).group(group8, "p")
+    assert biased.score[0] == 1.0 and biased.score[-1] == 0.0  # the reference's order favors early samples
+    fair = CannedJudge(first_wins, both_orders=True).group(group8, "p")
+    torch.testing.assert_close(fair.score, torch.full((8,), 0.5))
+    assert fair.extras["position_bias"] == pytest.approx(1.0)
+
+
+def test_consistent_judge_ranks_and_failures_are_counted_as_ties(group8):
+    out = CannedJudge(by_index).group(group8, "p")
+    torch.testing.assert_close(out.score, torch.linspace(1, 0, 8))
+    assert out.extras["failures"] == 0 and out.extras["prefs"].shape == (8, 8)
+    noisy_out = CannedJudge(noisy).group(group8, "p")
+    texts = noisy_out.extras["texts"]
+    assert noisy_out.extras["failures"] == sum(parse_pair_answer(t) is None for t in texts) > 0
+    assert noisy_out.extras["parse_failures"] == noisy_out.extras["failures"]
+    assert noisy_out.extras["request_errors"] == 0
+
+
+def test_regular_schedule_meets_k_distinct_opponents():
+    gen = torch.Generator().manual_seed(0)
+    for g, k in [(8, 1), (8, 2), (8, 3), (8, 7), (16, 4), (16, 5), (7, 2), (7, 4)]:
+        pairs = regular_schedule(g, k, gen)
+        assert len(pairs) == g * k // 2
+        assert (pairs[:, 0] != pairs[:, 1]).all()
+        assert len({tuple(sorted(p)) for p in pairs.tolist()}) == len(pairs)
+        assert torch.bincount(pairs.flatten(), minlength=g).tolist() == [k] * g
+    with pytest.raises(ValueError, match="`opponents`"):
+        regular_schedule(7, 3, gen)
+
+
+def test_opponent_rates_are_means_over_the_games(group8):
+    out = CannedJudge(by_index, opponents=2, seed=3).group(group8, "p")
+    pairs = out.extras["pairs"]
+    for i in range(8):
+        games = [(a, b) for a, b in pairs.tolist() if i in (a, b)]
+        wins = sum((a == i) == (a < b) for a, b in games)
+        assert float(out.score[i]) == pytest.approx(wins / 2)
+
+
+def test_score_groups_the_batch_by_prompt(generator):
+    pixels = torch.rand(5, 3, 32, 32, generator=generator)
+    prompts = ["a", "b", "a", "a", "c"]
+    out = CannedJudge(by_index).score(pixels, prompts)
+    torch.testing.assert_close(out.score, torch.tensor([1.0, 0.5, 0.5, 0.0, 0.5]))
+    assert out.extras["singletons"] == 2 and out.extras["calls"] == 3
+
+
+def test_compare_and_bad_inputs(group8):
+    judge = CannedJudge(first_wins, both_orders=True)
+    torch.testing.assert_close(judge.compare(group8[:3], group8[3:6], ["p"] * 3), torch.full((3,), 0.5))
+    with pytest.raises(ValueError, match="`prompt`"):
+        judge.group(group8, ["p"] * 8)
+    with pytest.raises(ValueError, match="`pixels`"):
+        judge.group(group8[:1], "p")
+    with pytest.raises(ValueError, match="`pixels`"):
+        judge.group(group8 * 2, "p")
+    with pytest.raises(ValueError, match="`a` and `b`"):
+        judge.compare(group8[:2], group8[:3], ["p"] * 2)
+    with pytest.raises(ValueError, match="`prompts`"):
+        judge.compare(group8[:2], group8[2:4], ["p"])
+    with pytest.raises(ValueError, match="`opponents`"):
+        CannedJudge(first_wins, opponents=8).group(group8, "p")
+    for options in [{"opponents": 0}, {"opponents": 2.0}, {"both_orders": "yes"}]:
+        with pytest.raises(ValueError, match=f"`{next(iter(options))}`"):
+            CannedJudge(first_wins, **options)
+
+
+# ---------------------------------------------------------------- the Qwen2-VL-class judge, tiny and random
+
+
+@pytest.fixture(scope="module")
+def judge_folder(tmp_path_factory):
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp("judge"), "qwen2_5_vl", corpus=[PAIR_PROMPT])
+
+
+def test_vision_patches_match_the_processors(judge_folder, generator):
+    judge = UnifiedRewardPairwise.from_pretrained(str(judge_folder))
+    images = torch.rand(3, 3, 32, 32, generator=generator)
+    values, grid = judge.vision(images[:, None])
+    reference = judge.processor.image_processor(images=list(images), do_rescale=False, return_tensors="pt")
+    torch.testing.assert_close(values, reference["pixel_values"], rtol=0, atol=0)
+    assert grid.tolist() == reference["image_grid_thw"].tolist() == [[1, 8, 8]] * 3
+    video = VisionPatches.from_processor(judge.processor, video=True)
+    clips = torch.rand(2, 3, 3, 32, 32, generator=generator)  # 3 frames: padded to 4 by repeating the last
+    values, grid = video(clips)
+    reference = judge.processor.video_processor(
+        videos=list(clips), do_rescale=False, do_sample_frames=False, return_tensors="pt"
+    )
+    torch.testing.assert_close(values, reference["pixel_values_videos"], rtol=0, atol=0)
+    assert grid.tolist() == reference["video_grid_thw"].tolist()
+    big = torch.rand(1, 1, 3, 128, 64, generator=generator, requires_grad=True)
+    values, grid = judge.vision(big)  # resized to 88 x 40 within the 64 x 64 pixel budget, gradients flow
+    assert grid.tolist() == [[1, 22, 10]]
+    values.sum().backward()
+    assert big.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("version", ["qwen2_5_vl", "qwen2_vl"])
+def test_tiny_judge_loads_and_reads_verdict_probabilities(version, tmp_path, generator):
+    folder = save_tiny_qwen_vl(tmp_path / version, version, corpus=[PAIR_PROMPT])
+    judge = UnifiedRewardPairwise.from_pretrained(str(folder), batch_size=4)
+    assert not judge.training and not any(p.requires_grad for p in judge.parameters())
+    pixels = torch.rand(5, 3, 32, 32, generator=generator)
+    with mock.patch.object(judge.model.model.visual, "forward", wraps=judge.model.model.visual.forward) as visual:
+        out = judge.group(pixels, "a red square")
+    assert visual.call_count == 1  # each image through the vision tower once per group, not once per pair
+    assert float(out.score.sum()) == pytest.approx(2.5, abs=1e-5)
+    assert out.extras["calls"] == 10 and out.extras["failures"] == 0
+    assert ((out.extras["answer_mass"] > 0) & (out.extras["answer_mass"] <= 1)).all()
+    batched = judge.compare(pixels[:3], pixels[2:], ["a red square"] * 3)
+    single = torch.cat([judge.compare(pixels[i : i + 1], pixels[i + 2 : i + 3], ["a red square"]) for i in range(3)])
+    torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
+
+
+def test_verdict_probability_formula(judge_folder):
+    judge = UnifiedRewardPairwise.from_pretrained(str(judge_folder))
+    one, two, tie = judge.verdict_tokens
+    start = judge.prefix[0]
+    logits = torch.zeros(3, len(judge.prefix) + 1, len(judge.processor.tokenizer))
+    logits[0, 0, start], logits[0, -1, one] = 30.0, 30.0  # "Image" then "1": image 1 better
+    logits[1, 0, start], logits[1, -1, two] = 30.0, 30.0  # image 2 better
+    logits[2, 0, tie] = 30.0  # "Both ...": a tie, whatever the digit says
+    logits[2, -1, one] = 30.0
+    probs, mass = judge.verdict_probability(logits)
+    torch.testing.assert_close(probs, torch.tensor([1.0, 0.0, 0.5]), atol=1e-6, rtol=0)
+    torch.testing.assert_close(mass, torch.ones(3), atol=1e-6, rtol=0)
+
+
+def test_tiny_judge_generate_mode_counts_parse_failures(judge_folder, generator):
+    judge = UnifiedRewardPairwise.from_pretrained(str(judge_folder), answer="generate", max_new_tokens=2)
+    pixels = torch.rand(2, 3, 32, 32, generator=generator)
+    out = judge.group(pixels, "a red square")  # a random model says nothing parseable: a tie, counted
+    assert out.score.tolist() == [0.5, 0.5]
+    assert out.extras["parse_failures"] == 1 and len(out.extras["texts"]) == 1
+
+
+def test_judge_loading_errors(judge_folder, tmp_path):
+    with pytest.raises(FileNotFoundError, match="offline|Hub"):
+        UnifiedRewardPairwise.from_pretrained("some-org/not-cached-judge")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "clip"}))
+    with pytest.raises(ValueError, match="'clip' model"):
+        UnifiedRewardPairwise.from_pretrained(str(tmp_path))
+    (tmp_path / "config.json").write_text((judge_folder / "config.json").read_text())
+    with pytest.raises(FileNotFoundError, match="processor"):
+        UnifiedRewardPairwise.from_pretrained(str(tmp_path))
+    judge = UnifiedRewardPairwise.from_pretrained(str(judge_folder))
+    for options, arg in [({"answer": "logits"}, "answer"), ({"batch_size": 0}, "batch_size")]:
+        with pytest.raises(ValueError, match=f"`{arg}`"):
+            UnifiedRewardPairwise(judge.model, judge.processor, **options)
+    with pytest.raises(ValueError, match="`prompt_template`"):
+        UnifiedRewardPairwise(judge.model, judge.processor, prompt_template="no placeholder")
+    with pytest.raises(ValueError, match="`model`"):
+        UnifiedRewardPairwise(torch.nn.Linear(2, 2), judge.processor)
+
+
+# ---------------------------------------------------------------- the HTTP judge against a local fake server
+
+
+class FakeServer:
+    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1; `script(n, body)` returns (status, payload,
+    delay) for the n-th request (payload: a str answer, or raw bytes sent as is)."""
+
+    def __init__(self, script):
+        self.requests, self.headers, self.lock = [], [], threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    n = len(server.requests)
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                status, payload, delay = script(n, body)
+                time.sleep(delay)
+                if isinstance(payload, str):
+                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": payload}}]})
+                    payload = payload.encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client timed out and hung up
+                    pass
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # handlers still sleeping after a client timeout do not block closing
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(script):
+        servers.append(FakeServer(script))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.close()
+
+
+def caption_judge(n, body):
+    """Prefers the image with more red, read back from the PNG data URLs: a real round trip of the images."""
+    content = body["messages"][0]["content"]
+    reds = []
+    for item in content[:2]:
+        data = base64.b64decode(item["image_url"]["url"].split(",", 1)[1])
+        reds.append(np.asarray(Image.open(io.BytesIO(data)))[..., 0].mean())
+    return 200, f"<think>comparing</think><answer>Image {1 if reds[0] > reds[1] else 2} is better.</answer>", 0.0
+
+
+def test_http_judge_round_trip(serve):
+    server = serve(caption_judge)
+    judge = HTTPPairwiseJudge.from_pretrained(server.url, model="judge", api_key="k", max_workers=4)
+    pixels = torch.zeros(4, 3, 8, 8)
+    pixels[:, 0] = torch.tensor([0.1, 0.9, 0.5, 0.3]).view(4, 1, 1)
+    out = judge.group(pixels, "a {red} square")
+    torch.testing.assert_close(out.score, torch.tensor([0.0, 1.0, 2 / 3, 1 / 3]))
+    assert len(server.requests) == out.extras["calls"] == 6 and out.extras["failures"] == 0
+    body = server.requests[0]
+    assert body["model"] == "judge" and body["temperature"] == 0.0
+    content = body["messages"][0]["content"]
+    assert [c["type"] for c in content] == ["image_url", "image_url", "text"]
+    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
+    assert content[2]["text"].endswith("Text Caption: [a {red} square]")
+    assert server.headers[0]["Authorization"] == "Bearer k"
+
+
+def test_http_judge_retries_transient_errors(serve):
+    server = serve(lambda n, body: (500, b"busy", 0.0) if n < 2 else (200, "Image 1 is better.", 0.0))
+    judge = HTTPPairwiseJudge(server.url, max_workers=1, backoff=0.0)
+    p = judge.compare(torch.rand(1, 3, 8, 8), torch.rand(1, 3, 8, 8), ["p"])
+    assert p.tolist() == [1.0] and len(server.requests) == 3
+
+
+@pytest.mark.parametrize(
+    "script, attempts",
+    [
+        (lambda n, body: (400, b'{"error": "bad request"}', 0.0), 1),  # final: not retried
+        (lambda n, body: (503, b"down", 0.0), 3),
+        (lambda n, body: (200, b"{not json", 0.0), 3),
+        (lambda n, body: (200, b'{"choices": []}', 0.0), 3),
+        (lambda n, body: (200, b'{"choices": [{"message": {"content": null}}]}', 0.0), 3),
+        (lambda n, body: (200, "Image 1 is better.", 1.0), 3),  # slower than the timeout
+    ],
+)
+def test_http_judge_failures_become_counted_ties(serve, script, attempts):
+    server = serve(script)
+    judge = HTTPPairwiseJudge(server.url, timeout=0.2, max_retries=2, backoff=0.0, max_workers=2)
+    out = judge.group(torch.rand(3, 3, 8, 8), "p")  # never raises inside a training step
+    torch.testing.assert_close(out.score, torch.full((3,), 0.5))
+    assert out.extras["request_errors"] == out.extras["failures"] == 3 and out.extras["parse_failures"] == 0
+    assert len(server.requests) == 3 * attempts
+
+
+def test_http_judge_unreachable_server_and_bad_arguments():
+    judge = HTTPPairwiseJudge("http://127.0.0.1:9/v1", timeout=0.5, max_retries=1, backoff=0.0)
+    out = judge.group(torch.rand(2, 3, 8, 8), "p")
+    assert out.score.tolist() == [0.5, 0.5] and out.extras["request_errors"] == 1
+    with pytest.raises(ValueError, match="`pretrained`"):
+        HTTPPairwiseJudge.from_pretrained(None)
+    for kwargs, arg in [
+        ({"base_url": "localhost:8000"}, "base_url"),
+        ({"timeout": 0}, "timeout"),
+        ({"max_retries": -1}, "max_retries"),
+        ({"max_workers": 0}, "max_workers"),
+        ({"backoff": -1.0}, "backoff"),
+    ]:
+        with pytest.raises(ValueError, match=f"`{arg}`"):
+            HTTPPairwiseJudge(**{"base_url": "http://127.0.0.1:9/v1", **kwargs})
+
+
+# ---------------------------------------------------------------- pointwise rewards used pairwise
+
+
+def test_pointwise_reward_used_pairwise_scores_each_image_once(group8):
+    reward = WorldDefectsReward()
+    judge = BradleyTerryWinRate(reward, temperature=0.1)
+    with mock.patch.object(reward, "_score", wraps=reward._score) as scored:
+        out = judge.group(group8, "a red square")
+    assert scored.call_count == 1 and scored.call_args.args[0].shape[0] == 8
+    assert float(out.score.sum()) == pytest.approx(4.0, abs=1e-5)
+    ranks = reward.score(group8, ["a red square"] * 8).score.argsort()
+    assert (out.score[ranks].diff() >= 0).all()  # win rates order the group as the scores do
+    with mock.patch.object(reward, "_score", wraps=reward._score) as scored:
+        reward.compare(group8[:4], group8[4:], ["a red square"] * 4)
+    assert scored.call_count == 1 and scored.call_args.args[0].shape[0] == 8
+    with pytest.raises(ValueError, match="`reward`"):
+        BradleyTerryWinRate(CannedJudge(first_wins))
+    with pytest.raises(ValueError, match="`temperature`"):
+        BradleyTerryWinRate(reward, temperature=0.0)
