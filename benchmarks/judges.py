@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from visalign.benchmarks.prompts import PromptItem, TestPoint
+from visalign.benchmarks.prompts import PromptItem
 
 
 @dataclass(frozen=True)
@@ -105,16 +105,19 @@ class CompositeJudge(Judge):
         return {"judges": [{"name": j.name, **j.settings()} for j in self.judges]}
 
     def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
-        per_judge = [j.judge(samples) for j in self.judges]
-        out = []
-        for i, sample in enumerate(samples):
-            verdicts = []
-            for k in range(len(sample.item.test_points)):
-                candidates = [results[i].verdicts[k] for results in per_judge]
-                verdicts.append(next((v for v in candidates if v.status != "abstain"), candidates[0]))
-            raws = [f"[{j.name}] {r[i].raw}" for j, r in zip(self.judges, per_judge) if r[i].raw is not None]
-            out.append(JudgeResult(verdicts, "\n".join(raws) or None))
-        return out
+        verdicts: list[list[Verdict | None]] = [[None] * len(s.item.test_points) for s in samples]
+        raws: list[list[str]] = [[] for _ in samples]
+        pending = list(range(len(samples)))
+        for judge in self.judges:  # each judge sees only the samples that still have an abstention
+            if not pending:
+                break
+            for i, result in zip(pending, judge.judge([samples[i] for i in pending])):
+                raws[i] += [f"[{judge.name}] {result.raw}"] if result.raw is not None else []
+                for k, v in enumerate(result.verdicts):
+                    if verdicts[i][k] is None or (verdicts[i][k].status == "abstain" and v.status != "abstain"):
+                        verdicts[i][k] = v
+            pending = [i for i in pending if any(v.status == "abstain" for v in verdicts[i])]
+        return [JudgeResult(v, "\n".join(r) or None) for v, r in zip(verdicts, raws)]
 
 
 class RewardJudge(Judge):
@@ -149,7 +152,7 @@ class RewardJudge(Judge):
                 JudgeResult(
                     [
                         Verdict(ok, why, judge=self.name)
-                        if self._judges(tp)
+                        if self.criteria is None or tp.criterion in self.criteria
                         else Verdict.abstain(f"{self.name} does not judge {tp.criterion}", self.name)
                         for tp in sample.item.test_points
                     ],
@@ -157,9 +160,6 @@ class RewardJudge(Judge):
                 )
             )
         return out
-
-    def _judges(self, tp: TestPoint) -> bool:
-        return self.criteria is None or tp.criterion in self.criteria
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -411,7 +411,7 @@ def build_judge(spec: str, *, device: str | None = None, api_key: str | None = N
             backend = vlm.TransformersVLM.from_pretrained(arg, device=device)
         elif kind == "openai":
             model, _, url = arg.partition("@")
-            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, api_key=api_key, seed=config.seed)
+            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, api_key=api_key)
         else:
             backend = vlm.ReplayVLM.from_jsonl(arg)
         return vlm.VLMJudge(backend, config)

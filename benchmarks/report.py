@@ -60,6 +60,11 @@ class _Table:
     errors: dict[tuple[str, str], int]
 
 
+def _counts(tp: dict, errors: str) -> bool:
+    """Whether a test-point verdict enters the accuracy (judged, or a judge error under `errors="fail"`)."""
+    return tp["status"] == "ok" or (tp["status"] == "error" and errors == "fail")
+
+
 def _tabulate(records: Sequence[dict], errors: str, prompts: Sequence[str] | None = None) -> _Table:
     if errors not in ("fail", "exclude"):
         raise ValueError(f"`errors` must be 'fail' or 'exclude', got {errors!r}")
@@ -75,12 +80,10 @@ def _tabulate(records: Sequence[dict], errors: str, prompts: Sequence[str] | Non
                 cells.setdefault(cell, len(cells))
                 if tp["status"] == "abstain":
                     abstained[cell] = abstained.get(cell, 0) + 1
-                    continue
-                if tp["status"] == "error":
+                elif tp["status"] == "error":
                     errs[cell] = errs.get(cell, 0) + 1
-                    if errors == "exclude":
-                        continue
-                entries.append((row[r["prompt_id"]], cells[cell], tp["status"] == "ok" and tp["passed"] is True))
+                if _counts(tp, errors):
+                    entries.append((row[r["prompt_id"]], cells[cell], tp["passed"] is True))
     correct, total = np.zeros((len(prompts), len(cells))), np.zeros((len(prompts), len(cells)))
     for p, c, ok in entries:
         total[p, c] += 1
@@ -164,10 +167,8 @@ def aggregate(
         "missing": missing,
     }
     tps = [tp for r in records for tp in r["test_points"]]
-    judged_images = [r for r in records if r["test_points"]]
-    all_pass = [
-        all(tp["passed"] is True for tp in r["test_points"] if tp["status"] != "abstain") for r in judged_images
-    ]
+    counted = [[tp for tp in r["test_points"] if _counts(tp, errors)] for r in records]
+    all_pass = [all(tp["passed"] is True for tp in tps_) for tps_ in counted if tps_]
     summary["images"] = {
         "judged": len(records),
         "missing": missing_images,
@@ -390,15 +391,43 @@ def _text(x: float, y: float, s: str, anchor: str = "middle", size: int = 11, ex
 
 
 def _ticks(lo: float, hi: float, n: int = 5) -> list[float]:
-    return [lo + (hi - lo) * i / n for i in range(n + 1)]
+    """Round tick values (steps of 1, 2, 2.5 or 5 times a power of ten) covering [lo, hi] in about `n` steps."""
+    hi = hi if hi > lo else lo + 1
+    raw = (hi - lo) / n
+    magnitude = 10 ** math.floor(math.log10(raw))
+    step = next(m * magnitude for m in (1, 2, 2.5, 5, 10) if m * magnitude >= raw * (1 - 1e-9))
+    start, stop = math.floor(lo / step + 1e-9) * step, math.ceil(hi / step - 1e-9) * step
+    return [start + i * step for i in range(round((stop - start) / step) + 1)]
 
 
-def _legend(names: Sequence[str], x: float) -> list[str]:
+def _svg_open(width: float, height: float, title: str) -> list[str]:
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width:.0f}" height="{height:.0f}" font-family="sans-serif">',
+        _text(width / 2, 16, title, size=13),
+    ]
+
+
+def _y_axis(ticks: Sequence[float], y: Any, left: float, right: float, label: str, mid: float) -> list[str]:
+    out = []
+    for t in ticks:
+        out.append(f'<line x1="{left}" x2="{right:.1f}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#ddd"/>')
+        out.append(_text(left - 4, y(t) + 4, f"{t:.4g}", "end", 10))
+    return out + [_text(14, mid, label, extra=f'transform="rotate(-90 14 {mid:.1f})"')]
+
+
+def _legend(names: Sequence[str], x: float, y: float) -> list[str]:
+    """Color keys stacked at (x, y), to the right of the plot area; nothing for a single series."""
+    if len(names) < 2:
+        return []
     out = []
     for i, name in enumerate(names):
-        out.append(f'<rect x="{x:.1f}" y="{8 + 14 * i}" width="10" height="10" fill="{_PALETTE[i % 8]}"/>')
-        out.append(_text(x + 14, 17 + 14 * i, name, "start", 10))
+        out.append(f'<rect x="{x:.1f}" y="{y + 14 * i:.1f}" width="10" height="10" fill="{_PALETTE[i % 8]}"/>')
+        out.append(_text(x + 14, y + 9 + 14 * i, name, "start", 10))
     return out
+
+
+def _legend_width(names: Sequence[str]) -> float:
+    return 30 + 6 * max(len(n) for n in names) if len(names) > 1 else 0
 
 
 def bar_plot(
@@ -409,25 +438,23 @@ def bar_plot(
     ylabel: str = "",
     ymax: float | None = None,
 ) -> Plot:
-    """Grouped bars: `series` maps a series name (e.g. "before") to {category: value}; optional error bars."""
+    """Grouped bars: `series` maps a series name (e.g. "before") to {category: value}; optional error bars
+    `intervals` in the same layout ({series: {category: (low, high)}}); the y axis starts at 0."""
     names = list(series)
     cats = list(dict.fromkeys(c for s in series.values() for c in s))
     if not cats:
         raise ValueError("`series` has no values")
-    values = [v for s in series.values() for v in s.values() if v is not None]
-    top = ymax if ymax is not None else max(values + [1e-9]) * 1.1
+    tops = [v for s in series.values() for v in s.values() if v is not None]
+    tops += [ci[1] for s in (intervals or {}).values() for ci in s.values() if ci is not None]
+    ticks = _ticks(0, ymax if ymax is not None else max(tops + [1e-9]))
+    top = ticks[-1]
     bar, gap, left, plot_h, top_pad = 14, 12, 56, 200, 36
     group_w = bar * len(names) + gap
-    width, height = max(360, left + 20 + group_w * len(cats)), top_pad + plot_h + 110
+    plot_w = 10 + group_w * len(cats)
+    width = max(left + plot_w + 10 + _legend_width(names), 7 * len(title) + 20)
+    height = top_pad + plot_h + 16 + 4.2 * max(len(c) for c in cats)
     y = lambda v: top_pad + plot_h * (1 - min(max(v, 0), top) / top)  # noqa: E731
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
-        _text(width / 2, 16, title, size=13),
-    ]
-    for t in _ticks(0, top):
-        out.append(f'<line x1="{left}" x2="{width - 10}" y1="{y(t):.1f}" y2="{y(t):.1f}" stroke="#ddd"/>')
-        out.append(_text(left - 4, y(t) + 4, f"{t:.3g}", "end", 10))
-    out.append(_text(14, top_pad + plot_h / 2, ylabel, extra=f'transform="rotate(-90 14 {top_pad + plot_h / 2})"'))
+    out = _svg_open(width, height, title) + _y_axis(ticks, y, left, left + plot_w, ylabel, top_pad + plot_h / 2)
     for i, cat in enumerate(cats):
         x0 = left + 10 + i * group_w
         for k, name in enumerate(names):
@@ -443,44 +470,37 @@ def bar_plot(
             if ci is not None:
                 cx = x + (bar - 2) / 2
                 out.append(f'<line x1="{cx}" x2="{cx}" y1="{y(ci[0]):.1f}" y2="{y(ci[1]):.1f}" stroke="#222"/>')
-        lx, ly = x0 + group_w / 2, top_pad + plot_h + 10
+        lx, ly = x0 + (group_w - gap) / 2, top_pad + plot_h + 12
         out.append(_text(lx, ly, cat, "end", 10, f'transform="rotate(-40 {lx:.1f} {ly:.1f})"'))
-    out += _legend(names, width - 120) if len(names) > 1 else []
+    out += _legend(names, left + plot_w + 10, top_pad)
     return Plot("\n".join(out + ["</svg>"]))
 
 
 def line_plot(
     series: dict[str, Sequence[tuple[float, float]]], *, title: str = "", xlabel: str = "", ylabel: str = ""
 ) -> Plot:
-    """Lines: `series` maps a name to `(x, y)` points (e.g. reward per training step)."""
-    points = [p for s in series.values() for p in s if all(map(math.isfinite, p))]
+    """Lines: `series` maps a name to `(x, y)` points (e.g. reward per training step); non-finite points are
+    skipped."""
+    clean = {name: [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b)] for name, pts in series.items()}
+    points = [p for pts in clean.values() for p in pts]
     if not points:
         raise ValueError("`series` has no finite points")
-    xs, ys = [p[0] for p in points], [p[1] for p in points]
-    x_lo, x_hi = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
-    pad = (max(ys) - min(ys)) * 0.05 or 0.5
-    y_lo, y_hi = min(ys) - pad, max(ys) + pad
-    left, width, height, top_pad, plot_h = 60, 520, 300, 30, 220
-    px = lambda v: left + (width - left - 20) * (v - x_lo) / (x_hi - x_lo)  # noqa: E731
-    py = lambda v: top_pad + plot_h * (1 - (v - y_lo) / (y_hi - y_lo))  # noqa: E731
-    out = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" font-family="sans-serif">',
-        _text(width / 2, 16, title, size=13),
-    ]
-    for t in _ticks(y_lo, y_hi):
-        out.append(f'<line x1="{left}" x2="{width - 20}" y1="{py(t):.1f}" y2="{py(t):.1f}" stroke="#ddd"/>')
-        out.append(_text(left - 4, py(t) + 4, f"{t:.3g}", "end", 10))
-    for t in _ticks(x_lo, x_hi):
-        out.append(_text(px(t), top_pad + plot_h + 14, f"{t:.3g}", size=10))
-    out.append(_text((left + width) / 2, height - 24, xlabel))
-    out.append(_text(14, top_pad + plot_h / 2, ylabel, extra=f'transform="rotate(-90 14 {top_pad + plot_h / 2})"'))
-    for k, (name, pts) in enumerate(series.items()):
-        coords = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in pts if math.isfinite(a) and math.isfinite(b))
+    xt = _ticks(min(p[0] for p in points), max(p[0] for p in points))
+    yt = _ticks(min(p[1] for p in points), max(p[1] for p in points))
+    left, plot_w, top_pad, plot_h = 64, 440, 30, 220
+    width, height = left + plot_w + 20 + _legend_width(list(clean)), top_pad + plot_h + 50
+    px = lambda v: left + plot_w * (v - xt[0]) / (xt[-1] - xt[0])  # noqa: E731
+    py = lambda v: top_pad + plot_h * (1 - (v - yt[0]) / (yt[-1] - yt[0]))  # noqa: E731
+    out = _svg_open(width, height, title) + _y_axis(yt, py, left, left + plot_w, ylabel, top_pad + plot_h / 2)
+    out += [_text(px(t), top_pad + plot_h + 14, f"{t:.4g}", size=10) for t in xt]
+    out.append(_text(left + plot_w / 2, top_pad + plot_h + 36, xlabel))
+    for k, (name, pts) in enumerate(clean.items()):
+        coords = " ".join(f"{px(a):.1f},{py(b):.1f}" for a, b in pts)
         out.append(
             f'<polyline points="{coords}" fill="none" stroke="{_PALETTE[k % 8]}" stroke-width="2">'
             f"<title>{html.escape(name)}</title></polyline>"
         )
-    out += _legend(list(series), width - 130) if len(series) > 1 else []
+    out += _legend(list(clean), left + plot_w + 20, top_pad)
     return Plot("\n".join(out + ["</svg>"]))
 
 

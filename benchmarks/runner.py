@@ -38,7 +38,7 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class BenchConfig:
-    out_dir: str = field(metadata={"help": "the run folder"})
+    out_dir: str = field(default="runs/bench", metadata={"help": "the run folder"})
     images_per_prompt: int = field(default=4, metadata={"help": "images per prompt (UniGenBench and GenEval: 4)"})
     seed: int = field(default=3407, metadata={"help": "image j of every prompt uses seed + j"})
     batch_size: int = field(default=4, metadata={"help": "prompts per generation and judging batch"})
@@ -58,7 +58,11 @@ class BenchConfig:
             raise ValueError(f"`bootstrap` must be >= 0, got {self.bootstrap}")
 
 
-class MissingImagesError(ValueError):
+class BenchError(ValueError):
+    """A run that cannot be scored as asked: missing images, or cached images made with other settings."""
+
+
+class MissingImagesError(BenchError):
     """Images the protocol expects are absent and `allow_missing` is off."""
 
 
@@ -250,6 +254,21 @@ def _environment() -> dict:
     }
 
 
+def _check_generation_settings(images_dir: Path, settings: dict) -> None:
+    """Record what made the images in `images_dir` (`generation.json`); refuse to add to images made otherwise."""
+    settings = json.loads(json.dumps(settings, default=str))
+    meta = images_dir / "generation.json"
+    if meta.is_file():
+        before = json.loads(meta.read_text())
+        if before != settings:
+            raise BenchError(
+                f"the images in {images_dir} were generated with {before}, not {settings}; "
+                f"use another run folder (`out_dir`, --out) or delete those images"
+            )
+    images_dir.mkdir(parents=True, exist_ok=True)
+    meta.write_text(json.dumps(settings, indent=2))
+
+
 def run_bench(
     prompt_set: Any,
     judge: Any,
@@ -274,6 +293,7 @@ def run_bench(
     generated = None
     if pipe is not None:
         images_dir = out / "images"
+        _check_generation_settings(images_dir, {"model": model_id, "seed": config.seed, "call": config.generation})
         generated = generate_images(
             pipe,
             items,
@@ -368,14 +388,12 @@ def compare_runs(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from visalign.benchmarks.prompts import FORMATS  # stdlib and numpy only: `--help` stays fast
+
     sub = parser.add_subparsers(dest="bench_command", metavar="{run,compare,convert}", required=True)
     r = sub.add_parser("run", help="generate or read images, judge them, write the reports")
     r.add_argument("--set", required=True, help="visalign-core, world-heldout, or a prompt file")
-    r.add_argument(
-        "--set-format",
-        default=None,
-        help="file format (default: guessed): visalign, unigenbench, geneval, world, parti, t2i-compbench",
-    )
+    r.add_argument("--set-format", choices=FORMATS, default=None, help="prompt file format (default: guessed)")
     src = r.add_mutually_exclusive_group(required=True)
     src.add_argument("--model", help="diffusers pipeline folder or hub id to generate with")
     src.add_argument("--images", help="folder of existing images named {prompt_id}_{image_id}.png")
@@ -390,7 +408,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--out", required=True, help="run folder")
     r.add_argument("--images-per-prompt", type=int, default=4)
     r.add_argument("--seed", type=int, default=3407, help="image j of every prompt uses seed + j")
-    r.add_argument("--batch-size", type=int, default=4)
+    r.add_argument("--batch-size", type=int, default=4, help="images per generation and judging batch")
     r.add_argument("--limit", type=int, default=None, help="only the first N prompts (smoke runs)")
     r.add_argument("--allow-missing", action="store_true", help="score the images present when some are missing")
     r.add_argument("--errors", choices=("fail", "exclude"), default="fail", help="how judge errors count")
@@ -405,6 +423,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--max-new-tokens", type=int, default=1024, help="VLM judge answer limit")
     r.add_argument("--judge-retries", type=int, default=0, help="VLM judge: extra attempts after a bad answer")
     r.add_argument("--image-format", choices=("png", "jpeg"), default="png", help="VLM judge: image encoding")
+    r.add_argument("--judge-workers", type=int, default=1, help="server VLM judge: requests in flight at once")
     r.add_argument("--api-key-env", default=None, help="openai judge: environment variable holding the API key")
     c = sub.add_parser("compare", help="per-criterion deltas between two runs (B - A) with paired intervals")
     c.add_argument("run_a")
@@ -415,7 +434,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v = sub.add_parser("convert", help="write a prompt set in visalign's JSONL format")
     v.add_argument("source", help="a built-in set name or a prompt file")
     v.add_argument("output")
-    v.add_argument("--set-format", default=None)
+    v.add_argument("--set-format", choices=FORMATS, default=None, help="prompt file format (default: guessed)")
 
 
 def _load_generator(model: str, device: str | None, dtype: str | None) -> tuple[Any, dict]:
@@ -447,6 +466,7 @@ def _run(args: argparse.Namespace) -> int:
         "max_new_tokens": args.max_new_tokens,
         "max_retries": args.judge_retries,
         "image_format": args.image_format,
+        "max_workers": args.judge_workers,
     }
     api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
     judges = [build_judge(s, device=args.device, api_key=api_key, **vlm_options) for s in args.judge]
@@ -482,7 +502,7 @@ def _run(args: argparse.Namespace) -> int:
             model_id=args.model or "",
             arguments=vars(args),
         )
-    except MissingImagesError as e:
+    except BenchError as e:
         print(f"visalign bench run: {e}", file=sys.stderr)
         return 2
     from visalign.benchmarks.report import overall_line

@@ -27,9 +27,11 @@ import io
 import json
 import logging
 import re
+import time
 import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,7 +135,10 @@ class JudgeRequestError(RuntimeError):
 
 
 class VLMBackend(ABC):
+    """Answers one `VLMRequest`. `concurrent`: whether `complete` may run in several threads at once."""
+
     name: str = "vlm"
+    concurrent: bool = False
 
     def settings(self) -> dict:
         return {}
@@ -146,15 +151,25 @@ class VLMBackend(ABC):
 @dataclass
 class VLMJudgeConfig:
     max_new_tokens: int = field(default=1024, metadata={"help": "answer length limit"})
-    max_retries: int = field(default=0, metadata={"help": "extra attempts after an unparseable or failed answer"})
+    max_retries: int = field(
+        default=0,
+        metadata={
+            "help": "extra attempts after an unparseable or failed answer (a server gets seed + attempt; a "
+            "greedy local model would repeat itself, so only request failures are worth retrying there)"
+        },
+    )
     image_format: str = field(default="png", metadata={"help": "png (lossless) or jpeg (quality 95)"})
-    seed: int = field(default=0, metadata={"help": "sampling seed sent to servers; attempt k uses seed + k"})
+    max_workers: int = field(default=1, metadata={"help": "requests in flight at once (server backends only)"})
+    backoff: float = field(default=1.0, metadata={"help": "seconds before retrying a failed request, doubling"})
 
     def __post_init__(self):
         if self.image_format not in ("png", "jpeg"):
             raise ValueError(f"`image_format` must be 'png' or 'jpeg', got {self.image_format!r}")
-        if self.max_retries < 0 or self.max_new_tokens < 1:
-            raise ValueError("`max_retries` must be >= 0 and `max_new_tokens` >= 1")
+        if self.max_retries < 0 or self.max_new_tokens < 1 or self.max_workers < 1 or self.backoff < 0:
+            raise ValueError(
+                "`max_retries` and `backoff` must be >= 0, `max_new_tokens` and `max_workers` >= 1; got "
+                f"{self.max_retries}, {self.backoff}, {self.max_new_tokens}, {self.max_workers}"
+            )
 
 
 def encode_image(pixels: torch.Tensor, image_format: str = "png") -> tuple[bytes, str]:
@@ -169,13 +184,21 @@ class VLMJudge(Judge):
 
     def __init__(self, backend: VLMBackend, config: VLMJudgeConfig | None = None):
         self.backend, self.config = backend, config or VLMJudgeConfig()
+        if self.config.max_workers > 1 and not backend.concurrent:
+            raise ValueError(f"`max_workers` must be 1 for the {type(backend).__name__} backend (one model, one call)")
         self.name = f"vlm:{backend.name}"
 
     def settings(self) -> dict:
-        return {"template": TEMPLATE, **asdict(self.config), "backend": self.backend.settings()}
+        """The template, decoding and image settings and the backend's; not `max_workers`/`backoff` (no effect on
+        the verdicts, so changing them keeps cached verdicts valid)."""
+        config = {k: v for k, v in asdict(self.config).items() if k not in ("max_workers", "backoff")}
+        return {"template": TEMPLATE, **config, "backend": self.backend.settings()}
 
     def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
-        return [self._judge_one(s) for s in samples]
+        if self.config.max_workers == 1:
+            return [self._judge_one(s) for s in samples]
+        with ThreadPoolExecutor(self.config.max_workers) as pool:
+            return list(pool.map(self._judge_one, samples))
 
     def _judge_one(self, sample: Sample) -> JudgeResult:
         item, n = sample.item, len(sample.item.test_points)
@@ -191,6 +214,8 @@ class VLMJudge(Judge):
                 return JudgeResult([Verdict(p, a, judge=self.name) for p, a in zip(passed, analysis)], raw)
             except JudgeRequestError as e:
                 problem = f"judge request failed: {e}"
+                if attempt < self.config.max_retries:
+                    time.sleep(min(self.config.backoff * 2**attempt, 30.0))
             except AnswerParseError as e:
                 problem = f"unparseable judge answer: {e}"
         logger.warning("%s, image %s_%d: %s", self.name, item.id, sample.image_id, problem)
@@ -245,6 +270,8 @@ class TransformersVLM(VLMBackend):
 
 class OpenAIServerVLM(VLMBackend):
     """An OpenAI-compatible chat-completions server (vLLM, sglang, ...): `POST {base_url}/chat/completions`."""
+
+    concurrent = True
 
     def __init__(
         self, base_url: str, model: str, *, api_key: str | None = None, timeout: float = 300.0, seed: int = 0
@@ -304,6 +331,8 @@ class OpenAIServerVLM(VLMBackend):
 
 class ReplayVLM(VLMBackend):
     """Answers recorded earlier, keyed by (prompt id, image id); a missing answer is a request error."""
+
+    concurrent = True
 
     def __init__(self, answers: dict[tuple[str, int], str], source: str = ""):
         self.answers, self.source = dict(answers), source

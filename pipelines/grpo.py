@@ -35,7 +35,7 @@ from visalign.config import TrainConfig
 from visalign.engine import Engine, PromptSampler, load_pipeline, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
-from visalign.sampling import noise_aware_weights
+from visalign.sampling import noise_aware_weights, step_std
 from visalign.types import check_scores
 
 ADVANTAGE_SCOPES = ("group", "global")
@@ -282,6 +282,13 @@ class FlowGRPOConfig(TrainConfig):
         default="score",
         metadata={"help": "score: pointwise `reward.score`; win_rate: Pref-GRPO, a pairwise judge's `reward.group`."},
     )
+    bradley_terry_temperature: float | None = field(
+        default=None,
+        metadata={
+            "help": "win_rate with a pointwise `reward`: judge pairs by sigmoid((s_i - s_j) / this) on its scores "
+            "(`BradleyTerryWinRate`). Leave None for a pairwise judge."
+        },
+    )
     external_reward: str | None = field(
         default=None, metadata={"help": "A pointwise reward logged on the same samples (and at eval), never trained."}
     )
@@ -371,6 +378,10 @@ class FlowGRPOConfig(TrainConfig):
                 f"an SDE window of {self.sde_window_size} steps must fit in `sde_window_range` [{lo}, {hi}) within "
                 f"the trainable steps [0, {self.num_inference_steps - 1})"
             )
+        if self.bradley_terry_temperature is not None and not (
+            self.reward_mode == "win_rate" and self.bradley_terry_temperature > 0
+        ):
+            raise ValueError("`bradley_terry_temperature` must be > 0 and is used by reward_mode='win_rate' only")
         if self.reward_mode == "win_rate" and self.external_reward is None:
             raise ValueError(
                 "reward_mode='win_rate' needs `external_reward`: win rates average 0.5 whatever the samples, so only "
@@ -464,12 +475,17 @@ class FlowGRPOTrainer:
     @classmethod
     def from_config(cls, config: FlowGRPOConfig) -> FlowGRPOTrainer:
         """Build the pipeline, rewards and prompts the config names (what `visalign train` runs)."""
+        reward = load_reward(config.reward, config.reward_pretrained)
+        if config.bradley_terry_temperature is not None:
+            from visalign.reward_models.pairwise import BradleyTerryWinRate
+
+            reward = BradleyTerryWinRate(reward, config.bradley_terry_temperature)
         external = None
         if config.external_reward is not None:
             external = load_reward(config.external_reward, config.external_reward_pretrained)
         return cls(
             load_pipeline(config.pretrained),
-            load_reward(config.reward, config.reward_pretrained),
+            reward,
             config,
             load_prompts(config.prompts),
             external_reward=external,
@@ -598,12 +614,14 @@ class FlowGRPOTrainer:
             for group in rollout.group_ids.unique():
                 rows = (rollout.group_ids == group).nonzero().flatten()
                 rates = self.reward.group(rollout.images[rows], rollout.prompts[int(rows[0])]).score
-                rewards[rows] = check_scores(rates, len(rows), f"{self.reward.name} win rates").float()
-            if not ((rewards >= 0) & (rewards <= 1)).all() or abs(float(rewards.mean()) - 0.5) > 0.05:
-                raise ValueError(
-                    f"{self.reward.name}.group() did not return win rates (in [0, 1], averaging 0.5 in a group): "
-                    f"reward_mode='win_rate' needs a pairwise judge; use reward_mode='score' for pointwise rewards"
-                )
+                rates = check_scores(rates, len(rows), f"{self.reward.name} win rates").float()
+                if not ((rates >= 0) & (rates <= 1)).all() or abs(float(rates.mean()) - 0.5) > 1e-3:
+                    raise ValueError(
+                        f"{self.reward.name}.group() returned {rates.tolist()}, not win rates (in [0, 1], mean 0.5 "
+                        "in a group): reward_mode='win_rate' needs a pairwise judge, or a pointwise reward with "
+                        "`bradley_terry_temperature`"
+                    )
+                rewards[rows] = rates
         if self.external_reward is not None:
             out = self.external_reward.score(rollout.images, rollout.prompts)
             name = self.external_reward.name
@@ -646,8 +664,7 @@ class FlowGRPOTrainer:
         """`updates_per_iteration` optimizer steps over the rollout; each accumulates all its (samples, step) units."""
         c, engine = self.config, self.engine
         trained = self.trained_steps(rollout, iteration)
-        step_stds = rollout.stds.max(dim=0).values
-        weights = noise_aware_weights(step_stds, trained) if c.noise_aware_weighting else trained.float()
+        weights = self.step_weights(rollout)
         stats: dict[str, list[float]] = defaultdict(list)
         for _ in range(c.num_inner_epochs):
             for part in torch.arange(len(rollout), device=rollout.latents.device).chunk(c.updates_per_iteration):
@@ -667,6 +684,19 @@ class FlowGRPOTrainer:
                     stats[k].append(v)
         means = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
         return engine.mean_across_processes(means)
+
+    def step_weights(self, rollout: Rollout) -> Tensor:
+        """`[T]` policy-loss weights: 1, or TempFlow-GRPO's noise-aware `s_t / mean(s)` with the mean over the
+        schedule's trainable steps `0..T-2` (whatever subset this iteration trains: the official SD3.5-M constant
+        2.25 is this mean over all 9), `s_t` the SDE transition std of step t."""
+        t_count = rollout.num_steps
+        if not self.config.noise_aware_weighting:
+            return torch.ones(t_count)
+        stds = torch.stack(
+            [step_std(rollout.sigmas, t, rollout.noise_level, kind=rollout.kind) for t in range(t_count)]
+        )
+        trainable = torch.arange(t_count) < t_count - 1
+        return noise_aware_weights(stds.cpu(), trainable)
 
     def loss(
         self, rollout: Rollout, rows: Tensor, step: int, advantages: Tensor, weight: float

@@ -155,6 +155,8 @@ class ReNOConfig:
                 raise ValueError(f"`{name}` must be a positive number, got {value!r}")
         if not _is_real(self.momentum) or not 0 <= self.momentum < 1:
             raise ValueError(f"`momentum` must be in [0, 1), got {self.momentum!r}")
+        if self.optimizer == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("`nesterov` needs `momentum` > 0 (or set nesterov=False)")
         if not _is_real(self.reg_weight) or not self.reg_weight >= 0:
             raise ValueError(f"`reg_weight` must be a number >= 0, got {self.reg_weight!r}")
         if not _is_real(self.guidance_scale) or not self.guidance_scale >= 0:
@@ -307,7 +309,8 @@ class ReNO:
         initial_noise = z.detach().clone()
         optimizer = _optimizer(cfg, z)
         history: list[dict[str, Any]] = []
-        best: dict[str, Any] = {}
+        best: dict[str, Tensor] = {}
+        initial: dict[str, Tensor] = {}
 
         def evaluate(iteration: int, step: bool) -> Tensor:
             """Render, score and record; with `step`, also backpropagate and clip. Returns the summed objective."""
@@ -323,7 +326,10 @@ class ReNO:
                         f"`rewards` {missing or [self.rewards.name]} returned scores without a gradient to the "
                         "pixels although marked differentiable"
                     )
-            _record(history, best, iteration, images, z, out.score, out.aspects, regularizer, total)
+            _record(history, iteration, z, out.score, out.aspects, regularizer, total)
+            if len(history) == 1:
+                initial.update(images=images.detach().float(), reward=out.score.detach())
+            _keep_best(best, len(history) - 1, out.score, images, z)
             if step:
                 optimizer.zero_grad(set_to_none=True)
                 total.sum().backward()
@@ -345,11 +351,10 @@ class ReNO:
                     bar.set_postfix(reward=f"{sum(history[-1]['reward']) / len(prompts):.4g}")
         if bar is not None:
             bar.close()
-        first = history[0]
         logger.info(
             "ReNO: %d generator calls, mean reward %.4g -> %.4g",
             len(history),
-            sum(first["reward"]) / len(prompts),
+            float(initial["reward"].mean()),
             float(best["reward"].mean()),
         )
         return ReNOOutput(
@@ -357,9 +362,9 @@ class ReNO:
             noise=best["noise"],
             reward=best["reward"],
             best_iteration=best["index"].tolist(),
-            initial_images=best["initial_images"],
+            initial_images=initial["images"],
             initial_noise=initial_noise,
-            initial_reward=torch.tensor(first["reward"]),
+            initial_reward=initial["reward"],
             history=history,
             generator_calls=len(history),
         )
@@ -378,23 +383,16 @@ class ReNO:
         seeds = _seeds(seed, len(prompts))
         shape = self.noise_shape(1)[1:]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
-        best_reward = best_images = best_noise = best_index = None
+        best: dict[str, Tensor] = {}
         rewards = []
         for j in range(n):
             noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.pipe.device)
             images = self.render(noise, prompts, seeds).float()
-            reward = self.rewards.score(images, prompts).score
-            rewards.append(reward)
-            if best_reward is None:
-                best_reward, best_images, best_noise = reward, images, noise
-                best_index = torch.zeros(len(prompts), dtype=torch.long, device=reward.device)
-                continue
-            better = reward > best_reward
-            best_reward = torch.where(better, reward, best_reward)
-            best_images = torch.where(better.view(-1, 1, 1, 1), images, best_images)
-            best_noise = torch.where(better.view(-1, *([1] * (noise.ndim - 1))), noise, best_noise)
-            best_index = torch.where(better, j, best_index)
-        return BestOfNOutput(best_images, best_noise, best_reward, best_index.tolist(), torch.stack(rewards), n)
+            rewards.append(self.rewards.score(images, prompts).score)
+            _keep_best(best, j, rewards[-1], images, noise)
+        return BestOfNOutput(
+            best["images"], best["noise"], best["reward"], best["index"].tolist(), torch.stack(rewards), n
+        )
 
 
 def noise_shape(pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
@@ -493,7 +491,7 @@ def _composite(rewards: Any) -> CompositeReward:
 
 def _optimizer(cfg: ReNOConfig, z: Tensor) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+        return torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "adam":
         return torch.optim.Adam([z], lr=cfg.lr, eps=ADAM_EPS)
     return torch.optim.LBFGS([z], lr=cfg.lr, **LBFGS_OPTIONS)
@@ -512,11 +510,10 @@ def _noise_only_gradients(pipe: Any, rewards: nn.Module, checkpointing: bool):
             p.requires_grad_(False)
         if checkpointing:
             for m in checkpointed:
-                if not m._supports_gradient_checkpointing:
-                    raise ValueError(
-                        f"`gradient_checkpointing`: {type(m).__name__} does not support it; set it to False"
-                    )
-                m.enable_gradient_checkpointing()
+                try:
+                    m.enable_gradient_checkpointing()
+                except ValueError as e:
+                    raise ValueError(f"`gradient_checkpointing`: {e}; set it to False") from e
         yield
     finally:
         for p, flag in flags:
@@ -528,41 +525,37 @@ def _noise_only_gradients(pipe: Any, rewards: nn.Module, checkpointing: bool):
 
 def _record(
     history: list[dict[str, Any]],
-    best: dict[str, Any],
     iteration: int,
-    images: Tensor,
     z: Tensor,
     reward: Tensor,
     parts: Mapping[str, Tensor],
     regularizer: Tensor,
     total: Tensor,
 ) -> None:
-    """Append one generator call to `history` and keep each sample's best iterate (first of the highest reward)."""
-    reward, images = reward.detach(), images.detach().float()
+    """Append one generator call to `history` (lists of B floats)."""
     history.append(
         {
             "iteration": iteration,
-            "reward": reward.tolist(),
+            "reward": reward.detach().tolist(),
             "rewards": {name: s.detach().tolist() for name, s in parts.items()},
             "regularizer": regularizer.detach().tolist(),
             "total": total.detach().tolist(),
             "noise_norm": torch.linalg.vector_norm(z.detach().flatten(1).float(), dim=1).tolist(),
         }
     )
-    index = len(history) - 1
+
+
+def _keep_best(best: dict[str, Tensor], index: int, reward: Tensor, images: Tensor, noise: Tensor) -> None:
+    """Keep, per sample, the first candidate with the highest reward (`best` starts empty)."""
+    reward, images, noise = reward.detach(), images.detach().float(), noise.detach()
     if not best:
-        best.update(
-            reward=reward.clone(),
-            images=images.clone(),
-            noise=z.detach().clone(),
-            index=torch.zeros(len(reward), dtype=torch.long),
-            initial_images=images.clone(),
-        )
+        best.update(reward=reward.clone(), images=images.clone(), noise=noise.clone())
+        best["index"] = torch.full((len(reward),), index, dtype=torch.long)
         return
     better = reward > best["reward"]
     best["reward"] = torch.where(better, reward, best["reward"])
     best["images"] = torch.where(better.view(-1, 1, 1, 1), images, best["images"])
-    best["noise"] = torch.where(better.view(-1, *([1] * (z.ndim - 1))), z.detach(), best["noise"])
+    best["noise"] = torch.where(better.view(-1, *([1] * (noise.ndim - 1))), noise, best["noise"])
     best["index"] = torch.where(better.cpu(), index, best["index"])
 
 

@@ -116,20 +116,27 @@ class CLIPScorer(PixelValuesReward):
         scale: float | None = None,
         nonnegative: bool = False,
         prefix: str = "",
-        name: str | None = None,
+        reward_name: str | None = None,
     ) -> CLIPScorer:
         """Load a transformers `CLIPModel` and its tokenizer from one folder or Hub repo (`pretrained`, required).
 
-        `image_size` sets the preprocessing size (default: the model's); the other arguments are the constructor's.
+        `image_size` sets the preprocessing size (default: the model's); `reward_name` is the constructor's `name`
+        (`name` is `load_reward`'s first argument); the other arguments are the constructor's.
         """
         if pretrained is None:
             raise ValueError("CLIPScorer: `pretrained` (a transformers CLIP folder or Hub repo) is required")
-        what = name or cls.name
+        what = reward_name or cls.name
         model = load_transformers_clip(pretrained, dtype, what=what)
         transform = ImageTransform(image_size or model.config.vision_config.image_size, "transformers")
         tokenizer = load_clip_tokenizer(pretrained, what=what)
         return cls(
-            model, tokenizer, transform=transform, scale=scale, nonnegative=nonnegative, prefix=prefix, name=name
+            model,
+            tokenizer,
+            transform=transform,
+            scale=scale,
+            nonnegative=nonnegative,
+            prefix=prefix,
+            name=reward_name,
         ).eval()
 
     def encode_image(self, pixel_values: Tensor) -> Tensor:

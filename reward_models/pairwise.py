@@ -18,7 +18,8 @@ group: a judge sees two images of the same caption and says which is better, and
     `sum_i w_i = G / 2`; G * k must therefore be even.
 - `compare(a, b, prompts)`: `P(a[i] > b[i])`, failures 0.5, with the same `both_orders` option.
 - `score(pixels, prompts)`: the win rates within each prompt's samples of the batch (a prompt with a single sample
-  gets 0.5, counted in `extras["singletons"]`), so that a judge plugs in wherever a reward does.
+  gets 0.5, counted in `extras["singletons"]`; one with at most `opponents` samples is judged on all pairs), so
+  that a judge plugs in wherever a reward does.
 - accounting in `extras`: `calls`, `failures` (no verdict, counted as 0.5), `request_errors`, `parse_failures`,
   the judge's `texts`, the preference matrix `prefs` `[G, G]` (unjudged pairs 0.5) and the scheduled `pairs`.
 
@@ -44,27 +45,32 @@ verdict from token probabilities is not in the reference, which parses generated
 
 from __future__ import annotations
 
-import base64
-import io
-import json
 import logging
 import math
 import re
 import time
 import urllib.error
-import urllib.request
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
-from PIL import Image
 from torch import Tensor
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
 from visalign.pipelines.grpo import win_rates
-from visalign.reward_models.vlm import QwenVL, VisionPatches, chat_inputs, check_qwen_vl, generate_texts, load_qwen_vl
+from visalign.reward_models.vlm import (
+    QwenVL,
+    VisionPatches,
+    chat_body,
+    chat_inputs,
+    check_qwen_vl,
+    generate_texts,
+    image_data_url,
+    load_qwen_vl,
+    post_chat,
+)
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput, check_pixels, check_prompts
 
@@ -273,8 +279,9 @@ class PairwiseJudge(RewardModel):
 
     def _group(self, pixels: Tensor, prompt: str) -> RewardOutput:
         g = pixels.shape[0]
-        k = g - 1 if self.opponents is None else self.opponents
-        pairs = regular_schedule(g, self.opponents, self.generator)
+        opponents = self.opponents if self.opponents is not None and self.opponents < g - 1 else None
+        k = g - 1 if opponents is None else opponents
+        pairs = regular_schedule(g, opponents, self.generator)
         probs, stats = self.judge_pairs(pixels, pairs, [prompt] * len(pairs))
         prefs = torch.full((g, g), 0.5, device=pixels.device)
         i, j = pairs.to(pixels.device).unbind(1)
@@ -419,14 +426,6 @@ class UnifiedRewardPairwise(PairwiseJudge):
         return (1 - tie_given_verdict) * r + 0.5 * tie_given_verdict, (first[:, tie].exp() + first[:, start].exp())
 
 
-def image_data_url(image: Tensor) -> str:
-    """A `[3, H, W]` image in [0, 1] as a lossless PNG data URL (uint8, rounded)."""
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 class HTTPPairwiseJudge(PairwiseJudge):
     """A pairwise judge behind an OpenAI-compatible chat-completions server (vLLM, sglang, ...).
 
@@ -500,41 +499,22 @@ class HTTPPairwiseJudge(PairwiseJudge):
 
     def judge(self, images: Tensor, pairs: Tensor, prompts: list[str]) -> Judgments:
         urls = [image_data_url(image) for image in images]  # every image encoded once
-        bodies = [self.request_body(urls[i], urls[j], prompt) for (i, j), prompt in zip(pairs.tolist(), prompts)]
+        settings = {"max_tokens": self.max_tokens, "temperature": self.temperature}
+        bodies = [
+            chat_body(self.model_name, [urls[i], urls[j]], format_prompt(self.prompt_template, prompt), **settings)
+            for (i, j), prompt in zip(pairs.tolist(), prompts)
+        ]
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
             texts = list(pool.map(self.ask, bodies))
-        probs = [parse_pair_answer(t) if t is not None else None for t in texts]
-        probs = torch.tensor([math.nan if p is None else p for p in probs], dtype=torch.float32)
+        parsed = [parse_pair_answer(t) for t in texts]
+        probs = torch.tensor([math.nan if p is None else p for p in parsed], dtype=torch.float32)
         return Judgments(probs, texts, request_errors=sum(t is None for t in texts))
-
-    def request_body(self, first: str, second: str, prompt: str) -> dict[str, Any]:
-        """The chat-completions request of one comparison."""
-        content = [
-            {"type": "image_url", "image_url": {"url": first}},
-            {"type": "image_url", "image_url": {"url": second}},
-            {"type": "text", "text": format_prompt(self.prompt_template, prompt)},
-        ]
-        return {
-            "model": self.model_name,
-            "messages": [{"role": "user", "content": content}],
-            "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
-        }
 
     def ask(self, body: dict[str, Any]) -> str | None:
         """The answer text of one request, or None once the retries are spent (never raises)."""
-        data = json.dumps(body).encode()
-        headers = {"Content-Type": "application/json"}
-        if self.api_key:
-            headers["Authorization"] = f"Bearer {self.api_key}"
         for attempt in range(self.max_retries + 1):
             try:
-                request = urllib.request.Request(self.url, data=data, headers=headers, method="POST")
-                with urllib.request.urlopen(request, timeout=self.timeout) as response:
-                    content = json.loads(response.read())["choices"][0]["message"]["content"]
-                if not isinstance(content, str):
-                    raise ValueError(f"message content is {type(content).__name__}, not text")
-                return content
+                return post_chat(self.url, body, timeout=self.timeout, api_key=self.api_key)
             except urllib.error.HTTPError as e:
                 final = 400 <= e.code < 500 and e.code != 429
                 error = f"HTTP {e.code}"
@@ -546,7 +526,6 @@ class HTTPPairwiseJudge(PairwiseJudge):
                 )
                 return None
             time.sleep(min(self.backoff * 2**attempt, 30.0))
-        return None
 
 
 class BradleyTerryWinRate(RewardModel):

@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from transformers import AddedToken
 
 from visalign.reward_models.loading import (
+    cast_backbone,
     key_mismatch_error,
     load_checkpoint,
     load_mapped_state_dict,
@@ -301,8 +302,7 @@ class VideoReward(RewardModel):
         reward = cls(model, processor, head, **{**defaults, **options})
         checkpoint = _checkpoint_dir(folder, checkpoint_step, what)
         reward.load_videoalign_weights(checkpoint, config.get("peft_lora_config", {}), what=what)
-        if dtype is not None:
-            reward.model.to(dtype)
+        cast_backbone(reward.model, dtype)
         return reward.eval().requires_grad_(False)
 
     def load_videoalign_weights(self, checkpoint: Path, lora: dict[str, Any], *, what: str) -> None:
@@ -331,27 +331,29 @@ class VideoReward(RewardModel):
         state = self.state_dict()
         updates = {videoalign_key(k): v for k, v in load_checkpoint(rest, what=what).items()}
         updates.pop(None, None)
-        deltas = load_checkpoint(adapter, what=what)
-        deltas = {k.replace(".default.weight", ".weight"): v for k, v in deltas.items()}
-        for key_a in [k for k in deltas if k.endswith(".lora_A.weight")]:
-            target = videoalign_key(key_a.replace(".lora_A.weight", ".weight"))
-            b = deltas.get(key_a.replace(".lora_A.", ".lora_B."))
-            if b is None or target not in state:
-                raise key_mismatch_error(
-                    what, str(adapter), [] if b is not None else [key_a], [key_a] if b is not None else []
-                )
+        adapters = {k.replace(".default.", "."): v for k, v in load_checkpoint(adapter, what=what).items()}
+        unexpected = [k for k in adapters if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
+        mismatched = []
+        for key_a in [k for k in adapters if k.endswith(".lora_A.weight")]:
+            key_b, target = key_a.replace(".lora_A.", ".lora_B."), videoalign_key(key_a.replace(".lora_A", ""))
+            if key_b not in adapters or target not in state:
+                unexpected.append(key_a)
+                continue
+            a, b = adapters[key_a].float(), adapters[key_b].float()
             base = updates.get(target, state[target])
-            updates[target] = base + (scaling * b.float() @ deltas[key_a].float()).to(base.dtype)
-        unknown = [k for k in deltas if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-        unknown += [k for k in updates if k not in state]
-        shapes = [
+            if (b.shape[0], a.shape[1]) != tuple(base.shape):
+                mismatched.append(f"{key_a} {tuple(a.shape)} / {key_b} {tuple(b.shape)} vs {tuple(base.shape)}")
+                continue
+            updates[target] = base + (scaling * b @ a).to(base.dtype)
+        unexpected += [k for k in updates if k not in state]
+        mismatched += [
             f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)}"
             for k, v in updates.items()
             if k in state and v.shape != state[k].shape
         ]
-        if unknown or shapes or "head.weight" not in updates:
-            missing = [] if "head.weight" in updates else ["rm_head.weight"]
-            raise key_mismatch_error(what, str(checkpoint), missing, unknown, shapes)
+        missing = [] if "head.weight" in updates else ["rm_head.weight"]
+        if unexpected or mismatched or missing:
+            raise key_mismatch_error(what, str(checkpoint), missing, unexpected, mismatched)
         self.load_state_dict({**state, **updates}, strict=True)
 
     def conversation(self, prompt: str) -> list[dict[str, Any]]:

@@ -11,10 +11,16 @@
 - `chat_inputs`: conversations -> `input_ids`, `attention_mask` and `mm_token_type_ids`, each `<|image_pad|>` /
   `<|video_pad|>` of the chat template expanded to one pad per merged patch, padded on the side asked for.
 - `generate_texts`: greedy decoding and the decoded new text, for judges whose answer is text.
+- `image_data_url`, `chat_body`, `post_chat`: one request to an OpenAI-compatible chat-completions server (vLLM,
+  sglang) with images as lossless PNG data URLs, and its answer text.
 """
 
 from __future__ import annotations
 
+import base64
+import io
+import json
+import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +28,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from torch import Tensor
 from transformers import (
     AutoProcessor,
@@ -197,3 +204,37 @@ def generate_texts(
     new = out[:, inputs["input_ids"].shape[1] :]
     texts = processor.batch_decode(new, skip_special_tokens=True, clean_up_tokenization_spaces=False)
     return texts, new
+
+
+def image_data_url(image: Tensor) -> str:
+    """A `[3, H, W]` image in [0, 1] as a lossless PNG data URL (uint8, rounded)."""
+    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def chat_body(model: str, image_urls: Sequence[str], text: str, **settings: Any) -> dict[str, Any]:
+    """A chat-completions request: one user turn with the images, then the text; `settings` such as `max_tokens`."""
+    content = [{"type": "image_url", "image_url": {"url": url}} for url in image_urls]
+    content.append({"type": "text", "text": text})
+    return {"model": model, "messages": [{"role": "user", "content": content}], **settings}
+
+
+def post_chat(url: str, body: dict[str, Any], *, timeout: float, api_key: str | None = None) -> str:
+    """The answer text of one `POST url` (`.../chat/completions`).
+
+    Raises `urllib.error.HTTPError` for an error status, `OSError` for timeouts and connection errors, `ValueError`
+    for a response that is not a chat completion with text content.
+    """
+    headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
+    with urllib.request.urlopen(request, timeout=timeout) as response:
+        answer = json.loads(response.read())
+    try:
+        content = answer["choices"][0]["message"]["content"]
+    except (KeyError, IndexError, TypeError) as e:
+        raise ValueError(f"not a chat completion: {str(answer)[:200]}") from e
+    if not isinstance(content, str):
+        raise ValueError(f"the message content is {type(content).__name__}, not text")
+    return content

@@ -1,8 +1,6 @@
 import base64
 import io
 import json
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -27,11 +25,13 @@ from visalign.benchmarks.vlm import (
     AnswerParseError,
     OpenAIServerVLM,
     ReplayVLM,
+    TransformersVLM,
     VLMJudge,
     VLMJudgeConfig,
     checklist_prompt,
     parse_answer,
 )
+from visalign.testing_vlm import FakeChatServer
 from visalign.world.scenes import parse_prompt, render_prompt
 
 ITEM = PromptItem(
@@ -47,7 +47,7 @@ PIXELS = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0))
 def world_item(text: str, with_spec: bool = True) -> PromptItem:
     p = parse_prompt(text).to_dict()
     return PromptItem(
-        f"w-{abs(hash(text)) % 1000}",
+        text.replace(" ", "-") + ("-spec" if with_spec else ""),
         text,
         "Shapes World",
         p["category"],
@@ -142,43 +142,15 @@ def test_replay_reads_a_run_file(tmp_path):
         build_judge(f"replay:{path}")
 
 
-@pytest.fixture
-def server():
-    """A loopback OpenAI-compatible server: answers in order from `answers`, records each request body."""
-    state = {"answers": [], "requests": []}
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_POST(self):
-            body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-            state["requests"].append({"path": self.path, "auth": self.headers.get("Authorization"), "body": body})
-            answer = state["answers"].pop(0)
-            data = json.dumps({"model": body["model"], "choices": [{"message": {"content": answer}}]}).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(data)))
-            self.end_headers()
-            self.wfile.write(data)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    state["url"] = f"http://127.0.0.1:{httpd.server_address[1]}/v1"
-    yield state
-    httpd.shutdown()
-    httpd.server_close()
-
-
-def test_openai_server_backend_retries_with_the_next_seed(server):
-    server["answers"] = ["<score>[1, 1]</score>", "<analysis>['x', 'y']</analysis><score>[0, 1]</score>"]
-    backend = OpenAIServerVLM(server["url"], "QwenVL", api_key="k", seed=7)
-    judge = VLMJudge(backend, VLMJudgeConfig(max_retries=1, max_new_tokens=256))
-    result = judge.judge([Sample(ITEM, 0, PIXELS)])[0]
+def test_openai_server_backend_retries_with_the_next_seed():
+    answers = ["<score>[1, 1]</score>", "<analysis>['x', 'y']</analysis><score>[0, 1]</score>"]
+    with FakeChatServer(lambda n, body: (200, answers[n], 0.0)) as server:
+        backend = OpenAIServerVLM(server.url, "QwenVL", api_key="k", seed=7)
+        judge = VLMJudge(backend, VLMJudgeConfig(max_retries=1, max_new_tokens=256))
+        result = judge.judge([Sample(ITEM, 0, PIXELS)])[0]
     assert [v.passed for v in result.verdicts] == [False, True]
-    first, second = (r["body"] for r in server["requests"])
-    assert server["requests"][0]["path"] == "/v1/chat/completions" and server["requests"][0]["auth"] == "Bearer k"
+    first, second = server.requests
+    assert server.headers[0]["Authorization"] == "Bearer k"
     assert (first["temperature"], first["top_p"], first["max_tokens"], first["model"]) == (0.0, 1.0, 256, "QwenVL")
     assert (first["seed"], second["seed"]) == (7, 8)
     image_part, text_part = first["messages"][0]["content"]
@@ -187,6 +159,22 @@ def test_openai_server_backend_retries_with_the_next_seed(server):
     assert url.startswith("data:image/png;base64,")
     sent = np.asarray(Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1]))), np.float32) / 255
     assert np.abs(sent.transpose(2, 0, 1) - PIXELS.numpy()).max() <= 0.5 / 255 + 1e-6  # lossless PNG
+
+
+def test_concurrent_requests_keep_sample_order_and_http_errors_are_reported():
+    def script(n, body):  # the first requests answer last; request 2 fails
+        answer = f"<analysis>['a', 'b']</analysis><score>[{body['seed'] % 2}, 1]</score>"
+        return (500, b"overloaded", 0.0) if n == 2 else (200, answer, 0.3 if n < 2 else 0.0)
+
+    with FakeChatServer(script) as server:
+        judge = VLMJudge(OpenAIServerVLM(server.url, "QwenVL"), VLMJudgeConfig(max_workers=4))
+        results = judge.judge([Sample(ITEM, j, PIXELS) for j in range(4)])
+    assert sum(r.verdicts[0].status == "error" for r in results) == 1
+    assert all(r.verdicts[1].passed for r in results if r.verdicts[0].status == "ok")
+    assert "HTTP" in next(r for r in results if r.verdicts[0].status == "error").verdicts[0].reason
+    assert judge.settings() == VLMJudge(OpenAIServerVLM(server.url, "QwenVL")).settings()  # same cache key
+    with pytest.raises(ValueError, match="max_workers"):
+        VLMJudge(TransformersVLM(torch.nn.Linear(1, 1), None), VLMJudgeConfig(max_workers=2))
 
 
 def test_openai_server_unreachable_is_a_reported_error():
@@ -291,9 +279,17 @@ def test_world_judge_abstains_outside_the_world_and_composite_routes():
     assert WorldJudge().judge([Sample(outside, 0, PIXELS)])[0].verdicts[0].status == "abstain"
     text = "a red circle"
     no_spec, with_spec = world_item(text, with_spec=False), world_item(text)
-    judge = CompositeJudge([RuleJudge(WorldDetector()), WorldJudge()])
+    seen = []
+
+    class SeeingWorldJudge(WorldJudge):
+        def judge(self, samples):
+            seen.extend(s.item.id for s in samples)
+            return super().judge(samples)
+
+    judge = CompositeJudge([RuleJudge(WorldDetector()), SeeingWorldJudge()])
     results = judge.judge([Sample(no_spec, 0, world_image(text)), Sample(with_spec, 0, world_image(text))])
     assert [r.verdicts[0].judge for r in results] == ["world", "rules:world"]
+    assert seen == [no_spec.id]  # the fallback judge sees only what the first one abstained on
     assert all(r.verdicts[0].passed for r in results)
     assert judge.settings()["judges"][0]["name"] == "rules:world"
 
@@ -315,81 +311,11 @@ def test_build_judge_specs_and_fingerprints():
         build_judge("replay:/no/such/file.jsonl")
 
 
-def tiny_qwen25_vl():
-    """A real Qwen2.5-VL model and processor at tiny size: byte-level tokenizer, random weights."""
-    from transformers import (
-        Qwen2_5_VLConfig,
-        Qwen2_5_VLForConditionalGeneration,
-        Qwen2_5_VLProcessor,
-        Qwen2Tokenizer,
-        Qwen2VLImageProcessor,
-        Qwen2VLVideoProcessor,
-    )
-
-    from visalign.testing import _bytes_to_unicode
-
-    special = [
-        "<|endoftext|>",
-        "<|im_start|>",
-        "<|im_end|>",
-        "<|vision_start|>",
-        "<|vision_end|>",
-        "<|image_pad|>",
-        "<|video_pad|>",
-    ]
-    vocab = {s: i for i, s in enumerate(_bytes_to_unicode() + special)}
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=[], unk_token="<|endoftext|>")
-    tokenizer.add_special_tokens({"additional_special_tokens": special[1:]})
-    template = (
-        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% for c in m['content'] %}"
-        "{% if c['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>{% else %}{{ c['text'] }}"
-        "{% endif %}{% endfor %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
-        "{% endif %}"
-    )
-    processor = Qwen2_5_VLProcessor(
-        Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=56 * 56),
-        tokenizer,
-        Qwen2VLVideoProcessor(),
-        chat_template=template,
-    )
-    ids = {s: vocab[s] for s in special}
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=len(vocab),
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=1,
-            rope_parameters=rope,
-            bos_token_id=ids["<|endoftext|>"],
-            eos_token_id=ids["<|im_end|>"],
-            pad_token_id=ids["<|endoftext|>"],
-        ),
-        vision_config=dict(
-            depth=1,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
-            out_hidden_size=32,
-            fullatt_block_indexes=[0],
-            window_size=56,
-        ),
-        image_token_id=ids["<|image_pad|>"],
-        video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"],
-        vision_end_token_id=ids["<|vision_end|>"],
-    )
-    torch.manual_seed(0)
-    return Qwen2_5_VLForConditionalGeneration(config).eval(), processor
-
-
 def test_transformers_backend_runs_a_tiny_qwen25_vl(tmp_path):
-    model, processor = tiny_qwen25_vl()
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    judge = build_judge(f"vlm:{tmp_path}", max_new_tokens=8)  # AutoProcessor + AutoModelForImageTextToText
+    from visalign.testing_vlm import save_tiny_qwen_vl
+
+    folder = save_tiny_qwen_vl(tmp_path / "judge", "qwen2_5_vl", corpus=[checklist_prompt(ITEM)])
+    judge = build_judge(f"vlm:{folder}", max_new_tokens=8)  # AutoProcessor + AutoModelForImageTextToText
     first, again = judge.judge([Sample(ITEM, 0, PIXELS), Sample(ITEM, 0, PIXELS)])
     assert isinstance(first.raw, str) and first.raw == again.raw  # greedy decoding is deterministic
     assert all(v.status == "error" and v.reason.startswith("unparseable") for v in first.verdicts)  # random weights

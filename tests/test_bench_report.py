@@ -70,6 +70,8 @@ def test_aggregation_on_a_hand_computed_example():
     assert s["coverage"] == {"test_points": 10, "judged": 7, "abstained": 2, "errors": 1, "not_covered": [T]}
     assert s["errors"]["count"] == 1 and "p2_1 Attribute - Color: unparseable" in s["errors"]["examples"][0]
     assert s["images"]["all_pass"] == 0.25
+    only_abstained = image("p3", 0, "Art", "Other", tp(T, None))
+    assert aggregate(RUN_A + [only_abstained], ["Style"], bootstrap=0)["images"]["all_pass"] == 0.25  # not a pass
     for kind in ("primary", "sub", "theme"):
         for cell in s[kind].values():
             if cell["accuracy"] is not None:

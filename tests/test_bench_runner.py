@@ -227,7 +227,7 @@ def test_bench_report_escapes_prompts_and_reasons(tmp_path):
     assert page.count("data:image/png;base64,") == 1
 
 
-def test_generation_through_the_cli_follows_the_seed_protocol(pipe, tmp_path):
+def test_generation_through_the_cli_follows_the_seed_protocol(pipe, tmp_path, capsys):
     folder = save_tiny(pipe, tmp_path / "model")
     run = tmp_path / "run"
     args = [
@@ -271,6 +271,8 @@ def test_generation_through_the_cli_follows_the_seed_protocol(pipe, tmp_path):
     assert (load_pixels(run / "images" / "world-001_1.png") - direct).abs().max() <= 1 / 255 + 1e-6
     assert cli.main(args) == 0  # rerun: everything cached
     assert json.loads((run / "record.json").read_text())["generated"] == {"generated": 0, "cached": 4}
+    assert cli.main([a if a != "11" else "12" for a in args]) == 2  # other seeds must not reuse these images
+    assert "were generated with" in capsys.readouterr().err
 
 
 def test_compare_and_convert_commands(world12, tmp_path, capsys):

@@ -283,6 +283,7 @@ def test_pipelines_that_cannot_be_differentiated_are_refused(sd):
         ({"num_iterations": 0}, "`num_iterations` must be a positive int"),
         ({"reg_weight": -0.1}, "`reg_weight` must be a number >= 0"),
         ({"momentum": 1.0}, r"`momentum` must be in \[0, 1\)"),
+        ({"momentum": 0.0}, "`nesterov` needs `momentum` > 0"),
         ({"height": 31.5}, "`height` must be a positive int or None"),
     ],
 )

@@ -51,6 +51,12 @@ def test_head_saved_without_the_layers_prefix_fails_naming_keys(folder: Path, tm
         LAIONAesthetic.from_pretrained(str(tmp_path), clip=str(folder / "clip"))
 
 
+def test_corrupt_head(folder: Path, tmp_path: Path) -> None:
+    (tmp_path / AESTHETIC_FILE).write_text("<html>404: Not Found</html>")  # a failed download saved as the file
+    with pytest.raises(ValueError, match="LAION aesthetic: .* is not a readable checkpoint"):
+        LAIONAesthetic.from_pretrained(str(tmp_path), clip=str(folder / "clip"))
+
+
 def test_file_and_backbone_errors(folder: Path, tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="github.com/christophschuhmann/improved-aesthetic-predictor"):
         LAIONAesthetic.from_pretrained()

@@ -44,8 +44,9 @@ def test_in_memory_scorer_for_small_images() -> None:
 
 
 def test_generic_loader_for_a_small_world_clip(folder: Path) -> None:
-    """How a world's CLIP folder registers: `load_reward("...clip:CLIPScorer", folder, name=..., image_size=...)`."""
-    reward = load_reward("visalign.reward_models.clip:CLIPScorer", str(folder), name="world-clip", image_size=32)
+    """How a world's CLIP folder registers: `("...clip:CLIPScorer", {"reward_name": ..., "image_size": ...})`."""
+    target = "visalign.reward_models.clip:CLIPScorer"
+    reward = load_reward(target, str(folder), reward_name="world-clip", image_size=32)
     assert isinstance(reward, CLIPScorer) and reward.name == "world-clip" and reward.transform.size == 32
     assert reward(torch.rand(2, 3, 32, 32), PROMPTS[:2]).score.shape == (2,)
     with pytest.raises(ValueError, match="`pretrained`"):

@@ -139,6 +139,13 @@ def test_tokenizer_errors(folders: tuple[Path, Path], tmp_path: Path) -> None:
         load(folders[0], tmp_path)
 
 
+def test_corrupt_checkpoint(folders: tuple[Path, Path], tmp_path: Path) -> None:
+    copy_with(folders[0], tmp_path, lambda s: s)
+    (tmp_path / "ImageReward.pt").write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(ValueError, match="ImageReward: .*ImageReward.pt is not a readable checkpoint"):
+        load(tmp_path, folders[1])
+
+
 def test_offline_default_names_the_files() -> None:
     with pytest.raises(FileNotFoundError, match=r"ImageReward.pt from the Hub repo 'THUDM/ImageReward'"):
         ImageReward.from_pretrained()

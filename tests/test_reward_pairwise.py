@@ -4,9 +4,6 @@ official layout, the HTTP judge against a local fake server, and pointwise rewar
 import base64
 import io
 import json
-import threading
-import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from unittest import mock
 
 import numpy as np
@@ -25,7 +22,7 @@ from visalign.reward_models.pairwise import (
     regular_schedule,
 )
 from visalign.reward_models.vlm import VisionPatches
-from visalign.testing_vlm import save_tiny_qwen_vl
+from visalign.testing_vlm import FakeChatServer, save_tiny_qwen_vl
 from visalign.world.rewards import WorldDefectsReward
 
 
@@ -271,53 +268,12 @@ def test_judge_loading_errors(judge_folder, tmp_path):
 # ---------------------------------------------------------------- the HTTP judge against a local fake server
 
 
-class FakeServer:
-    """An OpenAI-compatible chat-completions endpoint on 127.0.0.1; `script(n, body)` returns (status, payload,
-    delay) for the n-th request (payload: a str answer, or raw bytes sent as is)."""
-
-    def __init__(self, script):
-        self.requests, self.headers, self.lock = [], [], threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    n = len(server.requests)
-                    server.requests.append(body)
-                    server.headers.append(dict(self.headers))
-                status, payload, delay = script(n, body)
-                time.sleep(delay)
-                if isinstance(payload, str):
-                    payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": payload}}]})
-                    payload = payload.encode()
-                try:
-                    self.send_response(status)
-                    self.send_header("Content-Type", "application/json")
-                    self.end_headers()
-                    self.wfile.write(payload)
-                except OSError:  # the client timed out and hung up
-                    pass
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.httpd.daemon_threads = True  # handlers still sleeping after a client timeout do not block closing
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
 def serve():
     servers = []
 
     def start(script):
-        servers.append(FakeServer(script))
+        servers.append(FakeChatServer(script))
         return servers[-1]
 
     yield start

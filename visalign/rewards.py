@@ -113,6 +113,11 @@ REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "imagereward": "visalign.reward_models.imagereward:ImageReward",
     "aesthetic": "visalign.reward_models.aesthetic:LAIONAesthetic",
     "clipscore": "visalign.reward_models.clip:CLIPScore",
+    "unifiedreward-pairwise": "visalign.reward_models.pairwise:UnifiedRewardPairwise",
+    "pairwise-http": "visalign.reward_models.pairwise:HTTPPairwiseJudge",
+    "imagedoctor": "visalign.reward_models.imagedoctor:ImageDoctor",
+    "frame-aggregate": "visalign.reward_models.video:FrameAggregate",
+    "videoreward": "visalign.reward_models.video:VideoReward",
 }
 
 

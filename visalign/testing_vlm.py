@@ -11,13 +11,20 @@ Qwen-style chat template, and random models of a few ten thousand parameters bui
     judge = UnifiedRewardPairwise.from_pretrained(str(folder))
 
 Patches are 4 pixels merged 2x2, so a 32x32 image is an 8x8 patch grid and 16 language-model tokens.
+
+`FakeChatServer` is an OpenAI-compatible chat-completions endpoint on 127.0.0.1 with scripted answers, status codes
+and delays, for the HTTP judge's tests and benchmark.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import torch
 from tokenizers import Regex, Tokenizer, models, pre_tokenizers, trainers
@@ -152,3 +159,56 @@ def save_tiny_qwen_vl(
     tiny_qwen_vl(tokenizer, version, seed).save_pretrained(folder)
     processor.save_pretrained(folder)
     return Path(folder)
+
+
+class FakeChatServer:
+    """`POST /v1/chat/completions` on 127.0.0.1 (a free port, `url` is the API root), answered by a script.
+
+    `script(n, body)` gets the request's index and JSON body and returns `(status, payload, delay)`: the reply is sent
+    after `delay` seconds, `payload` a str (wrapped as the answer of a chat completion) or bytes (sent as they are).
+    `requests` and `headers` record what arrived. Use as a context manager, or call `close()`.
+    """
+
+    def __init__(self, script: Callable[[int, dict[str, Any]], tuple[int, str | bytes, float]]) -> None:
+        self.requests: list[dict[str, Any]] = []
+        self.headers: list[dict[str, str]] = []
+        lock, server = threading.Lock(), self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with lock:
+                    n = len(server.requests)
+                    server.requests.append(body)
+                    server.headers.append(dict(self.headers))
+                status, payload, delay = script(n, body)
+                time.sleep(delay)
+                if isinstance(payload, str):
+                    payload = json.dumps(
+                        {"choices": [{"message": {"role": "assistant", "content": payload}}]}
+                    ).encode()
+                try:
+                    self.send_response(status)
+                    self.send_header("Content-Type", "application/json")
+                    self.end_headers()
+                    self.wfile.write(payload)
+                except OSError:  # the client timed out and hung up
+                    pass
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True  # handlers still sleeping after a client timeout do not block closing
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, kwargs={"poll_interval": 0.01}, daemon=True).start()
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def __enter__(self) -> FakeChatServer:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -15,11 +15,13 @@ Inputs: `--batch-size` images of `--image-size` squared (uint8 levels), prompts 
 - reference: what the reference packages do (hpsv2.score, ImageReward.inference_rank): per image, tensor -> PIL,
   the reference PIL/torchvision preprocessing, then the model on that one image and its prompt.
 
-Both run under `torch.no_grad()`; the time is the median of `--repeats` runs after a warm-up, and memory is the peak
-resident set size sampled every 2 ms while scoring, in a fresh process per (family, path). Scores are compared on
-the same images, score and aspects (CLIPScore's cosine): `max_abs_diff` (batched vs reference, which includes the
-stated preprocessing tolerance) and `max_abs_diff_same_inputs` (the batched model on the reference's preprocessed
-tensors vs per image).
+Both run under `torch.no_grad()` in one fresh process per family, interleaved (reference, batched, reference, ...)
+so that both see the same load on a shared machine; times are medians of `--repeats` runs after a warm-up. The
+process's CPU time is reported next to wall time: on a shared machine it is the steadier measure (with `--threads 1`
+no thread spins at a barrier). Memory is the peak resident set size sampled every 2 ms while scoring
+(`scoring_rss_mb`: above the RSS before the run). Scores and aspects (CLIPScore's cosine) are compared on the same
+images: `max_abs_diff` (batched vs reference, which includes the stated preprocessing tolerance) and
+`max_abs_diff_same_inputs` (the batched model on the reference's preprocessed tensors vs per image).
 
     python benchmarks/perf/scoring.py                  # writes benchmarks/results/scoring.json
 """
@@ -135,8 +137,9 @@ class PeakRSS:
         self.peak = max(self.peak, self.rss())
 
 
-def worker(family: str, path: str, batch_size: int, image_size: int, repeats: int, threads: int) -> dict[str, Any]:
-    """Time one path of one family in this (fresh) process; returns timings, memory and scores."""
+def worker(family: str, batch_size: int, image_size: int, repeats: int, threads: int) -> dict[str, Any]:
+    """Time both paths of one family in this fresh process, interleaved (reference, batched, reference, ...) so that
+    both see the same machine load; returns per path the median time, peak memory and the last scores."""
     import torch
     from PIL import Image
 
@@ -160,20 +163,30 @@ def worker(family: str, path: str, batch_size: int, image_size: int, repeats: in
             scores.append(values(reward.score_pixel_values(reference(image)[None], [prompts[i]])))
         return torch.cat(scores)
 
-    run = batched if path == "batched" else per_image
+    paths = {"reference": per_image, "batched": batched}  # the small-memory path first: its RSS peak stays clean
+    result: dict[str, Any] = {
+        path: {"times": [], "cpu_times": [], "peak_rss_mb": 0.0, "scoring_rss_mb": 0.0} for path in paths
+    }
     with torch.no_grad():
-        run(2)  # warm-up
-        times = []
-        with PeakRSS() as memory:
-            for _ in range(repeats):
-                start = time.perf_counter()
-                scores = run(batch_size)
-                times.append(time.perf_counter() - start)
-        result = {"seconds": statistics.median(times), "times": times, "scores": scores.tolist()}
-        if path == "reference":  # the batched model on the reference's inputs, for the same-inputs comparison
-            stacked = torch.stack([reference(Image.fromarray(u.permute(1, 2, 0).numpy())) for u in uint8])
-            result["batched_on_reference_inputs"] = values(reward.score_pixel_values(stacked, prompts)).tolist()
-    result |= {"peak_rss_mb": memory.peak / 2**20, "scoring_rss_mb": (memory.peak - memory.start) / 2**20}
+        for run in paths.values():
+            run(2)  # warm-up
+        for _ in range(repeats):
+            for path, run in paths.items():
+                with PeakRSS() as memory:
+                    start, cpu = time.perf_counter(), time.process_time()
+                    scores = run(batch_size)
+                    result[path]["times"].append(time.perf_counter() - start)
+                    result[path]["cpu_times"].append(time.process_time() - cpu)
+                result[path]["scores"] = scores.tolist()
+                result[path]["peak_rss_mb"] = max(result[path]["peak_rss_mb"], memory.peak / 2**20)
+                result[path]["scoring_rss_mb"] = max(
+                    result[path]["scoring_rss_mb"], (memory.peak - memory.start) / 2**20
+                )
+        stacked = torch.stack([reference(Image.fromarray(u.permute(1, 2, 0).numpy())) for u in uint8])
+        result["batched_on_reference_inputs"] = values(reward.score_pixel_values(stacked, prompts)).tolist()
+    for path in paths:
+        result[path]["seconds"] = statistics.median(result[path]["times"])
+        result[path]["cpu_seconds"] = statistics.median(result[path]["cpu_times"])
     result["params_m"] = sum(p.numel() for p in reward.parameters()) / 1e6
     return result
 
@@ -186,46 +199,46 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads per process")
     parser.add_argument("--output", type=Path, default=RESULT)
-    parser.add_argument("--worker", nargs=2, metavar=("FAMILY", "PATH"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=FAMILIES, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(*args.worker, args.batch_size, args.image_size, args.repeats, args.threads)))
+        print(json.dumps(worker(args.worker, args.batch_size, args.image_size, args.repeats, args.threads)))
         return 0
 
     import torch
 
+    load_at_start = os.getloadavg()
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
     common = [f"--batch-size={args.batch_size}", f"--image-size={args.image_size}", f"--repeats={args.repeats}"]
     common += [f"--threads={args.threads}"]
     families = {}
     for family in args.families:
-        runs = {}
-        for path in ("batched", "reference"):
-            command = [sys.executable, __file__, "--worker", family, path, *common]
-            done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                print(done.stderr, file=sys.stderr)
-                return done.returncode
-            runs[path] = json.loads(done.stdout.strip().splitlines()[-1])
+        command = [sys.executable, __file__, "--worker", family, *common]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            print(done.stderr, file=sys.stderr)
+            return done.returncode
+        runs = json.loads(done.stdout.strip().splitlines()[-1])
         batched, reference = runs["batched"], runs["reference"]
         diff = max(abs(a - b) for x, y in zip(batched["scores"], reference["scores"]) for a, b in zip(x, y))
         same = max(
-            abs(a - b)
-            for x, y in zip(reference["batched_on_reference_inputs"], reference["scores"])
-            for a, b in zip(x, y)
+            abs(a - b) for x, y in zip(runs["batched_on_reference_inputs"], reference["scores"]) for a, b in zip(x, y)
         )
         families[family] = {
-            "params_m": round(batched["params_m"], 1),
+            "params_m": round(runs["params_m"], 1),
             **{
                 path: {
                     "images_per_s": round(args.batch_size / r["seconds"], 2),
+                    "images_per_cpu_s": round(args.batch_size / r["cpu_seconds"], 2),
                     "seconds": round(r["seconds"], 3),
                     "peak_rss_mb": round(r["peak_rss_mb"], 1),
                     "scoring_rss_mb": round(r["scoring_rss_mb"], 1),
+                    "times": [round(t, 3) for t in r["times"]],
                 }
-                for path, r in runs.items()
+                for path, r in (("batched", batched), ("reference", reference))
             },
             "speedup": round(reference["seconds"] / batched["seconds"], 2),
+            "speedup_cpu_time": round(reference["cpu_seconds"] / batched["cpu_seconds"], 2),
             "max_abs_diff": diff,
             "max_abs_diff_same_inputs": same,
             "score_range": [min(v[0] for v in batched["scores"]), max(v[0] for v in batched["scores"])],
@@ -238,11 +251,10 @@ def main(argv: list[str] | None = None) -> int:
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "torch_threads": args.threads,
-            "load_average_at_start": os.getloadavg(),
+            "load_average_1_5_15min": {"start": load_at_start, "end": os.getloadavg()},
             "torch": torch.__version__,
         },
         "config": {"batch_size": args.batch_size, "image_size": args.image_size, "repeats": args.repeats},
-        "load_average_at_end": os.getloadavg(),
         "families": families,
     }
     args.output.parent.mkdir(parents=True, exist_ok=True)

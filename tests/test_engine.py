@@ -1,0 +1,205 @@
+"""The training engine and configs: YAML coercion, LoRA and its reference, EMA, atomic checkpoints, exact resume,
+and the diffusers-format adapter that `pipe.load_lora_weights` reads."""
+
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+
+from visalign.config import TrainConfig, config_from_dict, load_config, parse_overrides
+from visalign.engine import Engine, PromptSampler, checkpoints, latest_checkpoint, load_prompts
+from visalign.sampler import FlowSampler, seeded_generators
+from visalign.testing import tiny_pipeline
+
+
+@dataclass
+class ExampleConfig(TrainConfig):
+    beta: float = field(default=0.1, metadata={"help": "a float"})
+    steps: tuple[int, int] | None = field(default=None, metadata={"help": "an optional pair"})
+    weights: dict[str, float] = field(default_factory=dict, metadata={"help": "a mapping"})
+
+
+def test_yaml_values_are_coerced_to_the_annotated_types(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("learning_rate: 1e-5\nmax_steps: 1e3\nbeta: 2\nuse_lora: false\nsteps: [1, 2]\nweights: {a: 1}\n")
+    config = load_config(ExampleConfig, path, ["lora_target_modules=[to_q, to_k]", "resume_from=latest", "beta=3e-2"])
+    assert config.learning_rate == 1e-5 and isinstance(config.learning_rate, float)  # PyYAML read '1e-5' as a str
+    assert config.max_steps == 1000 and isinstance(config.max_steps, int)
+    assert config.beta == 0.03 and config.use_lora is False and config.steps == (1, 2)
+    assert config.weights == {"a": 1.0} and config.lora_target_modules == ["to_q", "to_k"]
+    assert config.resume_from == "latest"
+    assert load_config(ExampleConfig, None, ["steps=null"]).steps is None
+
+
+@pytest.mark.parametrize(
+    "values,match",
+    [
+        ({"learning_rat": 1e-4}, "unknown ExampleConfig key.*learning_rat.*valid keys"),
+        ({"max_steps": 1.5}, "`max_steps` must be an integer"),
+        ({"max_steps": "many"}, "`max_steps` must be a number"),
+        ({"use_lora": "maybe"}, "`use_lora` must be true or false"),
+        ({"mixed_precision": "fp8"}, "`mixed_precision` must be one of"),
+        ({"steps": [1, 2, 3]}, "`steps`"),
+        ({"learning_rate": 0}, "`learning_rate` must be > 0"),
+        ({"ema_decay": 1.0}, "`ema_decay` must be in"),
+    ],
+)
+def test_bad_config_values_raise_naming_the_key(values, match):
+    with pytest.raises(ValueError, match=match):
+        config_from_dict(ExampleConfig, values)
+
+
+def test_overrides_must_be_key_value():
+    assert parse_overrides(["a=1", "b=x=y", "c="]) == {"a": 1, "b": "x=y", "c": ""}
+    with pytest.raises(ValueError, match="key=value"):
+        parse_overrides(["learning_rate"])
+
+
+def test_prompt_sampler_is_deterministic_and_resumable():
+    first = PromptSampler(["a", "b", "c"], seed=0)
+    draws = [first.draw(5) for _ in range(3)]
+    assert all(len(d) == 5 for d in draws) and sorted(draws[0][:3]) == ["a", "b", "c"]
+    resumed = PromptSampler(["a", "b", "c"], seed=0)
+    resumed.load_state_dict({"iteration": 2})
+    assert resumed.draw(5) == draws[2]
+    with pytest.raises(ValueError, match="non-empty"):
+        PromptSampler([], seed=0)
+
+
+def test_load_prompts(tmp_path):
+    assert len(load_prompts("world:train")) > 50 and len(load_prompts("world:heldout")) == 202
+    (tmp_path / "p.txt").write_text("a cat\n\n a dog \n")
+    assert load_prompts(str(tmp_path / "p.txt")) == ["a cat", "a dog"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"))
+
+
+def engine_config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "run"), report_to="none", lora_rank=4, lora_alpha=8, learning_rate=1e-2)
+    return TrainConfig(**{**base, **kw})
+
+
+def velocity(pipe, model=None):
+    """The transformer's guided velocity on a fixed input (what the sampler trains and samples with)."""
+    sampler = FlowSampler(pipe, height=8, width=8, max_sequence_length=8)
+    latents = sampler.initial_latents(seeded_generators([(0, 0), (0, 1)]))
+    conditioning = sampler.encode(["a red square", "a circle"], 4.5)
+    with torch.no_grad():
+        return sampler.velocity(latents, torch.tensor(500.0), conditioning, 4.5, model)
+
+
+def train_steps(engine, pipe, n):
+    """`n` optimizer steps of a toy objective (push the velocity up) through the engine, two micro-steps each."""
+    sampler = FlowSampler(pipe, height=8, width=8, max_sequence_length=8)
+    latents = sampler.initial_latents(seeded_generators([(0, 0), (0, 1)]))
+    conditioning = sampler.encode(["a red square", "a circle"], 4.5)
+    for _ in range(n):
+        for i in range(2):
+            with engine.accumulate(sync=i == 1), engine.autocast():
+                v = sampler.velocity(
+                    latents[i : i + 1], torch.tensor(500.0), conditioning.select(torch.tensor([i])), 4.5, engine.model
+                )
+                engine.backward(-v.mean() / 2)
+        engine.optimizer_step()
+
+
+def test_lora_trains_only_adapters_and_the_reference_disables_them(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    before = velocity(pipe)
+    engine = Engine(engine_config(tmp_path), pipe)
+    names = [n for n, _ in engine.named_parameters]
+    assert names and all("lora_" in n for n in names)
+    assert any("add_q_proj" in n for n in names) and any("to_out.0" in n for n in names)
+    assert all(not p.requires_grad for p in pipe.text_encoder.parameters())
+    torch.testing.assert_close(velocity(pipe), before)  # B starts at zero: the initial policy is the base model
+    train_steps(engine, pipe, 3)
+    assert engine.step == 3 and not torch.allclose(velocity(pipe), before)
+    with engine.reference() as reference:
+        torch.testing.assert_close(velocity(pipe, reference), before)
+    assert not torch.allclose(velocity(pipe), before)  # adapters are back on
+
+
+def test_full_fine_tuning_keeps_a_frozen_reference(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    before = velocity(pipe)
+    engine = Engine(engine_config(tmp_path, use_lora=False, learning_rate=1e-3), pipe, keep_reference=True)
+    assert sum(p.numel() for p in engine.parameters) == sum(p.numel() for p in pipe.transformer.parameters())
+    train_steps(engine, pipe, 2)
+    assert not torch.allclose(velocity(pipe), before)
+    with engine.reference() as reference:
+        torch.testing.assert_close(velocity(pipe, reference), before)
+
+
+def test_ema_is_swapped_in_and_out(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    engine = Engine(engine_config(tmp_path, ema_decay=0.5, ema_update_every=1), pipe)
+    train_steps(engine, pipe, 2)
+    trained = [p.detach().clone() for p in engine.parameters]
+    with engine.ema_weights():
+        ema = [p.detach().clone() for p in engine.parameters]
+    assert any(not torch.equal(a, b) for a, b in zip(ema, trained))
+    assert all(torch.equal(p, t) for p, t in zip(engine.parameters, trained))
+
+
+def test_gradient_checkpointing_gives_the_same_update(tmp_path):
+    results = []
+    for checkpointing in (False, True):
+        pipe = tiny_pipeline("sd3")
+        engine = Engine(engine_config(tmp_path / str(checkpointing), gradient_checkpointing=checkpointing), pipe)
+        train_steps(engine, pipe, 2)
+        results.append([p.detach().clone() for p in engine.parameters])
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def test_checkpoint_resume_continues_exactly(tmp_path):
+    config = engine_config(tmp_path, ema_decay=0.5, ema_update_every=1, checkpointing_steps=2, lr_scheduler="linear")
+    pipe = tiny_pipeline("sd3")
+    engine = Engine(config, pipe)
+    train_steps(engine, pipe, 2)
+    assert engine.maybe_checkpoint({"prompt_sampler": {"iteration": 7}}) is not None
+    train_steps(engine, pipe, 2)
+    uninterrupted = [p.detach().clone() for p in engine.parameters]
+    with engine.ema_weights():
+        uninterrupted_ema = [p.detach().clone() for p in engine.parameters]
+
+    assert [p.name for p in checkpoints(config.output_dir)] == ["checkpoint-2"]
+    assert not list((tmp_path / "run" / "checkpoints").glob(".*"))  # no temporary folder left behind
+    config.resume_from = "latest"
+    pipe = tiny_pipeline("sd3")
+    resumed = Engine(config, pipe)
+    assert resumed.resume() == {"prompt_sampler": {"iteration": 7}} and resumed.step == 2
+    train_steps(resumed, pipe, 2)
+    for a, b in zip(resumed.parameters, uninterrupted):
+        assert torch.equal(a, b)
+    with resumed.ema_weights():
+        assert all(torch.equal(a, b) for a, b in zip(resumed.parameters, uninterrupted_ema))
+    assert resumed.lr_scheduler.get_last_lr() == engine.lr_scheduler.get_last_lr()
+
+
+def test_checkpoint_limit_and_latest(tmp_path):
+    config = engine_config(tmp_path, checkpointing_steps=1, checkpoints_total_limit=2, resume_from="latest")
+    pipe = tiny_pipeline("sd3")
+    engine = Engine(config, pipe)
+    assert engine.resume() is None  # 'latest' with nothing saved starts fresh
+    for _ in range(3):
+        train_steps(engine, pipe, 1)
+        engine.maybe_checkpoint({})
+    assert [p.name for p in checkpoints(config.output_dir)] == ["checkpoint-2", "checkpoint-3"]
+    assert latest_checkpoint(config.output_dir).name == "checkpoint-3"
+    with pytest.raises(FileNotFoundError, match="state.json"):
+        engine.load_checkpoint(tmp_path / "nowhere")
+
+
+def test_saved_lora_loads_with_load_lora_weights(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    engine = Engine(engine_config(tmp_path, lora_alpha=16), pipe)  # alpha != rank: the scale must survive the trip
+    train_steps(engine, pipe, 3)
+    trained = velocity(pipe)
+    folder = engine.finish()
+    assert (folder / "pytorch_lora_weights.safetensors").exists()
+    fresh = tiny_pipeline("sd3")
+    base = velocity(fresh)
+    fresh.load_lora_weights(folder)
+    assert not torch.allclose(trained, base)
+    torch.testing.assert_close(velocity(fresh), trained, atol=1e-5, rtol=1e-5)

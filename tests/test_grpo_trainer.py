@@ -1,0 +1,272 @@
+"""Flow-GRPO, Pref-GRPO and TempFlow-GRPO trainers on a real tiny SD3 pipeline: learning, exact resume after a
+crash, one process versus two, bad input, and the `visalign train` command."""
+
+import dataclasses
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import FlowMatchEulerDiscreteScheduler
+from safetensors.torch import load_file
+
+from visalign.cli import main
+from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer, PrefGRPOConfig
+from visalign.pipelines.tempflow import TempFlowGRPOConfig, TempFlowGRPOTrainer
+from visalign.reward_models.pairwise import BradleyTerryWinRate
+from visalign.rewards import RewardModel
+from visalign.testing import tiny_pipeline
+from visalign.types import RewardOutput
+
+ROOT = Path(__file__).resolve().parents[1]
+PROMPTS = ["a red square", "two blue circles", "a green triangle", "three yellow circles"]
+
+
+class Brightness(RewardModel):
+    """Mean pixel value: a reward the tiny model can move."""
+
+    name = "brightness"
+
+    def _score(self, pixels, prompts):
+        return pixels.mean(dim=(1, 2, 3))
+
+
+class CrashingBrightness(Brightness):
+    """Brightness that fails on its `crash_at`-th call, as a job killed mid-iteration."""
+
+    def __init__(self, crash_at: int):
+        super().__init__()
+        self.calls, self.crash_at = 0, crash_at
+
+    def _score(self, pixels, prompts):
+        self.calls += 1
+        if self.calls == self.crash_at:
+            raise RuntimeError("killed")
+        return super()._score(pixels, prompts)
+
+
+def grpo_config(tmp_path, cls=FlowGRPOConfig, **kw):
+    base = dict(
+        output_dir=str(tmp_path / "run"),
+        report_to="none",
+        height=8,
+        width=8,
+        max_sequence_length=8,
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        group_size=4,
+        sample_batch_size=8,
+        train_batch_size=8,
+        num_batches_per_iteration=1,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        beta=0.0,
+        learning_rate=3e-2,
+        lora_rank=4,
+        lora_alpha=4,
+        clip_range=1e-2,
+        noise_level=1.0,
+    )
+    return cls(**{**base, **kw})
+
+
+def trained_weights(trainer):
+    return {n: p.detach().clone() for n, p in trainer.engine.named_parameters}
+
+
+def test_flow_grpo_raises_the_training_reward(tmp_path):
+    # 2x2 images (2x2 latents) keep the policy gradient's dimension small enough for a dozen iterations to show.
+    config = grpo_config(
+        tmp_path, height=2, width=2, sample_batch_size=32, train_batch_size=32, group_size=8, max_steps=12
+    )
+    trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    before = trained_weights(trainer)
+    history = trainer.train()
+    rewards = torch.tensor([m["reward/mean"] for m in history])
+    assert len(rewards) == 12 and history[-1]["step"] == 12
+    assert rewards[-3:].mean() > rewards[:3].mean() + 0.5 * history[0]["reward/std"]
+    # every adapter moved, but the one whose output SD3's last block discards (its context queries): it stays at 0
+    unchanged = [n for n, p in trained_weights(trainer).items() if torch.equal(before[n], p)]
+    assert unchanged == ["transformer_blocks.0.attn.add_q_proj.lora_B.default.weight"]
+    assert history[0]["train/ratio_mean"] == pytest.approx(1.0, abs=1e-6)  # one update per iteration: on-policy
+    assert {"time/sampling", "time/reward", "time/update", "samples_per_second"} <= set(history[0])
+    assert (Path(config.output_dir) / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
+    kw = dict(max_steps=4, checkpointing_steps=2, ema_decay=0.5, ema_update_every=1, beta=0.04, timestep_fraction=0.5)
+    uninterrupted = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), grpo_config(tmp_path / "a", **kw), PROMPTS)
+    uninterrupted.train()
+
+    crashing = FlowGRPOTrainer(
+        tiny_pipeline("sd3"), CrashingBrightness(crash_at=3), grpo_config(tmp_path / "b", **kw), PROMPTS
+    )
+    with pytest.raises(RuntimeError, match="killed"):
+        crashing.train()  # dies sampling its third iteration, after the checkpoint at step 2
+    resumed = FlowGRPOTrainer(
+        tiny_pipeline("sd3"), Brightness(), grpo_config(tmp_path / "b", resume_from="latest", **kw), PROMPTS
+    )
+    history = resumed.train()
+    assert [m["step"] for m in history] == [3, 4]
+    expected = trained_weights(uninterrupted)
+    assert all(torch.equal(p, expected[n]) for n, p in trained_weights(resumed).items())
+    a, b = (load_file(tmp_path / x / "run" / "final" / "pytorch_lora_weights.safetensors") for x in "ab")  # EMA
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_two_processes_give_the_same_update_as_one(tmp_path):
+    """torchrun + gloo: 2 processes x 2 samples equal 1 process x 4 samples (global batch and micro-batch alike)."""
+    torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    common = [
+        "train",
+        "flow-grpo",
+        "--config",
+        str(ROOT / "configs" / "tiny_flow_grpo.yaml"),
+        "--set",
+        "cpu=true",
+        "max_steps=2",
+        "num_batches_per_iteration=1",
+        "checkpointing_steps=0",
+    ]
+    runs = {1: tmp_path / "one", 2: tmp_path / "two"}
+    one = common + [f"output_dir={runs[1]}", "sample_batch_size=4", "train_batch_size=4"]
+    two = common + [f"output_dir={runs[2]}", "sample_batch_size=2", "train_batch_size=2"]
+    assert main(one) == 0
+    subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "visalign.cli", *two], env=env, check=True, cwd=ROOT)
+    weights = [load_file(str(runs[n] / "checkpoints" / "checkpoint-2" / "trainable.safetensors")) for n in (1, 2)]
+    assert weights[0].keys() == weights[1].keys()
+    for k in weights[0]:
+        torch.testing.assert_close(weights[1][k], weights[0][k], atol=1e-6, rtol=1e-4)
+    metrics = [json.loads((runs[n] / "metrics.jsonl").read_text().splitlines()[-1]) for n in (1, 2)]
+    assert metrics[0]["reward/mean"] == pytest.approx(metrics[1]["reward/mean"], abs=1e-6)
+
+
+def test_pref_grpo_trains_on_win_rates_and_logs_the_external_reward(tmp_path):
+    config = grpo_config(tmp_path, cls=PrefGRPOConfig, external_reward="brightness", max_steps=2, group_size=4)
+    judge = BradleyTerryWinRate(Brightness(), temperature=0.01)
+    trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), judge, config, PROMPTS, external_reward=Brightness())
+    history = trainer.train()
+    assert all(m["reward/mean"] == pytest.approx(0.5, abs=1e-6) for m in history)  # win rates average 1/2
+    assert all(0.4 < m["external/brightness"] < 0.7 for m in history)
+
+
+def test_tempflow_grpo_trains_one_branch_transition_per_sample(tmp_path):
+    config = grpo_config(
+        tmp_path, cls=TempFlowGRPOConfig, num_inference_steps=4, group_size=2, sample_batch_size=2, train_batch_size=4
+    )
+    trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    rollout = trainer.sample_batch(PROMPTS[:2], torch.tensor([0, 1]), iteration=0, batch=0)
+    assert len(rollout) == 3 * 2 * 2  # branch steps 0..2, 2 seeds, 2 children
+    assert ((rollout.stds > 0).sum(dim=1) == 1).all()
+    assert len(rollout.group_ids.unique()) == 3 * 2
+    assert trainer.trained_steps(rollout, 0).tolist() == [True, True, True, False]
+    before = trained_weights(trainer)
+    history = trainer.train()
+    assert len(history) == 2 and history[0]["advantage/abs_mean"] > 0
+    assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
+
+
+def test_tempflow_noise_aware_weights_are_the_official_sd35m_constants(tmp_path):
+    config = grpo_config(tmp_path, cls=TempFlowGRPOConfig, num_inference_steps=4, group_size=2, sample_batch_size=2)
+    trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    rollout = trainer.sample_batch(PROMPTS[:2], torch.tensor([0, 1]), iteration=0, batch=0)
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
+    scheduler.set_timesteps(10)
+    sd35m = dataclasses.replace(rollout, sigmas=scheduler.sigmas, timesteps=scheduler.timesteps, noise_level=0.7)
+    weights = trainer.step_weights(sd35m)
+    expected = [1.577, 1.673, 1.208, 1.004, 0.882, 0.795, 0.719, 0.635, 0.508]  # tempflow_prdp.md section 1.2
+    assert weights[:9].tolist() == pytest.approx(expected, abs=2e-3)
+    assert weights[:9].mean() == pytest.approx(1.0) and weights[9] == 0
+
+
+def test_kl_and_ratio_norm_paths(tmp_path):
+    config = grpo_config(tmp_path, beta=0.04, kl_kind="exact", ratio_norm=True, num_batches_per_iteration=2)
+    history = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS).train()
+    assert history[0]["step"] == 2 and "train/kl" in history[0] and history[0]["train/kl"] >= 0
+
+
+def test_evaluation_logs_the_reward_of_ode_samples(tmp_path):
+    config = grpo_config(tmp_path, eval_num_inference_steps=2, eval_images_per_prompt=2)
+    trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS, eval_prompts=PROMPTS[:3])
+    history = trainer.train()
+    evals = [m for m in history if "eval/brightness" in m]
+    assert [m["step"] for m in evals] == [0, 2] and 0 < evals[0]["eval/brightness"] < 1
+
+
+class NaNReward(Brightness):
+    def _score(self, pixels, prompts):
+        return torch.full((pixels.shape[0],), float("nan"))
+
+
+class WrongBatchReward(Brightness):
+    def score(self, pixels, prompts):
+        return RewardOutput(torch.zeros(pixels.shape[0] - 1))
+
+
+@pytest.mark.parametrize(
+    "reward,match", [(NaNReward(), "NaN"), (WrongBatchReward(), r"must be a tensor of shape \[8\]")]
+)
+def test_bad_rewards_raise_clear_errors(tmp_path, reward, match):
+    trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), reward, grpo_config(tmp_path), PROMPTS)
+    with pytest.raises(ValueError, match=match):
+        trainer.train()
+
+
+def test_a_pointwise_reward_is_not_taken_for_win_rates(tmp_path):
+    config = grpo_config(tmp_path, cls=PrefGRPOConfig, external_reward="brightness", group_size=4)
+    trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS, external_reward=Brightness())
+    with pytest.raises(ValueError, match="not win rates"):
+        trainer.train()
+
+
+def test_misconfigured_group_sizes_raise(tmp_path):
+    config = grpo_config(tmp_path, group_size=3)  # 8 samples per batch do not split into groups of 3
+    with pytest.raises(ValueError, match="misconfigured group sizes.*not a multiple of group_size"):
+        FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+
+
+@pytest.mark.parametrize(
+    "kw,match",
+    [
+        (dict(group_size=1), "group of one"),
+        (dict(num_batches_per_iteration=3, gradient_accumulation_steps=2), "multiple of `gradient_accumulation"),
+        (dict(max_steps=3, num_batches_per_iteration=2), "multiple of the optimizer steps per iteration"),
+        (dict(sde_window_size=3), "SDE window"),
+        (dict(reward_mode="win_rate"), "needs `external_reward`"),
+        (dict(bradley_terry_temperature=1.0), "win_rate"),
+        (dict(cls=TempFlowGRPOConfig, sde_window_size=1), "branches instead"),
+        (dict(cls=TempFlowGRPOConfig, branch_steps_per_iteration=3), "branch_steps_per_iteration"),
+    ],
+)
+def test_bad_configs_raise(tmp_path, kw, match):
+    with pytest.raises(ValueError, match=match):
+        grpo_config(tmp_path, **kw)
+
+
+def test_visalign_train_runs_a_config_file(tmp_path):
+    out = tmp_path / "cli"
+    code = main(
+        ["train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml"), "--set", f"output_dir={out}"]
+    )
+    assert code == 0
+    assert (out / "final" / "pytorch_lora_weights.safetensors").exists()
+    assert (out / "config.yaml").exists() and (out / "run.json").exists()
+    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["checkpoint-2", "checkpoint-4"]
+    with pytest.raises(ValueError, match="unknown FlowGRPOConfig key"):
+        main(["train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml"), "--set", "nope=1"])
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*grpo*.yaml")))
+def test_shipped_configs_load(name):
+    from visalign.config import load_config
+    from visalign.pipelines.train import METHODS, _resolve
+
+    method = "pref-grpo" if "pref" in name else "tempflow-grpo" if "tempflow" in name else "flow-grpo"
+    config = load_config(_resolve(METHODS[method][0]), ROOT / "configs" / name)
+    assert config.max_steps % config.updates_per_iteration == 0
