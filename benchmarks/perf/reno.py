@@ -8,10 +8,12 @@ scheduler (`EulerDiscreteScheduler`, trailing spacing, one step, no guidance):
   a 3-block VAE (64/128/256 channels, factor 4: 128x128 images from 32x32x4 latents) and a 2-layer CLIP text
   encoder: 53 M parameters in all, 47 M of them in the differentiated path (UNet + VAE decoder).
 
-The reward is `world-defects` (no weights), so the numbers are the generator's. Each (model, checkpointing) pair
-runs in a fresh process with one torch thread: ReNO with 2 and with 7 iterations; seconds per iteration is
-`(t_7 - t_2) / 5` (five stepped iterations: render, reward, backward, clip, SGD step); peak memory is the process's
-peak resident set size (`ru_maxrss`) minus the resident size after the model was built, i.e. what ReNO adds.
+The reward is `world-defects` (no weights), so the numbers are the generator's; one torch thread, batch 1.
+Seconds per iteration is `(t_7 - t_2) / 5` for ReNO runs of 7 and 2 iterations (five stepped iterations: render,
+reward, backward, clip, SGD step), the median of `--rounds` rounds that alternate the two settings in one process
+(the machine is shared, so alternating keeps both settings under the same load). Peak memory is measured in a
+fresh process per setting: the peak resident set size (`ru_maxrss`) of a 3-iteration run minus the resident size
+after the model was built, i.e. what ReNO adds.
 
     python benchmarks/perf/reno.py                 # writes benchmarks/results/reno_perf.json
 """
@@ -24,6 +26,7 @@ import os
 import platform
 import resource
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -104,61 +107,91 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def worker(model: str, checkpointing: bool) -> dict[str, Any]:
-    import torch
+def params(pipe) -> dict[str, int]:
+    """Parameter counts; `differentiated` is what the noise's gradient passes through (UNet and VAE decoder)."""
+    counts = {name: sum(p.numel() for p in pipe.components[name].parameters()) for name in ("unet", "text_encoder")}
+    decoder = (pipe.vae.post_quant_conv, pipe.vae.decoder)
+    counts["vae_decoder"] = sum(p.numel() for m in decoder for p in m.parameters())
+    counts["differentiated"] = counts["unet"] + counts["vae_decoder"]
+    return counts
 
+
+def run_reno(pipe, side: int, iterations: int, checkpointing: bool) -> float:
+    """Seconds of one ReNO run of `iterations` on `PROMPT` with the `world-defects` reward."""
     from visalign.pipelines.reno import ReNO, ReNOConfig
     from visalign.world.rewards import WorldDefectsReward
 
+    config = ReNOConfig(num_iterations=iterations, height=side, width=side, gradient_checkpointing=checkpointing)
+    start = time.perf_counter()
+    ReNO(pipe, WorldDefectsReward(), config)([PROMPT])
+    return time.perf_counter() - start
+
+
+def memory_worker(model: str, checkpointing: bool) -> dict[str, Any]:
+    """Peak resident memory a 3-iteration ReNO run adds to the process (a fresh one per setting)."""
+    import torch
+
     torch.set_num_threads(1)
     pipe, side = build(model)
-    params = {name: sum(p.numel() for p in pipe.components[name].parameters()) for name in ("unet", "text_encoder")}
-    params["vae_decoder"] = sum(p.numel() for p in pipe.vae.decoder.parameters())
-    params["vae_decoder"] += sum(p.numel() for p in pipe.vae.post_quant_conv.parameters())
-    params["differentiated"] = params["unet"] + params["vae_decoder"]
     base = rss_mb()
-    seconds = {}
-    for n in (2, 7):
-        config = ReNOConfig(num_iterations=n, height=side, width=side, gradient_checkpointing=checkpointing)
-        start = time.perf_counter()
-        ReNO(pipe, WorldDefectsReward(), config)([PROMPT])
-        seconds[n] = time.perf_counter() - start
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    return {
-        "model": model,
-        "gradient_checkpointing": checkpointing,
-        "image_size": side,
-        "params": params,
-        "seconds_per_iteration": (seconds[7] - seconds[2]) / 5,
-        "peak_added_mb": peak - base,
-        "rss_after_build_mb": base,
-    }
+    run_reno(pipe, side, 3, checkpointing)
+    return {"peak_added_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base, "rss_mb": base}
+
+
+def timing_worker(model: str, rounds: int) -> dict[str, Any]:
+    """Seconds per stepped iteration, `(t_7 - t_2) / 5`, alternating the two settings `rounds` times."""
+    import torch
+
+    torch.set_num_threads(1)
+    pipe, side = build(model)
+    run_reno(pipe, side, 2, False)  # warm-up
+    times: dict[str, list[float]] = {"0": [], "1": []}
+    for _ in range(rounds):
+        for checkpointing in (False, True):
+            t2, t7 = (run_reno(pipe, side, n, checkpointing) for n in (2, 7))
+            times[str(int(checkpointing))].append((t7 - t2) / 5)
+    return {"image_size": side, "params": params(pipe), "seconds": times}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma-separated subset of {MODELS}")
+    parser.add_argument("--rounds", type=int, default=3, help="timing rounds (each runs both settings)")
     parser.add_argument("--output", default=str(RESULT))
-    parser.add_argument("--worker", nargs=2, metavar=("MODEL", "CHECKPOINTING"), help=argparse.SUPPRESS)
+    parser.add_argument("--worker", nargs=3, metavar=("KIND", "MODEL", "ARG"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        print(json.dumps(worker(args.worker[0], args.worker[1] == "1")))
+        kind, model, arg = args.worker
+        out = memory_worker(model, arg == "1") if kind == "memory" else timing_worker(model, int(arg))
+        print(json.dumps(out))
         return 0
     import torch
 
-    rows = []
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+
+    def worker(*worker_args: str) -> dict[str, Any]:
+        command = [sys.executable, __file__, "--worker", *worker_args]
+        done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    rows = []
     for model in args.models.split(","):
+        timing = worker("timing", model, str(args.rounds))
         for checkpointing in (False, True):
-            command = [sys.executable, __file__, "--worker", model, str(int(checkpointing))]
-            done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
-            row = json.loads(done.stdout.strip().splitlines()[-1])
-            print(json.dumps(row))
+            memory = worker("memory", model, str(int(checkpointing)))
+            seconds = timing["seconds"][str(int(checkpointing))]
+            row = {
+                "model": model,
+                "gradient_checkpointing": checkpointing,
+                "image_size": timing["image_size"],
+                "params": timing["params"],
+                "seconds_per_iteration": round(statistics.median(seconds), 4),
+                "seconds_per_iteration_rounds": [round(t, 4) for t in seconds],
+                "peak_added_mb": round(memory["peak_added_mb"], 1),
+                "rss_after_build_mb": round(memory["rss_mb"], 1),
+            }
+            print(json.dumps(row), flush=True)
             rows.append(row)
-    for row in rows:
-        row["seconds_per_iteration"] = round(row["seconds_per_iteration"], 4)
-        row["peak_added_mb"] = round(row["peak_added_mb"], 1)
-        row["rss_after_build_mb"] = round(row["rss_after_build_mb"], 1)
     result = {
         "benchmark": "ReNO seconds per iteration and peak added memory, CPU, one torch thread, batch 1, one step",
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *(argv or sys.argv[1:])]),
