@@ -35,7 +35,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--family", choices=("sd", "sd3"), default="sd")
     parser.add_argument("--model", default=None, help="generator folder (default: the shipped world model)")
     parser.add_argument("--clip", default=None, help="world CLIP folder (default: the shipped one)")
-    parser.add_argument("--limit-per-category", type=int, default=6, help="held-out prompts per category")
+    parser.add_argument("--per-category", type=int, default=6, help="held-out prompts per category (spread out)")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="prompts optimized together")
@@ -44,6 +44,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="ReNOConfig overrides")
     parser.add_argument("--output", default=str(RESULT))
     return parser.parse_args(argv)
+
+
+def spread(prompts: list, per_category: int) -> list:
+    """`per_category` prompts of each category, evenly spaced through the held-out file (which lists similar
+    prompts together, so its first few of a category are all about one shape)."""
+    out = []
+    for category in dict.fromkeys(p.category for p in prompts):
+        pool = [p for p in prompts if p.category == category]
+        k = min(per_category, len(pool))
+        out += [pool[i * len(pool) // k] for i in range(k)]
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
             RewardPart(defects, args.defects_weight, name="world-defects"),
         ],
     }
-    prompts = [p for p in heldout_prompts(args.limit_per_category) for _ in range(args.images_per_prompt)]
+    prompts = [p for p in spread(heldout_prompts(), args.per_category) for _ in range(args.images_per_prompt)]
     texts = [p.text for p in prompts]
     seeds = [args.seed + i for i in range(len(prompts))]
     chunks = [range(i, min(i + args.batch_size, len(texts))) for i in range(0, len(texts), args.batch_size)]

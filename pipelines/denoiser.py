@@ -22,7 +22,10 @@ and Flow-GRPO's DPO snap the logit-normal draw onto the scheduler's 1,000-step g
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+import logging
+from collections import defaultdict
+from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from diffusers import (
@@ -34,14 +37,21 @@ from diffusers import (
 )
 from torch import Tensor, nn
 
-from visalign.sampler import Conditioning, FlowSampler
+from visalign.config import TrainConfig
+from visalign.engine import Engine, load_prompts
+from visalign.rewards import RewardModel, load_reward
+from visalign.sampler import Conditioning, FlowSampler, seeded_generators
 from visalign.sampling import StepOutput, ddim_step
+
+logger = logging.getLogger(__name__)
 
 TARGETS = ("epsilon", "v_prediction", "flow")
 FAMILIES = {StableDiffusionPipeline: "sd", StableDiffusionXLPipeline: "sdxl", StableDiffusion3Pipeline: "sd3"}
 
 
-def forward_noise(x0: Tensor, noise: Tensor, t: Tensor, *, target: str, alphas_cumprod: Tensor | None = None) -> Tensor:
+def forward_noise(
+    x0: Tensor, noise: Tensor, t: Tensor, *, target: str, alphas_cumprod: Tensor | None = None
+) -> Tensor:
     """The noised latent `x_t` for `target` ("epsilon", "v_prediction" or "flow").
 
     Args:
@@ -115,12 +125,24 @@ class TextConditioning:
     def select(self, rows: Tensor) -> TextConditioning:
         """The rows `rows` (an index tensor), in that order."""
         pick = lambda t: None if t is None else t[rows]  # noqa: E731
-        return TextConditioning(pick(self.embeds), pick(self.pooled), pick(self.negative_embeds),
-                                pick(self.negative_pooled))
+        return TextConditioning(
+            pick(self.embeds), pick(self.pooled), pick(self.negative_embeds), pick(self.negative_pooled)
+        )
 
     def repeat(self, times: int) -> TextConditioning:
         """The batch stacked `times` times (`[w; l]` pairs share their prompt)."""
-        return self.select(torch.arange(len(self), device=self.embeds.device).repeat(times))
+        return TextConditioning.cat([self] * times)
+
+    @staticmethod
+    def cat(parts: list[TextConditioning]) -> TextConditioning:
+        """Concatenate batches along the rows."""
+
+        def cat(ts: list[Tensor | None]) -> Tensor | None:
+            return None if ts[0] is None else torch.cat(ts)
+
+        return TextConditioning(
+            *(cat([getattr(p, k) for p in parts]) for k in ("embeds", "pooled", "negative_embeds", "negative_pooled"))
+        )
 
 
 @dataclass
@@ -160,6 +182,25 @@ class EpsilonRollout:
     @property
     def num_steps(self) -> int:
         return len(self.timesteps)
+
+    @staticmethod
+    def cat(parts: list[EpsilonRollout]) -> EpsilonRollout:
+        """Concatenate rollouts of the same schedule and sampler along the samples."""
+        first = parts[0]
+        for p in parts[1:]:
+            if (p.eta, p.guidance_scale) != (first.eta, first.guidance_scale) or not torch.equal(
+                p.timesteps, first.timesteps
+            ):
+                raise ValueError("rollouts to concatenate must share the schedule, eta and guidance")
+        return replace(
+            first,
+            prompts=[prompt for p in parts for prompt in p.prompts],
+            latents=torch.cat([p.latents for p in parts]),
+            log_probs=torch.cat([p.log_probs for p in parts]),
+            predictions=torch.cat([p.predictions for p in parts]),
+            conditioning=TextConditioning.cat([p.conditioning for p in parts]),
+            images=torch.cat([p.images for p in parts]),
+        )
 
     def select(self, rows: Tensor) -> EpsilonRollout:
         """The samples `rows` (an index tensor), in that order."""
@@ -206,8 +247,9 @@ class Denoiser:
         self.logit_mean, self.logit_std = logit_mean, logit_std
         if family == "sd3":
             self.target = "flow"
-            self.flow = FlowSampler(pipe, height=self.height, width=self.width,
-                                    max_sequence_length=max_sequence_length)
+            self.flow = FlowSampler(
+                pipe, height=self.height, width=self.width, max_sequence_length=max_sequence_length
+            )
         else:
             self.target = pipe.scheduler.config.get("prediction_type", "epsilon")
             if self.target not in ("epsilon", "v_prediction"):
@@ -242,15 +284,18 @@ class Denoiser:
             )
             return TextConditioning(embeds, pooled, negative if cfg else None, negative_pooled if cfg else None)
         c = self.flow.encode(prompts, guidance_scale)
-        return TextConditioning(c.prompt_embeds, c.pooled_prompt_embeds, c.negative_prompt_embeds,
-                                c.negative_pooled_prompt_embeds)
+        return TextConditioning(
+            c.prompt_embeds, c.pooled_prompt_embeds, c.negative_prompt_embeds, c.negative_pooled_prompt_embeds
+        )
 
     @torch.no_grad()
-    def encode_images(self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None) -> Tensor:
+    def encode_images(
+        self, pixels: Tensor, generator: torch.Generator | list[torch.Generator] | None = None
+    ) -> Tensor:
         """Pixels `[B, 3, H, W]` in [0, 1] -> latents (a VAE posterior sample, shifted and scaled as in training);
         `generator` may be a list of B, one per image."""
         vae = self.pipe.vae
-        posterior = vae.encode((pixels.to(self.device, vae.dtype) * 2 - 1)).latent_dist
+        posterior = vae.encode(pixels.to(self.device, vae.dtype) * 2 - 1).latent_dist
         latents = posterior.sample(generator=generator).float()
         shift = vae.config.get("shift_factor") or 0.0
         return (latents - shift) * vae.config.scaling_factor
@@ -362,8 +407,11 @@ class Denoiser:
             raise ValueError(f"`generator` must be a list of {n} torch.Generator (one per prompt)")
         cond = self.encode_prompts(prompts, guidance_scale=guidance_scale)
         timesteps, prev = self.schedule(num_inference_steps, offset)
-        shape = (self.model.config.in_channels, self.height // self.pipe.vae_scale_factor,
-                 self.width // self.pipe.vae_scale_factor)
+        shape = (
+            self.model.config.in_channels,
+            self.height // self.pipe.vae_scale_factor,
+            self.width // self.pipe.vae_scale_factor,
+        )
         x = torch.stack([torch.randn(shape, generator=g) for g in generator]).to(self.device)
         latents, log_probs, predictions, stds = [x], [], [], []
         for i in range(len(timesteps)):
@@ -388,9 +436,7 @@ class Denoiser:
             images=self.decode(x),
         )
 
-    def log_prob(
-        self, rollout: EpsilonRollout, rows: Tensor, step: int, model: nn.Module | None = None
-    ) -> StepOutput:
+    def log_prob(self, rollout: EpsilonRollout, rows: Tensor, step: int, model: nn.Module | None = None) -> StepOutput:
         """The current model's DDIM policy at `step` for samples `rows`, scoring their stored transitions (with
         gradient through `model`). Returns `ddim_step`'s `StepOutput`."""
         if not 0 <= step < rollout.num_steps:
@@ -406,8 +452,17 @@ class Denoiser:
 
     def _step(self, pred: Tensor, x: Tensor, t: int, prev: int, eta: float, **kw) -> StepOutput:
         final = 1.0 if self.ddim.config.set_alpha_to_one else None
-        return ddim_step(pred, x, t, prev, self.ddim.alphas_cumprod, eta, prediction_type=self.target,
-                         final_alpha_cumprod=final, **kw)
+        return ddim_step(
+            pred,
+            x,
+            t,
+            prev,
+            self.ddim.alphas_cumprod,
+            eta,
+            prediction_type=self.target,
+            final_alpha_cumprod=final,
+            **kw,
+        )
 
     def _time_ids(self, n: int, dtype: torch.dtype) -> Tensor:
         """SDXL's micro-conditioning: original size, crop top-left (0, 0), target size (Diffusion-DPO's choice)."""
@@ -416,7 +471,182 @@ class Denoiser:
 
     def _require_epsilon(self, what: str) -> None:
         if self.target == "flow":
-            raise ValueError(f"`{what}` is the epsilon/v sampler; flow pipelines sample with visalign.sampler.FlowSampler")
+            raise ValueError(
+                f"`{what}` is the epsilon/v sampler; flow pipelines sample with visalign.sampler.FlowSampler"
+            )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# What the three trainers share: the pipeline settings, the engine, the loop, and the evaluation.
+
+
+@dataclass
+class DenoiserConfig(TrainConfig):
+    """Settings of the generator that Diffusion-DPO, Diffusion-DRO and PRDP train, on top of the engine's."""
+
+    pretrained: str = field(
+        default="world:sd",
+        metadata={"help": "The pipeline: a diffusers folder or hub id, `world:sd` / `world:sd3`, `tiny:sd`."},
+    )
+    height: int | None = field(default=None, metadata={"help": "Image height (default: the denoiser's native)."})
+    width: int | None = field(default=None, metadata={"help": "Image width (default: the denoiser's native)."})
+    max_sequence_length: int = field(default=256, metadata={"help": "SD3's T5 tokens (the shapes world: 16)."})
+    logit_mean: float = field(default=0.0, metadata={"help": "Flow models: logit-normal timestep mean (SD3: 0)."})
+    logit_std: float = field(default=1.0, metadata={"help": "Flow models: logit-normal timestep std (SD3: 1)."})
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the method's own samples."})
+    guidance_scale: float = field(default=7.5, metadata={"help": "CFG of the method's own samples."})
+    eval_prompts: str | None = field(
+        default=None, metadata={"help": "Evaluation prompts (`world:heldout`, a file); None: no evaluation."}
+    )
+    eval_reward: str = field(default="world-verifier", metadata={"help": "The evaluation judge (`list_rewards()`)."})
+    eval_every: int = field(default=0, metadata={"help": "Evaluate every this many steps (0: at start and end)."})
+    eval_num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps at evaluation."})
+    eval_guidance_scale: float = field(default=7.5, metadata={"help": "Guidance at evaluation."})
+    eval_images_per_prompt: int = field(default=1, metadata={"help": "Images per evaluation prompt."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Images per evaluation batch and process."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (
+            "max_sequence_length",
+            "num_inference_steps",
+            "eval_num_inference_steps",
+            "eval_images_per_prompt",
+            "eval_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        for name in ("height", "width"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer or None, got {getattr(self, name)}")
+        if self.eval_every < 0:
+            raise ValueError(f"`eval_every` must be >= 0, got {self.eval_every}")
+
+
+class DenoiserTrainer:
+    """The loop of a trainer that updates an SD, SDXL or SD3 denoiser: resume, evaluate, step, log, checkpoint.
+
+    Subclasses implement `train_step()` (one optimizer step, returning its metrics) and extend `state_dict` /
+    `load_state_dict` with what their data sampling needs to resume exactly.
+
+    Args:
+        pipe: the generator (the engine freezes it and adds LoRA to, or fully trains, its denoiser).
+        config (`DenoiserConfig`): the run.
+        eval_prompts (`list[str]`, *optional*), eval_reward (`RewardModel`, *optional*): the evaluation.
+    """
+
+    def __init__(
+        self,
+        pipe: DiffusionPipeline,
+        config: DenoiserConfig,
+        *,
+        eval_prompts: list[str] | None = None,
+        eval_reward: RewardModel | None = None,
+    ):
+        if (eval_prompts is None) != (eval_reward is None):
+            raise ValueError("pass both `eval_prompts` and `eval_reward`, or neither")
+        self.config = config
+        self.denoiser = Denoiser(
+            pipe,
+            height=config.height,
+            width=config.width,
+            max_sequence_length=config.max_sequence_length,
+            logit_mean=config.logit_mean,
+            logit_std=config.logit_std,
+        )
+        component = "transformer" if self.denoiser.target == "flow" else "unet"
+        self.engine = Engine(config, pipe, component=component, keep_reference=not config.use_lora)
+        self.eval_prompts = eval_prompts
+        self.eval_reward = None if eval_reward is None else eval_reward.to(self.engine.device).eval()
+        self.history: list[dict[str, float]] = []
+
+    def train(self) -> list[dict[str, float]]:
+        """Train to `max_steps` (resuming first when `resume_from` says so); returns the logged metrics."""
+        state = self.engine.resume()
+        if state is not None:
+            self.load_state_dict(state)
+        if self.eval_prompts and self.engine.step == 0:
+            self._log(self.evaluate())
+        while self.engine.step < self.config.max_steps:
+            self._log(self.train_step())
+            every = self.config.eval_every
+            if (
+                self.eval_prompts
+                and every
+                and self.engine.step % every == 0
+                and self.engine.step < self.config.max_steps
+            ):
+                self._log(self.evaluate())
+            self.engine.maybe_checkpoint(self.state_dict())
+        if self.eval_prompts:
+            self._log(self.evaluate())
+        self.engine.maybe_checkpoint(self.state_dict(), force=True)
+        self.engine.finish()
+        return self.history
+
+    def train_step(self) -> dict[str, float]:
+        raise NotImplementedError
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the engine's state (JSON-serializable)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output."""
+
+    def generation_kwargs(self, num_inference_steps: int, guidance_scale: float) -> dict[str, Any]:
+        """Arguments of a pipeline call at the training size (SD3 also gets `max_sequence_length`)."""
+        d = self.denoiser
+        kw = dict(
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=d.height, width=d.width
+        )
+        if d.family == "sd3":
+            kw["max_sequence_length"] = d.max_sequence_length
+        return kw
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """The pipeline's own samples of the evaluation prompts (EMA weights when on, fixed seeds) scored by the
+        evaluation judge: `eval/<name>` and `eval/<name>/<aspect>`, means over images and processes."""
+        c, engine = self.config, self.engine
+        texts = [p for p in self.eval_prompts for _ in range(c.eval_images_per_prompt)]
+        mine = torch.arange(engine.process_index, len(texts), engine.num_processes)
+        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=engine.device))
+        name = self.eval_reward.name
+        self.denoiser.model.eval()
+        with engine.ema_weights(), engine.autocast():
+            for index in mine.split(c.eval_batch_size):
+                prompts = [texts[i] for i in index.tolist()]
+                images = (
+                    self.denoiser.pipe(
+                        prompts,
+                        generator=seeded_generators([(c.seed, 0xE7A1, int(i)) for i in index]),
+                        output_type="pt",
+                        **self.generation_kwargs(c.eval_num_inference_steps, c.eval_guidance_scale),
+                    )
+                    .images.float()
+                    .clamp(0, 1)
+                )
+                out = self.eval_reward.score(images, prompts)
+                sums[f"eval/{name}"] += out.score.double().sum()
+                for aspect, values in out.aspects.items():
+                    sums[f"eval/{name}/{aspect}"] += values.double().sum()
+        names = sorted(sums) or [f"eval/{name}"]
+        totals = torch.stack([sums[k] for k in names])
+        if engine.num_processes > 1:
+            totals = engine.accelerator.reduce(totals, reduction="sum")
+        return {k: float(v) / len(texts) for k, v in zip(names, totals)}
+
+    def _log(self, metrics: dict[str, float]) -> None:
+        self.history.append({"step": self.engine.step, **metrics})
+        self.engine.log(metrics)
+
+
+def evaluation_from_config(config: DenoiserConfig) -> dict[str, Any]:
+    """The `eval_prompts` and `eval_reward` keyword arguments of a trainer, loaded from what the config names."""
+    if config.eval_prompts is None:
+        return {}
+    return dict(eval_prompts=load_prompts(config.eval_prompts), eval_reward=load_reward(config.eval_reward))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -33,11 +33,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visalign.config import TrainConfig
-from visalign.engine import Engine, PromptSampler
-from visalign.pipelines.denoiser import Denoiser
+from visalign.engine import PromptSampler, load_pipeline, load_prompts
+from visalign.pipelines.denoiser import DenoiserConfig, DenoiserTrainer, evaluation_from_config
 from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs, load_pairs, save_pairs
-from visalign.rewards import RewardModel
+from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import seeded_generators
 
 logger = logging.getLogger(__name__)
@@ -118,17 +117,16 @@ def dpo_loss(
 
 
 @dataclass
-class DPOConfig(TrainConfig):
-    """Diffusion-DPO settings; the engine's (`TrainConfig`) are inherited. Defaults are the paper's SD1.5 recipe
-    where it has one (beta 5000, caption dropout 0.2); the LoRA defaults are diffusers' DPO script's."""
+class DPOConfig(DenoiserConfig):
+    """Diffusion-DPO settings on top of the generator's and the engine's. Defaults are the paper's SD1.5 recipe where
+    it has one (beta 5000, caption dropout 0.2); online pairs follow Flow-GRPO's online DPO (best vs worst)."""
 
-    model: str = field(
-        default="world:sd", metadata={"help": "Generator: a diffusers folder, a hub id, or world:sd / world:sd3."}
-    )
     dataset: str | None = field(
         default=None,
-        metadata={"help": "Pick-a-Pic-schema pairs (.parquet, .jsonl, or a folder with manifest.jsonl); "
-                  "None builds pairs online from the current model and `reward`."},
+        metadata={
+            "help": "Pick-a-Pic-schema pairs (.parquet, .jsonl, or a folder with manifest.jsonl); "
+            "None builds pairs online from the current model and `reward`."
+        },
     )
     on_error: Literal["raise", "skip"] = field(
         default="raise", metadata={"help": "Bad dataset rows: raise naming the row, or skip and count them."}
@@ -140,34 +138,26 @@ class DPOConfig(TrainConfig):
     caption_dropout: float = field(
         default=0.2, metadata={"help": "Probability of an empty caption for a pair (official train.py: 0.2)."}
     )
-    resolution: int | None = field(
-        default=None, metadata={"help": "Training image size (default: the denoiser's native size)."}
-    )
-    max_sequence_length: int = field(default=256, metadata={"help": "SD3 T5 tokens (world:sd3 reads its own)."})
-    logit_mean: float = field(default=0.0, metadata={"help": "Flow models: logit-normal timestep mean."})
-    logit_std: float = field(default=1.0, metadata={"help": "Flow models: logit-normal timestep std."})
     reward: str = field(default="world-verifier", metadata={"help": "Online pairs: the reward that ranks a group."})
+    reward_pretrained: str | None = field(default=None, metadata={"help": "Online pairs: the reward's weights."})
     prompts: str = field(
-        default="world:train", metadata={"help": "Online pairs: world:train or a file of prompts (one a line)."}
+        default="world:train", metadata={"help": "Online pairs: `world:train` or a text file (one prompt a line)."}
     )
     prompts_per_round: int = field(default=32, metadata={"help": "Online pairs: prompts sampled per round."})
     num_images_per_prompt: int = field(default=8, metadata={"help": "Online pairs: images per prompt."})
     pair_mode: Literal["best_worst", "all"] = field(
         default="best_worst", metadata={"help": "Online pairs: best vs worst, or all pairs with a margin."}
     )
-    pair_margin: float = field(default=0.0, metadata={"help": "Online pairs: minimal reward gap of a pair."})
+    pair_margin: float = field(default=0.0, metadata={"help": "Online pairs: the minimal reward gap of a pair."})
     rebuild_every: int = field(
         default=0, metadata={"help": "Online pairs: rebuild from the current model every this many steps (0: once)."}
     )
-    num_inference_steps: int = field(default=20, metadata={"help": "Online pairs: sampling steps."})
-    guidance_scale: float = field(default=7.5, metadata={"help": "Online pairs: classifier-free guidance."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "prompts_per_round", "num_images_per_prompt",
-                     "num_inference_steps", "max_sequence_length"):
+        for name in ("train_batch_size", "gradient_accumulation_steps", "prompts_per_round", "num_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.train_batch_size % self.gradient_accumulation_steps:
@@ -178,84 +168,75 @@ class DPOConfig(TrainConfig):
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
         if self.rebuild_every < 0 or self.pair_margin < 0:
-            raise ValueError("`rebuild_every` and `pair_margin` must be >= 0")
-        if self.num_images_per_prompt < 2 and self.dataset is None:
+            raise ValueError(
+                f"`rebuild_every` and `pair_margin` must be >= 0, got {self.rebuild_every}, {self.pair_margin}"
+            )
+        if self.dataset is None and self.num_images_per_prompt < 2:
             raise ValueError("online pairs need `num_images_per_prompt` >= 2")
 
 
-class DPOTrainer:
-    """Diffusion-DPO on the training engine.
+class DPOTrainer(DenoiserTrainer):
+    """Diffusion-DPO on the training engine, from a pair dataset or from pairs built online.
 
     Args:
+        pipe: an SD, SDXL or SD3 pipeline.
         config (`DPOConfig`): the run.
-        pipe: an SD, SDXL or SD3 pipeline (the engine freezes it and adds LoRA, or trains the denoiser whole).
-        pairs (`PreferencePairs`, *optional*): offline pairs (`load_pairs`); required unless pairs are built online.
-        reward (`RewardModel`, *optional*), prompts (`list[str]`, *optional*): for online pairs.
-        generation_kwargs (`dict`, *optional*): extra pipeline arguments for online sampling (`max_sequence_length`).
+        pairs (`PreferencePairs`, *optional*): offline pairs (`load_pairs`, ties dropped).
+        reward (`RewardModel`, *optional*), prompts (`list[str]`, *optional*): online pairs, instead of `pairs`.
+        eval_prompts, eval_reward: the evaluation (`DenoiserTrainer`).
     """
 
     def __init__(
         self,
-        config: DPOConfig,
         pipe,
+        config: DPOConfig,
         *,
         pairs: PreferencePairs | None = None,
         reward: RewardModel | None = None,
         prompts: list[str] | None = None,
-        generation_kwargs: dict | None = None,
+        eval_prompts: list[str] | None = None,
+        eval_reward: RewardModel | None = None,
     ):
         if (pairs is None) == (reward is None or prompts is None):
             raise ValueError("pass `pairs` (offline DPO) or both `reward` and `prompts` (online pairs), not both")
         if pairs is not None and pairs.has_ties:
             raise ValueError("DPO needs strict preferences: load the pairs with ties='drop'")
-        self.config = config
-        self.generation_kwargs = dict(generation_kwargs or {})
-        self.denoiser = Denoiser(
-            pipe,
-            height=config.resolution,
-            width=config.resolution,
-            max_sequence_length=self.generation_kwargs.get("max_sequence_length", config.max_sequence_length),
-            logit_mean=config.logit_mean,
-            logit_std=config.logit_std,
-        )
-        component = "transformer" if self.denoiser.target == "flow" else "unet"
-        self.engine = Engine(config, pipe, component=component, keep_reference=not config.use_lora)
-        self.reward = None if reward is None else reward.to(self.engine.device)
+        super().__init__(pipe, config, eval_prompts=eval_prompts, eval_reward=eval_reward)
+        if (config.train_batch_size // config.gradient_accumulation_steps) % self.engine.num_processes:
+            raise ValueError(
+                f"`train_batch_size / gradient_accumulation_steps` must be divisible by the process count "
+                f"({self.engine.num_processes})"
+            )
+        if self.denoiser.height != self.denoiser.width:
+            raise ValueError(
+                f"DPO trains on square images: `height` and `width` differ ({config.height}, {config.width})"
+            )
+        self.reward = None if reward is None else reward.to(self.engine.device).eval()
         self.prompt_sampler = None if prompts is None else PromptSampler(prompts, config.seed)
-        self.pairs = pairs
-        self.pairs_path: str | None = None
+        self.pairs = None if pairs is None else pairs.at_resolution(self.denoiser.height)
+        self.pairs_path = None
         self.sampler = None if pairs is None else IndexSampler(len(pairs), config.seed)
         self._built_at: int | None = None
-        if self.engine.num_processes > 1 and (config.train_batch_size // config.gradient_accumulation_steps) % (
-            self.engine.num_processes
-        ):
-            raise ValueError("`train_batch_size / gradient_accumulation_steps` must be divisible by the process count")
 
-    # -- the loop -----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, config: DPOConfig) -> DPOTrainer:
+        """Build the pipeline, the pairs (or the online reward and prompts) and the evaluation the config names."""
+        if config.dataset is None:
+            data = dict(
+                reward=load_reward(config.reward, config.reward_pretrained), prompts=load_prompts(config.prompts)
+            )
+        else:
+            data = dict(pairs=load_pairs(config.dataset, on_error=config.on_error))
+        return cls(load_pipeline(config.pretrained), config, **data, **evaluation_from_config(config))
 
-    def train(self) -> Path:
-        """Run to `max_steps` (resuming when `resume_from` says so); returns the final weights' folder."""
-        state = self.engine.resume()
-        if state is not None:
-            self.load_state_dict(state)
-        while self.engine.step < self.config.max_steps:
-            if self.reward is not None and (self.pairs is None or self._rebuild_due()):
-                self.rebuild_pairs()
-            metrics = self.update()
-            self.engine.log(metrics)
-            self.engine.maybe_checkpoint(self.state_dict())
-        return self.engine.finish()
-
-    def _rebuild_due(self) -> bool:
-        every = self.config.rebuild_every
-        return every > 0 and self.engine.step % every == 0 and self.engine.step > 0 and self._built_at != self.engine.step
+    # -- pairs ----------------------------------------------------------------------------------------------------
 
     def rebuild_pairs(self) -> None:
         """Online pairs from the current model (EMA weights when on): sample, rank by the reward, save, use."""
-        cfg = self.config
+        cfg, engine = self.config, self.engine
         prompts = self.prompt_sampler.draw(cfg.prompts_per_round)
         self.denoiser.model.eval()
-        with self.engine.ema_weights():
+        with engine.ema_weights(), engine.autocast():
             pairs = build_pairs(
                 self.denoiser.pipe,
                 prompts,
@@ -263,92 +244,101 @@ class DPOTrainer:
                 num_images_per_prompt=cfg.num_images_per_prompt,
                 mode=cfg.pair_mode,
                 margin=cfg.pair_margin,
-                seed=cfg.seed * 1_000_003 + self.engine.step,
-                num_inference_steps=cfg.num_inference_steps,
-                guidance_scale=cfg.guidance_scale,
-                height=self.denoiser.height,
-                width=self.denoiser.width,
-                **self.generation_kwargs,
+                seed=cfg.seed * 1_000_003 + engine.step,
+                **self.generation_kwargs(cfg.num_inference_steps, cfg.guidance_scale),
             )
-        self.denoiser.model.train()
-        path = Path(cfg.output_dir) / "pairs" / f"step-{self.engine.step}"
-        if self.engine.is_main_process:
+        path = Path(cfg.output_dir) / "pairs" / f"step-{engine.step}"
+        if engine.is_main_process:
             save_pairs(pairs, path)
-        self.engine.accelerator.wait_for_everyone()
-        scores = torch.tensor(pairs.scores)
-        logger.info("built %d pairs at step %d (mean reward gap %.3f, prompts without a pair: %d)", len(pairs),
-                    self.engine.step, float((scores[:, 0] - scores[:, 1]).mean()), pairs.skipped.get("no_margin", 0))
-        # Train on the saved (8-bit) images, as a resumed run will: both see the same pairs.
-        saved = load_pairs(path, resolution=self.denoiser.height)
-        self._use_pairs(saved, str(path), IndexSampler(len(saved), cfg.seed + self.engine.step))
+        engine.accelerator.wait_for_everyone()
+        gaps = torch.tensor([won - lost for won, lost in pairs.scores])
+        logger.info(
+            "built %d pairs at step %d: mean reward gap %.3f, %d prompts without a pair",
+            len(pairs),
+            engine.step,
+            float(gaps.mean()),
+            pairs.skipped.get("no_margin", 0),
+        )
+        # Train on the saved 8-bit images, as a resumed run will.
+        self._use_pairs(str(path), IndexSampler(len(pairs), cfg.seed + engine.step), engine.step)
 
-    def _use_pairs(self, pairs: PreferencePairs, path: str | None, sampler: IndexSampler) -> None:
-        self.pairs, self.pairs_path, self.sampler = pairs, path, sampler
-        self._built_at = self.engine.step
+    def _use_pairs(self, path: str, sampler: IndexSampler, built_at: int) -> None:
+        self.pairs = load_pairs(path, resolution=self.denoiser.height)
+        self.pairs_path, self.sampler, self._built_at = path, sampler, built_at
 
-    def update(self) -> dict[str, float]:
-        """One optimizer step on `train_batch_size` pairs; returns the step's metrics (averaged over processes)."""
+    def _rebuild_due(self) -> bool:
+        if self.reward is None:
+            return False
+        if self.pairs is None:
+            return True
+        every, step = self.config.rebuild_every, self.engine.step
+        return every > 0 and step % every == 0 and step != self._built_at
+
+    # -- one step -------------------------------------------------------------------------------------------------
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step on `train_batch_size` pairs (rebuilding online pairs first when due)."""
         cfg, engine = self.config, self.engine
+        if self._rebuild_due():
+            self.rebuild_pairs()
         indices = self.sampler.draw(cfg.train_batch_size)
-        keys = [(engine.step, k) for k in range(cfg.train_batch_size)]
         micro = cfg.train_batch_size // cfg.gradient_accumulation_steps
         sums: dict[str, float] = {}
         self.denoiser.model.train()
         for m in range(cfg.gradient_accumulation_steps):
-            rows = list(range(m * micro, (m + 1) * micro))[engine.process_index :: engine.num_processes]
-            last = m == cfg.gradient_accumulation_steps - 1
-            with engine.accumulate(sync=last), engine.autocast():
-                loss, stats = self.pair_loss([indices[r] for r in rows], [keys[r] for r in rows])
+            positions = list(range(m * micro, (m + 1) * micro))[engine.process_index :: engine.num_processes]
+            with engine.accumulate(sync=m == cfg.gradient_accumulation_steps - 1), engine.autocast():
+                loss, stats = self.pair_loss([indices[i] for i in positions], [(engine.step, i) for i in positions])
                 engine.backward(loss / cfg.gradient_accumulation_steps)
             for k, v in stats.items():
                 sums[k] = sums.get(k, 0.0) + v / cfg.gradient_accumulation_steps
-        metrics = engine.mean_across_processes(sums)
-        return metrics | engine.optimizer_step()
+        return engine.mean_across_processes(sums) | engine.optimizer_step()
 
     def pair_loss(self, indices: list[int], keys: list[tuple[int, int]]) -> tuple[Tensor, dict[str, float]]:
-        """The DPO loss of pairs `indices`; `keys` (`(step, position in the global batch)`) seed their noise,
-        timesteps, caption dropout and VAE samples."""
+        """The DPO loss of pairs `indices`; `keys` (`(step, position in the global batch)`) seed each pair's caption
+        dropout, timestep, VAE samples and noise (shared by its two images)."""
         cfg, d = self.config, self.denoiser
         items = [self.pairs[i] for i in indices]
         generators = seeded_generators([(cfg.seed, 0xD90, *k) for k in keys])
         drop = [float(torch.rand(1, generator=g)) < cfg.caption_dropout for g in generators]
         t = torch.cat([d.sample_timesteps(1, g) for g in generators])
         winners, losers = zip(*(p.winner_loser() for p in items))
-        pixels = torch.stack(winners + losers).to(self.engine.device)
-        x0 = d.encode_images(pixels, generators + generators)
+        x0 = d.encode_images(torch.stack(winners + losers), generators + generators)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(x0.device)
         cond = d.encode_prompts(["" if dropped else p.caption for p, dropped in zip(items, drop)]).repeat(2)
-        noise, t = noise.repeat(2, *([1] * (noise.ndim - 1))), t.repeat(2)
+        noise, t = torch.cat([noise, noise]), torch.cat([t, t])
         with torch.no_grad(), self.engine.reference() as reference:
             ref_w, ref_l = d.errors(x0, noise, t, cond, reference).chunk(2)
         model_w, model_l = d.errors(x0, noise, t, cond, self.engine.model).chunk(2)
         loss, accuracy = dpo_loss(model_w, model_l, ref_w, ref_l, cfg.beta, kind=cfg.loss_type)
         stats = {
-            "loss": float(loss.detach()),
-            "implicit_accuracy": float(accuracy),
-            "model_mse_w": float(model_w.mean()),
-            "model_mse_l": float(model_l.mean()),
-            "ref_mse_w": float(ref_w.mean()),
-            "ref_mse_l": float(ref_l.mean()),
-            "mse_gap_w": float((model_w - ref_w).mean()),
-            "mse_gap_l": float((model_l - ref_l).mean()),
+            "train/loss": float(loss.detach()),
+            "train/implicit_accuracy": float(accuracy),
+            "train/model_mse_w": float(model_w.detach().mean()),
+            "train/model_mse_l": float(model_l.detach().mean()),
+            "train/ref_mse_w": float(ref_w.mean()),
+            "train/ref_mse_l": float(ref_l.mean()),
+            "train/mse_gap_w": float((model_w.detach() - ref_w).mean()),
+            "train/mse_gap_l": float((model_l.detach() - ref_l).mean()),
         }
         return loss, stats
 
     # -- resuming -------------------------------------------------------------------------------------------------
 
     def state_dict(self) -> dict:
-        state = {"pairs_sampler": self.sampler.state_dict(), "pairs_path": self.pairs_path}
+        state = {
+            "pair_sampler": self.sampler.state_dict() if self.sampler else None,
+            "pairs_path": self.pairs_path,
+            "pairs_built_at": self._built_at,
+        }
         if self.prompt_sampler is not None:
             state["prompt_sampler"] = self.prompt_sampler.state_dict()
-            state["pairs_built_at"] = self._built_at
         return state
 
     def load_state_dict(self, state: dict) -> None:
-        if state.get("prompt_sampler") is not None:
+        if self.prompt_sampler is not None:
             self.prompt_sampler.load_state_dict(state["prompt_sampler"])
-        if state.get("pairs_path") is not None:
-            pairs = load_pairs(state["pairs_path"], resolution=self.denoiser.height)
-            self._use_pairs(pairs, state["pairs_path"], IndexSampler(len(pairs), 0))
-            self._built_at = state["pairs_built_at"]  # the sampler's seed comes with its state below
-        self.sampler.load_state_dict(state["pairs_sampler"])
+        if state["pairs_path"] is not None:
+            self._use_pairs(state["pairs_path"], IndexSampler(1, 0), state["pairs_built_at"])
+        if state["pair_sampler"] is not None:
+            self.sampler.load_state_dict(state["pair_sampler"])

@@ -1,4 +1,4 @@
-"""GRPO for flow and diffusion generators: Flow-GRPO, Pref-GRPO and TempFlow-GRPO.
+"""GRPO for flow generators: Flow-GRPO, Pref-GRPO and TempFlow-GRPO (the latter's sampler in `tempflow.py`).
 
 Papers: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), DanceGRPO (Xue et al. 2025, arXiv 2505.07818), Pref-GRPO
 (Wang et al. 2025, arXiv 2508.20751), TempFlow-GRPO (He et al. 2025, arXiv 2508.04324), GRPO-Guard (Wang et al.
@@ -14,8 +14,23 @@ The pure math sits at the top of this file; the sampler step and its log-prob ar
 - `kl_penalty`: the KL to the reference policy in one of two named conventions.
 - `ratio_norm_log_prob`: GRPO-Guard's ratio normalization (RatioNorm).
 
+The trainer below (`FlowGRPOConfig`, `PrefGRPOConfig`, `FlowGRPOTrainer`) composes them with
+`visalign.sampler.FlowSampler` and `visalign.engine.Engine`, following Flow-GRPO's `scripts/train_sd3.py`: an
+iteration samples groups (SDE everywhere, or in an SDE window: Flow-GRPO-Fast/MixGRPO), gathers rewards from every
+process, normalizes them per group, and takes `num_batches_per_iteration / gradient_accumulation_steps` optimizer
+steps, each accumulating the clipped surrogate (and the KL) of every (micro-batch, trained step). Pref-GRPO is the
+same loop with `reward_mode="win_rate"`: the rewards are a pairwise judge's win rates in each group
+(`reward.group`), which average 0.5 by construction, so an external pointwise reward is always logged too.
+
 Deviations from the reference code: Pref-GRPO rounds win rates to 3 decimals (we do not); Flow-GRPO's tracker
 gives singleton groups 0 only through `r - mean = 0` (we force 0 in every scope, where the unbiased std would be NaN).
+The trainer keeps samples whose advantage is 0 (Flow-GRPO drops them and re-adds random ones to keep batches
+divisible; they carry no policy gradient, so only the loss normalization differs). Trained steps are the noisy steps
+but the schedule's last (Flow-GRPO's `timestep_fraction=0.99` of 10 steps), and `timestep_fraction < 1` picks a
+random subset shared by the batch (DanceGRPO and Pref-GRPO draw one per sample). Noise is drawn from generators
+keyed by (seed, iteration, sample), so a run is the same on any number of processes and after a resume. Pref-GRPO's
+reward mix (win rate plus CLIP advantages) and GDPO re-standardization are not reproduced; GRPO-Guard's per-step
+`1 / |dt|` gradient reweighting is not implemented (RatioNorm is, `ratio_norm=True`).
 """
 
 from __future__ import annotations
@@ -32,7 +47,7 @@ import torch
 from torch import Tensor
 
 from visalign.config import TrainConfig
-from visalign.engine import Engine, PromptSampler, load_pipeline, load_prompts
+from visalign.engine import Engine, PromptSampler, ScoreTotals, load_pipeline, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
 from visalign.sampling import noise_aware_weights, step_std
@@ -470,7 +485,6 @@ class FlowGRPOTrainer:
         self.external_reward = None if external_reward is None else external_reward.to(self.engine.device).eval()
         self.prompt_sampler = PromptSampler(prompts, config.seed)
         self.eval_prompts = eval_prompts
-        self.history: list[dict[str, float]] = []
 
     @classmethod
     def from_config(cls, config: FlowGRPOConfig) -> FlowGRPOTrainer:
@@ -502,10 +516,10 @@ class FlowGRPOTrainer:
         if state is not None:
             self.prompt_sampler.load_state_dict(state["prompt_sampler"])
         if self.eval_prompts and self.engine.step == 0:
-            self._log(self.evaluate())
+            self.engine.log(self.evaluate())
         while self.engine.step < self.config.max_steps:
             iteration = self.prompt_sampler.iteration
-            self._log(self.train_iteration())
+            self.engine.log(self.train_iteration())
             every = self.config.eval_every
             if (
                 self.eval_prompts
@@ -513,13 +527,13 @@ class FlowGRPOTrainer:
                 and (iteration + 1) % every == 0
                 and self.engine.step < self.config.max_steps
             ):
-                self._log(self.evaluate())
+                self.engine.log(self.evaluate())
             self.engine.maybe_checkpoint(self.state_dict())
         if self.eval_prompts:
-            self._log(self.evaluate())
+            self.engine.log(self.evaluate())
         self.engine.maybe_checkpoint(self.state_dict(), force=True)
         self.engine.finish()
-        return self.history
+        return self.engine.history
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the engine's state: the prompt sampler's position."""
@@ -533,6 +547,7 @@ class FlowGRPOTrainer:
         advantages, advantage_metrics = self.advantages(rollout, rewards)
         tick = time.perf_counter()
         update_metrics = self.update(rollout, advantages, iteration)
+        metrics["iteration"] = iteration
         self._synchronize()
         metrics["time/update"] = time.perf_counter() - tick
         metrics["time/iteration"] = time.perf_counter() - start
@@ -561,10 +576,8 @@ class FlowGRPOTrainer:
             rewards.append(self.score(part, aspects))
             timing["time/reward"] += time.perf_counter() - tick
             parts.append(part)
-        rollout, rewards = Rollout.cat(parts), torch.cat(rewards)
-        metrics = {"reward/mean": float(rewards.mean()), "reward/std": float(rewards.std(correction=0))}
-        metrics |= {name: float(torch.cat(values).mean()) for name, values in aspects.items()}
-        return rollout, rewards, engine.mean_across_processes(metrics) | timing | {"iteration": iteration}
+        metrics = {name: float(torch.cat(values).mean()) for name, values in aspects.items()}
+        return Rollout.cat(parts), torch.cat(rewards), engine.mean_across_processes(metrics) | timing
 
     def sample_batch(self, prompts: list[str], index: Tensor, iteration: int, batch: int) -> Rollout:
         """Sample one batch; `index` holds the samples' positions in the iteration (the same on any process count).
@@ -637,9 +650,10 @@ class FlowGRPOTrainer:
         advantages = group_advantages(
             all_rewards, all_groups, scope=c.advantage_scope, unbiased=c.advantage_unbiased, eps=c.advantage_eps
         )
+        metrics = {"reward/mean": float(all_rewards.mean()), "reward/std": float(all_rewards.std(correction=0))}
         _, inverse = all_groups.unique(return_inverse=True)
         spread = torch.zeros(int(inverse.max()) + 1, device=advantages.device).index_add_(0, inverse, advantages.abs())
-        metrics = {
+        metrics |= {
             "advantage/abs_mean": float(advantages.abs().mean()),
             "advantage/zero_groups": float((spread == 0).float().mean()),
         }
@@ -729,10 +743,11 @@ class FlowGRPOTrainer:
         c, engine = self.config, self.engine
         judge = self.external_reward or self.reward
         texts = [p for p in self.eval_prompts for _ in range(c.eval_images_per_prompt)]
-        mine = torch.arange(engine.process_index, len(texts), engine.num_processes)
-        sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=engine.device))
+        totals = ScoreTotals("eval")
         with engine.ema_weights():
-            for index in mine.split(c.sample_batch_size):
+            for index in torch.arange(engine.process_index, len(texts), engine.num_processes).split(
+                c.sample_batch_size
+            ):
                 prompts = [texts[i] for i in index.tolist()]
                 latents = self.sampler.initial_latents(seeded_generators([(c.seed, 0xE7A1, i) for i in index]))
                 with engine.autocast():
@@ -744,19 +759,8 @@ class FlowGRPOTrainer:
                         guidance_scale=c.eval_guidance_scale,
                         transformer=engine.unwrapped,
                     ).images
-                out = judge.score(images, prompts)
-                sums[f"eval/{judge.name}"] += out.score.double().sum()
-                for aspect, values in out.aspects.items():
-                    sums[f"eval/{judge.name}/{aspect}"] += values.double().sum()
-        names = sorted(sums) or [f"eval/{judge.name}"]
-        totals = torch.stack([sums[k] for k in names])
-        if engine.num_processes > 1:
-            totals = engine.accelerator.reduce(totals, reduction="sum")
-        return {k: float(v) / len(texts) for k, v in zip(names, totals)}
-
-    def _log(self, metrics: dict[str, float]) -> None:
-        self.history.append({"step": self.engine.step, **metrics})
-        self.engine.log(metrics)
+                totals.add(judge.name, judge.score(images, prompts))
+        return totals.means(engine, len(texts))
 
     def _check_same_unit_count(self, count: int) -> None:
         """DDP needs every process to take the same number of micro-steps per update."""

@@ -136,22 +136,28 @@ class PreferencePairs(Dataset):
         captions = check_prompts(captions, images_0.shape[0], "captions")
         if images_1.shape != images_0.shape:
             raise ValueError(f"`images_1` must have the shape of `images_0` {tuple(images_0.shape)}")
-        labels = [1.0] * len(captions) if labels is None else [float(v) for v in labels]
+        labels = [1.0] * len(captions) if labels is None else list(labels)
+        if len(labels) != len(captions):
+            raise ValueError(f"`labels` has {len(labels)} items for {len(captions)} pairs")
         counts: Counter = Counter(skipped or {})
-        kept = ([], [], [], [], [])
-        for i, (caption, a, b, label) in enumerate(zip(captions, images_0, images_1, labels)):
+        kept = []
+        for i, (a, b) in enumerate(zip(images_0, images_1)):
             try:
-                _check_label(label, i, "<memory>")
+                labels[i] = _check_label(labels[i], i, "<memory>")
                 if torch.equal(a, b):
                     raise BadRow(f"row {i}: the two images are identical", "identical")
             except BadRow as e:
                 _raise_or_count(e, on_error, counts)
                 continue
-            for store, value in zip(kept, (caption, (a.detach().cpu(), b.detach().cpu()), label, i,
-                                           None if scores is None else scores[i])):
-                store.append(value)
-        return cls(kept[0], kept[1], kept[2], kept[3], skipped=dict(counts),
-                   scores=None if scores is None else kept[4])
+            kept.append(i)
+        return cls(
+            [captions[i] for i in kept],
+            [(images_0[i].detach().cpu(), images_1[i].detach().cpu()) for i in kept],
+            [labels[i] for i in kept],
+            kept,
+            skipped=dict(counts),
+            scores=None if scores is None else [scores[i] for i in kept],
+        )
 
     def __len__(self) -> int:
         return len(self.captions)
@@ -159,6 +165,19 @@ class PreferencePairs(Dataset):
     def __getitem__(self, index: int) -> PreferencePair:
         a, b = (self._pixels(s, index, c) for s, c in zip(self.sources[index], PICKAPIC_IMAGE_COLUMNS))
         return PreferencePair(self.captions[index], a, b, self.labels[index], self.rows[index])
+
+    def at_resolution(self, resolution: int) -> PreferencePairs:
+        """The same pairs, read resized and center-cropped to `resolution` (a square)."""
+        return PreferencePairs(
+            self.captions,
+            self.sources,
+            self.labels,
+            self.rows,
+            resolution=resolution,
+            skipped=self.skipped,
+            scores=self.scores,
+            source=self.source,
+        )
 
     @property
     def has_ties(self) -> bool:
@@ -362,7 +381,11 @@ def build_pairs(
     yields no pair (all scores within `margin`) are counted in `skipped["no_margin"]`. Raises when no prompt does.
     """
     groups = sample_groups(
-        pipe, prompts, num_images_per_prompt=num_images_per_prompt, seed=seed, batch_size=batch_size,
+        pipe,
+        prompts,
+        num_images_per_prompt=num_images_per_prompt,
+        seed=seed,
+        batch_size=batch_size,
         **generation_kwargs,
     )
     captions, winners, losers, scores = [], [], [], []
@@ -430,13 +453,16 @@ def top_k_experts(
     captions = check_prompts(list(captions), images.shape[0], "captions")
     if not 1 <= k <= len(captions):
         raise ValueError(f"`k` must be in [1, {len(captions)}] (the pool size), got {k}")
-    scores = torch.cat([
-        reward.score(images[i : i + batch_size].to(reward.device), captions[i : i + batch_size]).score.cpu()
-        for i in range(0, len(captions), batch_size)
-    ])
+    scores = torch.cat(
+        [
+            reward.score(images[i : i + batch_size].to(reward.device), captions[i : i + batch_size]).score.cpu()
+            for i in range(0, len(captions), batch_size)
+        ]
+    )
     order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
-    return ExpertSet([captions[i] for i in order], [images[i].cpu() for i in order],
-                     scores=[float(scores[i]) for i in order])
+    return ExpertSet(
+        [captions[i] for i in order], [images[i].cpu() for i in order], scores=[float(scores[i]) for i in order]
+    )
 
 
 def load_experts(path: str | Path, *, resolution: int | None = None, on_error: str = "raise") -> ExpertSet:
@@ -582,7 +608,9 @@ def _resize_center_crop(image: Tensor, size: int) -> Tensor:
         return image
     scale = size / min(h, w)
     new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    image = torch.nn.functional.interpolate(image[None], size=new, mode="bilinear", antialias=True, align_corners=False)
+    image = torch.nn.functional.interpolate(
+        image[None], size=new, mode="bilinear", antialias=True, align_corners=False
+    )
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
     return image[0, :, top : top + size, left : left + size].clamp(0, 1)
 

@@ -27,6 +27,9 @@ METHODS: dict[str, tuple[str, str]] = {
         "visalign.pipelines.tempflow:TempFlowGRPOConfig",
         "visalign.pipelines.tempflow:TempFlowGRPOTrainer",
     ),
+    "diffusion-dpo": ("visalign.pipelines.dpo:DPOConfig", "visalign.pipelines.dpo:DPOTrainer"),
+    "diffusion-dro": ("visalign.pipelines.dro:DROConfig", "visalign.pipelines.dro:DROTrainer"),
+    "prdp": ("visalign.pipelines.prdp:PRDPConfig", "visalign.pipelines.prdp:PRDPTrainer"),
 }
 
 

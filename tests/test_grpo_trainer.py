@@ -97,6 +97,25 @@ def test_flow_grpo_raises_the_training_reward(tmp_path):
     assert (Path(config.output_dir) / "final" / "pytorch_lora_weights.safetensors").exists()
 
 
+def test_flow_grpo_trains_flux_and_its_adapter_loads_into_a_fresh_pipeline(tmp_path):
+    config = grpo_config(tmp_path, height=16, width=16, guidance_scale=3.5, lora_alpha=8)
+    trainer = FlowGRPOTrainer(tiny_pipeline("flux"), Brightness(), config, PROMPTS)
+    trainer.train()
+
+    def generate(pipe):
+        kw = dict(height=16, width=16, max_sequence_length=8, output_type="pt")
+        generator = [torch.Generator().manual_seed(0)]
+        return pipe(PROMPTS[:1], num_inference_steps=3, guidance_scale=3.5, generator=generator, **kw).images
+
+    trained = generate(trainer.sampler.pipe)
+    fresh = tiny_pipeline("flux")
+    base = generate(fresh)
+    fresh.load_lora_weights(Path(config.output_dir) / "final")
+    loaded = generate(fresh)
+    assert not torch.allclose(trained, base, atol=1e-6)
+    torch.testing.assert_close(loaded, trained, atol=1e-5, rtol=0)
+
+
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     kw = dict(max_steps=4, checkpointing_steps=2, ema_decay=0.5, ema_update_every=1, beta=0.04, timestep_fraction=0.5)
     uninterrupted = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), grpo_config(tmp_path / "a", **kw), PROMPTS)

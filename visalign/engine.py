@@ -39,6 +39,7 @@ import random
 import shutil
 import sys
 import time
+from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from importlib import metadata
@@ -60,6 +61,7 @@ from tqdm.auto import tqdm
 
 from visalign.config import TrainConfig, config_to_dict, save_config
 from visalign.sampler import seeded_generators
+from visalign.types import RewardOutput
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +136,32 @@ class PromptSampler:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.iteration = int(state["iteration"])
+
+
+class ScoreTotals:
+    """Sums of rewards' scores and aspects over this process's samples, averaged over every process at the end.
+
+    totals = ScoreTotals("eval")
+    for batch ...: totals.add(reward.name, reward.score(images, prompts))
+    metrics = totals.means(engine, count=len(all_prompts))  # {"eval/<name>": ..., "eval/<name>/<aspect>": ...}
+    """
+
+    def __init__(self, prefix: str):
+        self.prefix = prefix
+        self.sums: dict[str, float] = defaultdict(float)
+
+    def add(self, name: str, output: RewardOutput) -> None:
+        self.sums[f"{self.prefix}/{name}"] += float(output.score.double().sum())
+        for aspect, values in output.aspects.items():
+            self.sums[f"{self.prefix}/{name}/{aspect}"] += float(values.double().sum())
+
+    def means(self, engine: Engine, count: int) -> dict[str, float]:
+        """Every process's sums added, over `count` samples in all; every process must have added the same names."""
+        names = sorted(self.sums)
+        totals = torch.tensor([self.sums[k] for k in names], dtype=torch.float64, device=engine.device)
+        if engine.num_processes > 1:
+            totals = engine.accelerator.reduce(totals, reduction="sum")
+        return {k: float(v) / count for k, v in zip(names, totals)}
 
 
 class Engine:
@@ -215,6 +243,7 @@ class Engine:
         self.ema = EMA(self.parameters, config.ema_decay, config.ema_update_every) if config.ema_decay > 0 else None
         self.step = 0
         self._last_checkpoint_step = 0
+        self.history: list[dict[str, float]] = []
 
         if self.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
@@ -322,7 +351,8 @@ class Engine:
     # -- logging --------------------------------------------------------------------------------------------------
 
     def log(self, metrics: dict[str, float]) -> None:
-        """Send scalars to the trackers and append them to `output_dir/metrics.jsonl` (main process)."""
+        """Record scalars at the current step: `history`, the trackers, `output_dir/metrics.jsonl` (main process)."""
+        self.history.append({"step": self.step, **metrics})
         if self.config.report_to != "none":
             self.accelerator.log(metrics, step=self.step)
         if self.is_main_process:

@@ -1,0 +1,270 @@
+"""Preference data: Pick-a-Pic pairs from parquet, JSONL and manifest folders, bad rows, online pairs, expert sets."""
+
+import io
+import json
+import os
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from PIL import Image
+
+from visalign.pipelines.preference_data import (
+    ExpertSet,
+    IndexSampler,
+    PreferencePairs,
+    build_pairs,
+    load_experts,
+    load_pairs,
+    rank_pairs,
+    sample_groups,
+    save_experts,
+    save_pairs,
+    top_k_experts,
+)
+from visalign.rewards import RewardModel
+from visalign.testing import tiny_pipeline
+
+
+def png(color, size=8):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def jpeg(color, size=8):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="JPEG", quality=100)
+    return buffer.getvalue()
+
+
+RED, BLUE, GREEN = png((255, 0, 0)), png((0, 0, 255)), png((0, 255, 0))
+
+
+def pickapic_parquet(path, rows):
+    """Rows of (caption, jpg_0, jpg_1, label_0[, are_different]) in the Pick-a-Pic column layout."""
+    table = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], "are_different": []}
+    for caption, a, b, label, *different in rows:
+        table["caption"].append(caption)
+        table["jpg_0"].append(a)
+        table["jpg_1"].append(b)
+        table["label_0"].append(float(label))
+        table["label_1"].append(1 - float(label))
+        table["are_different"].append(different[0] if different else True)
+    pq.write_table(pa.table(table), path)
+    return path
+
+
+def manifest_folder(root, rows, images=None):
+    """A folder with `manifest.jsonl`; `images` maps file names to bytes written under it."""
+    root.mkdir(parents=True, exist_ok=True)
+    for name, data in (images or {}).items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_bytes(data)
+    (root / "manifest.jsonl").write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    return root
+
+
+class Redness(RewardModel):
+    name = "redness"
+
+    def _score(self, pixels, prompts):
+        return pixels[:, 0].mean(dim=(1, 2)) - pixels[:, 2].mean(dim=(1, 2))
+
+
+# -- reading ---------------------------------------------------------------------------------------------------------
+
+
+def test_parquet_pairs_follow_pick_a_pic_labels_and_drop_ties(tmp_path):
+    path = pickapic_parquet(
+        tmp_path / "pairs.parquet",
+        [("red wins", RED, BLUE, 1), ("blue wins", RED, BLUE, 0), ("a tie", RED, BLUE, 0.5)],
+    )
+    pairs = load_pairs(path)
+    assert len(pairs) == 2 and pairs.skipped == {"tie": 1} and not pairs.has_ties
+    winner, loser = pairs[0].winner_loser()
+    assert winner[0].mean() == 1 and loser[2].mean() == 1
+    winner, loser = pairs[1].winner_loser()  # label_0 = 0: image 1 is preferred
+    assert winner[2].mean() == 1 and loser[0].mean() == 1
+    assert pairs[1].caption == "blue wins" and pairs[1].row == 1
+    kept = load_pairs(path, ties="keep")
+    assert len(kept) == 3 and kept.has_ties and kept[2].label_0 == 0.5
+    with pytest.raises(ValueError, match="tie"):
+        kept[2].winner_loser()
+
+
+def test_jsonl_paths_manifest_folders_and_hf_image_structs(tmp_path):
+    rows = [{"caption": "c", "jpg_0": "img/a.png", "jpg_1": {"bytes": None, "path": "img/b.png"}, "label_0": 1}]
+    folder = manifest_folder(tmp_path / "set", rows, {"img/a.png": RED, "img/b.png": BLUE})
+    for source in (folder, folder / "manifest.jsonl"):
+        pairs = load_pairs(source)
+        assert len(pairs) == 1 and pairs[0].image_0.shape == (3, 8, 8)
+    struct = pickapic_parquet(tmp_path / "s.parquet", [("c", RED, BLUE, 1)])
+    table = pq.read_table(struct).to_pydict()
+    table["jpg_0"] = [{"bytes": RED, "path": None}]
+    pq.write_table(pa.table(table), tmp_path / "hf.parquet")
+    assert load_pairs(tmp_path / "hf.parquet")[0].image_0[0].mean() == 1
+
+
+def test_images_are_resized_and_center_cropped_when_asked(tmp_path):
+    wide = io.BytesIO()
+    array = np.zeros((8, 16, 3), np.uint8)
+    array[:, 4:12] = 255  # a white center square, black bands left and right
+    Image.fromarray(array).save(wide, format="PNG")
+    pairs = load_pairs(pickapic_parquet(tmp_path / "p.parquet", [("c", wide.getvalue(), BLUE, 1)]), resolution=4)
+    image = pairs[0].image_0
+    assert image.shape == (3, 4, 4)
+    assert torch.equal(image[:, :, 1:3], torch.ones(3, 4, 2)) and image.mean() > 0.9  # the black bands are cut
+
+
+# -- bad rows ----------------------------------------------------------------------------------------------------------
+
+
+def test_corrupt_image_raises_naming_the_row_or_is_skipped_and_counted(tmp_path):
+    path = pickapic_parquet(tmp_path / "p.parquet", [("ok", RED, BLUE, 1), ("bad", RED, b"not an image", 1)])
+    with pytest.raises(ValueError, match=r"row 1 of .*p\.parquet: jpg_1.*cannot be decoded"):
+        load_pairs(path)
+    pairs = load_pairs(path, on_error="skip")
+    assert len(pairs) == 1 and pairs.skipped == {"corrupt": 1}
+    truncated = RED[: len(RED) // 2]
+    with pytest.raises(ValueError, match="row 0"):
+        load_pairs(pickapic_parquet(tmp_path / "t.parquet", [("trunc", truncated, BLUE, 1)]))
+
+
+def test_missing_image_file_raises_naming_the_row_or_is_skipped(tmp_path):
+    rows = [{"caption": "c", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},
+            {"caption": "d", "jpg_0": "a.png", "jpg_1": "gone.png", "label_0": 0}]
+    folder = manifest_folder(tmp_path / "set", rows, {"a.png": RED, "b.png": BLUE})
+    with pytest.raises(ValueError, match=r"row 1 .*jpg_1: image file 'gone.png' is missing"):
+        load_pairs(folder)
+    assert load_pairs(folder, on_error="skip").skipped == {"missing": 1}
+
+
+def test_identical_images_are_rejected_by_bytes_by_pixels_and_by_are_different(tmp_path):
+    cases = {
+        "bytes": [("c", RED, RED, 1)],
+        "pixels": [("c", png((255, 0, 0)), png((255, 0, 0), size=8), 1)],
+        "are_different": [("c", RED, BLUE, 1, False)],
+    }
+    lossless_reencoded = io.BytesIO()
+    Image.open(io.BytesIO(RED)).save(lossless_reencoded, format="PNG", compress_level=0)
+    cases["pixels"] = [("c", RED, lossless_reencoded.getvalue(), 1)]
+    assert lossless_reencoded.getvalue() != RED
+    for name, rows in cases.items():
+        path = pickapic_parquet(tmp_path / f"{name}.parquet", rows + [("fine", RED, BLUE, 1)])
+        with pytest.raises(ValueError, match=r"row 0 .*identical"):
+            load_pairs(path)
+        assert load_pairs(path, on_error="skip").skipped == {"identical": 1}
+    with pytest.raises(ValueError, match="identical"):
+        PreferencePairs.from_tensors(["c"], torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
+
+
+def test_empty_datasets_are_rejected(tmp_path):
+    with pytest.raises(ValueError, match="no usable preference pair"):
+        load_pairs(pickapic_parquet(tmp_path / "ties.parquet", [("c", RED, BLUE, 0.5)]))
+    with pytest.raises(ValueError, match="no usable preference pair"):
+        load_pairs(manifest_folder(tmp_path / "empty", []))
+    with pytest.raises(ValueError, match="no usable"):
+        load_pairs(pickapic_parquet(tmp_path / "bad.parquet", [("c", RED, b"junk", 1)]), on_error="skip")
+
+
+@pytest.mark.parametrize("bad_path", ["../outside.png", "img/../../outside.png", "/etc/passwd", "link.png"])
+def test_paths_cannot_escape_the_dataset_root_even_when_skipping(tmp_path, bad_path):
+    (tmp_path / "outside.png").write_bytes(BLUE)
+    folder = manifest_folder(tmp_path / "set", [{"caption": "c", "jpg_0": "a.png", "jpg_1": bad_path, "label_0": 1}],
+                             {"a.png": RED, "img/x.png": RED})
+    os.symlink(tmp_path / "outside.png", folder / "link.png")
+    with pytest.raises(ValueError, match="escapes the dataset root|absolute path"):
+        load_pairs(folder, on_error="skip")
+    (folder / "experts.jsonl").write_text(json.dumps({"caption": "c", "image": bad_path}) + "\n")
+    with pytest.raises(ValueError, match="escapes the dataset root|absolute path"):
+        load_experts(folder / "experts.jsonl", on_error="skip")
+
+
+def test_bad_labels_columns_and_files_raise_clearly(tmp_path):
+    with pytest.raises(ValueError, match=r"row 0 .*label_0.*0, 0.5 or 1"):
+        load_pairs(pickapic_parquet(tmp_path / "l.parquet", [("c", RED, BLUE, 0.3)]))
+    pq.write_table(pa.table({"caption": ["c"], "jpg_0": [RED]}), tmp_path / "cols.parquet")
+    with pytest.raises(ValueError, match=r"lacks the column\(s\) \['jpg_1', 'label_0'\]"):
+        load_pairs(tmp_path / "cols.parquet")
+    (tmp_path / "bad.jsonl").write_text("{not json\n")
+    with pytest.raises(ValueError, match="line 1 is not valid JSON"):
+        load_pairs(tmp_path / "bad.jsonl")
+    with pytest.raises(FileNotFoundError, match="without manifest.jsonl"):
+        load_pairs(tmp_path)
+    with pytest.raises(ValueError, match="`ties` must be one of"):
+        load_pairs(tmp_path / "l.parquet", ties="maybe")
+
+
+# -- online pairs and writing -----------------------------------------------------------------------------------------
+
+
+def test_rank_pairs_best_worst_and_all_with_margin():
+    scores = torch.tensor([0.2, 0.9, 0.5, 0.9])
+    assert rank_pairs(scores) == [(1, 0)]
+    assert rank_pairs(scores, margin=0.7) == [] and rank_pairs(scores, margin=0.69) == [(1, 0)]
+    assert sorted(rank_pairs(scores, mode="all", margin=0.45)) == [(1, 0), (3, 0)]
+    assert len(rank_pairs(scores, mode="all")) == 5  # 6 unordered pairs minus the tie (1, 3)
+    assert rank_pairs(torch.ones(3)) == []
+    with pytest.raises(ValueError, match="NaN"):
+        rank_pairs(torch.tensor([0.1, float("nan")]))
+    with pytest.raises(ValueError, match="at least 2"):
+        rank_pairs(torch.tensor([1.0]))
+
+
+def test_online_pairs_rank_a_model_sample_group_and_round_trip_to_disk(tmp_path):
+    pipe = tiny_pipeline("sd")
+    kw = dict(num_inference_steps=2, guidance_scale=1.0, height=32, width=32)
+    groups = sample_groups(pipe, ["a red square", "a blue circle"], num_images_per_prompt=3, batch_size=4, **kw)
+    assert groups.shape == (2, 3, 3, 32, 32)
+    again = sample_groups(pipe, ["a red square", "a blue circle"], num_images_per_prompt=3, batch_size=2, **kw)
+    assert torch.allclose(groups, again, atol=1e-5)  # keyed by (seed, prompt, image), not by batch
+    reward = Redness()
+    pairs = build_pairs(pipe, ["a red square", "a blue circle"], reward, num_images_per_prompt=3, batch_size=4, **kw)
+    assert len(pairs) == 2 and all(pairs[i].label_0 == 1 for i in range(2))
+    for i, (prompt, group) in enumerate(zip(["a red square", "a blue circle"], groups)):
+        scores = reward.score(group, [prompt] * 3).score
+        assert pairs.scores[i] == pytest.approx((float(scores.max()), float(scores.min())))
+        assert torch.equal(pairs[i].image_0, group[int(scores.argmax())])
+    for target in (tmp_path / "folder", tmp_path / "pairs.parquet"):
+        back = load_pairs(save_pairs(pairs, target))
+        assert len(back) == 2 and back.captions == pairs.captions
+        assert (back[0].image_0 - pairs[0].image_0).abs().max() <= 0.5 / 255 + 1e-6  # 8-bit PNG
+    pairs_all = build_pairs(pipe, ["a red square"], reward, num_images_per_prompt=3, mode="all", **kw)
+    assert len(pairs_all) == 3
+    with pytest.raises(ValueError, match="no pair"):
+        build_pairs(pipe, ["a red square"], reward, num_images_per_prompt=2, margin=10.0, **kw)
+
+
+def test_expert_sets_top_k_by_reward_round_trip_and_bad_rows(tmp_path):
+    images = torch.zeros(5, 3, 4, 4)
+    images[:, 0] = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3])[:, None, None]
+    experts = top_k_experts(images, [f"p{i}" for i in range(5)], Redness(), 3, batch_size=2)
+    assert experts.captions == ["p1", "p3", "p2"] and experts.scores == pytest.approx([0.9, 0.7, 0.5])
+    folder = save_experts(experts, tmp_path / "experts")
+    back = load_experts(folder)
+    assert back.captions == experts.captions and back[0][1].shape == (3, 4, 4)
+    assert load_experts(folder, resolution=2)[0][1].shape == (3, 2, 2)
+    with pytest.raises(ValueError, match=r"`k` must be in \[1, 5\]"):
+        top_k_experts(images, [f"p{i}" for i in range(5)], Redness(), 6)
+    rows = [{"caption": "x", "image": "images/000000.png"}, {"caption": "y", "image": "nope.png"}]
+    manifest_folder(tmp_path / "experts", rows)
+    with pytest.raises(ValueError, match=r"row 1 .*'nope.png' is missing"):
+        load_experts(tmp_path / "experts")
+    assert len(load_experts(tmp_path / "experts", on_error="skip")) == 1
+    with pytest.raises(ValueError, match="holds no expert image"):
+        ExpertSet([], [])
+
+
+def test_index_sampler_is_deterministic_resumable_and_covers_each_epoch():
+    sampler = IndexSampler(5, seed=3)
+    first = sampler.draw(3) + sampler.draw(4)  # crosses into the second epoch
+    assert sorted(first[:5]) == list(range(5))
+    state = sampler.state_dict()
+    rest = sampler.draw(6)
+    resumed = IndexSampler(5, seed=0)
+    resumed.load_state_dict(state)
+    assert resumed.draw(6) == rest
+    assert IndexSampler(5, seed=3).draw(7) == first
