@@ -388,9 +388,10 @@ def compare_runs(
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    from visalign.benchmarks import reward_eval  # numpy only at import: `--help` stays fast
     from visalign.benchmarks.prompts import FORMATS  # stdlib and numpy only: `--help` stays fast
 
-    sub = parser.add_subparsers(dest="bench_command", metavar="{run,compare,convert}", required=True)
+    sub = parser.add_subparsers(dest="bench_command", metavar="{run,compare,convert,reward}", required=True)
     r = sub.add_parser("run", help="generate or read images, judge them, write the reports")
     r.add_argument("--set", required=True, help="visalign-core, world-heldout, or a prompt file")
     r.add_argument("--set-format", choices=FORMATS, default=None, help="prompt file format (default: guessed)")
@@ -435,6 +436,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     v.add_argument("source", help="a built-in set name or a prompt file")
     v.add_argument("output")
     v.add_argument("--set-format", choices=FORMATS, default=None, help="prompt file format (default: guessed)")
+    reward_eval.add_arguments(sub.add_parser("reward", help="pairwise accuracy and calibration of a reward model"))
 
 
 def _load_generator(model: str, device: str | None, dtype: str | None) -> tuple[Any, dict]:
@@ -569,4 +571,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return {"run": _run, "compare": _compare, "convert": _convert}[args.bench_command](args)
+    from visalign.benchmarks import reward_eval
+
+    commands = {"run": _run, "compare": _compare, "convert": _convert, "reward": reward_eval.run}
+    return commands[args.bench_command](args)

@@ -642,6 +642,24 @@ class DenoiserTrainer:
         self.engine.log(metrics)
 
 
+def check_micro_batches(train_batch_size: int, gradient_accumulation_steps: int, caption_dropout: float) -> None:
+    """The batch settings of the image-based objectives (DPO pairs, DRO rows): positive sizes, a batch that splits
+    into equal micro-batches, a caption dropout probability in [0, 1)."""
+    for name, value in {
+        "train_batch_size": train_batch_size,
+        "gradient_accumulation_steps": gradient_accumulation_steps,
+    }.items():
+        if value < 1:
+            raise ValueError(f"`{name}` must be >= 1, got {value}")
+    if train_batch_size % gradient_accumulation_steps:
+        raise ValueError(
+            f"`train_batch_size` ({train_batch_size}) must be divisible by `gradient_accumulation_steps` "
+            f"({gradient_accumulation_steps})"
+        )
+    if not 0 <= caption_dropout < 1:
+        raise ValueError(f"`caption_dropout` must be in [0, 1), got {caption_dropout}")
+
+
 def evaluation_from_config(config: DenoiserConfig) -> dict[str, Any]:
     """The `eval_prompts` and `eval_reward` keyword arguments of a trainer, loaded from what the config names."""
     if config.eval_prompts is None:

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from visalign.engine import PromptSampler, load_pipeline, load_prompts
-from visalign.pipelines.denoiser import DenoiserConfig, DenoiserTrainer, evaluation_from_config
+from visalign.pipelines.denoiser import DenoiserConfig, DenoiserTrainer, check_micro_batches, evaluation_from_config
 from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs, load_pairs, save_pairs
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import seeded_generators
@@ -157,16 +157,10 @@ class DPOConfig(DenoiserConfig):
         super().__post_init__()
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}")
-        for name in ("train_batch_size", "gradient_accumulation_steps", "prompts_per_round", "num_images_per_prompt"):
+        check_micro_batches(self.train_batch_size, self.gradient_accumulation_steps, self.caption_dropout)
+        for name in ("prompts_per_round", "num_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.train_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"`train_batch_size` ({self.train_batch_size}) must be divisible by `gradient_accumulation_steps` "
-                f"({self.gradient_accumulation_steps})"
-            )
-        if not 0 <= self.caption_dropout < 1:
-            raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
         if self.rebuild_every < 0 or self.pair_margin < 0:
             raise ValueError(
                 f"`rebuild_every` and `pair_margin` must be >= 0, got {self.rebuild_every}, {self.pair_margin}"

@@ -39,6 +39,7 @@ from visalign.pipelines.denoiser import (
     DenoiserTrainer,
     EpsilonRollout,
     TextConditioning,
+    check_micro_batches,
     evaluation_from_config,
     per_sample_mse,
 )
@@ -183,26 +184,14 @@ class DROConfig(DenoiserConfig):
         super().__post_init__()
         if not self.experts:
             raise ValueError("`experts` must name a folder (or .jsonl) of expert images")
-        for name in (
-            "train_batch_size",
-            "gradient_accumulation_steps",
-            "policy_update_steps",
-            "buffer_size",
-            "rollouts_per_micro_step",
-        ):
+        check_micro_batches(self.train_batch_size, self.gradient_accumulation_steps, self.caption_dropout)
+        for name in ("policy_update_steps", "buffer_size", "rollouts_per_micro_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.train_batch_size % self.gradient_accumulation_steps:
-            raise ValueError(
-                f"`train_batch_size` ({self.train_batch_size}) must be divisible by `gradient_accumulation_steps` "
-                f"({self.gradient_accumulation_steps})"
-            )
         if not self.margin >= 0:
             raise ValueError(f"`margin` must be >= 0, got {self.margin}")
-        if not 0 <= self.caption_dropout < 1 or not 0 <= self.eta <= 1:
-            raise ValueError(
-                f"`caption_dropout` must be in [0, 1) and `eta` in [0, 1], got {self.caption_dropout}, {self.eta}"
-            )
+        if not 0 <= self.eta <= 1:
+            raise ValueError(f"`eta` must be in [0, 1], got {self.eta}")
         if self.checkpointing_steps % self.policy_update_steps:
             raise ValueError(
                 f"`checkpointing_steps` ({self.checkpointing_steps}) must be a multiple of `policy_update_steps` "

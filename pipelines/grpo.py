@@ -686,6 +686,7 @@ class FlowGRPOTrainer:
                     (rows, int(t))
                     for t in trained.nonzero().flatten()
                     for rows in part[rollout.stds[part, t] > 0].split(c.train_batch_size)
+                    if len(rows)
                 ]
                 self._check_same_unit_count(len(units))
                 for i, (rows, t) in enumerate(units):

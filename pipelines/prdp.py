@@ -360,7 +360,13 @@ class PRDPTrainer(DenoiserTrainer):
     # -- the update -----------------------------------------------------------------------------------------------
 
     def update(self, reuse_old: bool) -> dict[str, float]:
-        """One exact gradient step of `prdp_loss` over the epoch (see the module docstring for the two passes)."""
+        """One optimizer step on the epoch's `prdp_loss` (`backward`, then the engine's step)."""
+        metrics = self.backward(reuse_old)
+        return self.engine.mean_across_processes(metrics) | self.engine.optimizer_step()
+
+    def backward(self, reuse_old: bool) -> dict[str, float]:
+        """Accumulate the exact gradient of the epoch's `prdp_loss` in two passes (see the module docstring); with
+        `reuse_old` the sampling log-probs stand for the current ones (the model is still `pi_old`)."""
         c, engine, e = self.config, self.engine, self.epoch
         rollout, steps = e.rollout, e.steps.tolist()
         old = rollout.log_probs[:, steps].float()
@@ -404,7 +410,7 @@ class PRDPTrainer(DenoiserTrainer):
         metrics["train/loss"] = float(loss.detach())
         if c.kl_coef > 0:
             metrics["train/kl"] = kl_sum / (len(rollout) * len(steps))
-        return engine.mean_across_processes(metrics) | engine.optimizer_step()
+        return metrics
 
     # -- resuming -------------------------------------------------------------------------------------------------
 

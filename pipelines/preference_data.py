@@ -5,8 +5,11 @@ per comparison with `caption` (str), `jpg_0` and `jpg_1` (the two images) and `l
 0: image 1 preferred, 0.5: a tie). `load_pairs` reads
 - a `.parquet` file (needs `pyarrow`), whose image columns hold bytes (Pick-a-Pic's `binary`), paths, or the
   `{"bytes", "path"}` structs Hugging Face `datasets` writes for its `Image` feature;
+- a folder of `.parquet` shards (Pick-a-Pic v2's layout), read in name order;
 - a `.jsonl` file, one JSON object a line, whose image fields are paths (or such structs with a path);
 - a folder holding `manifest.jsonl` (an image folder with a manifest).
+Parquet is read whole, images included (fine up to a few GB; for all of Pick-a-Pic v2, ~335 GB of JPEGs, take a
+subset of shards or a manifest folder, whose images are read when used).
 Paths are relative to the dataset root (the folder of the file, or the folder itself) and may not leave it: an
 absolute path or one that resolves outside the root (`..`, a symlink) is an error, always.
 
@@ -143,7 +146,7 @@ class PreferencePairs(Dataset):
         kept = []
         for i, (a, b) in enumerate(zip(images_0, images_1)):
             try:
-                labels[i] = _check_label(labels[i], i, "<memory>")
+                labels[i] = _check_label(labels[i], f"row {i}")
                 if torch.equal(a, b):
                     raise BadRow(f"row {i}: the two images are identical", "identical")
             except BadRow as e:
@@ -202,7 +205,8 @@ def load_pairs(
     label_column: str = "label_0",
     check_images: bool = True,
 ) -> PreferencePairs:
-    """Read Pick-a-Pic-schema pairs from a `.parquet` file, a `.jsonl` file or a folder with `manifest.jsonl`.
+    """Read Pick-a-Pic-schema pairs from a `.parquet` file, a folder of parquet shards, a `.jsonl` file or a folder
+    with `manifest.jsonl`.
 
     Args:
         path: the file or folder; relative image paths resolve against its folder and may not leave it.
@@ -219,16 +223,15 @@ def load_pairs(
     if on_error not in ON_ERROR:
         raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}")
     path = Path(path)
-    root, records = _read_records(path, [caption_column, *image_columns, label_column])
+    root, records = _read_rows(path, [caption_column, *image_columns, label_column])
     counts: Counter = Counter()
     kept = ([], [], [], [])
-    for i, record in enumerate(records):
-        where = f"row {i} of {path}"
+    for i, (where, record) in enumerate(records):
         try:
             caption = record.get(caption_column)
             if not isinstance(caption, str):
                 raise BadRow(f"{where}: `{caption_column}` must be a string, got {caption!r}", "caption")
-            label = _check_label(record.get(label_column), i, path, label_column)
+            label = _check_label(record.get(label_column), where, label_column)
             if label == 0.5 and ties == "drop":
                 counts["tie"] += 1
                 continue
@@ -471,10 +474,9 @@ def load_experts(path: str | Path, *, resolution: int | None = None, on_error: s
     if on_error not in ON_ERROR:
         raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}")
     path = Path(path)
-    root, records = _read_records(path, ["caption", "image"])
+    root, records = _read_rows(path, ["caption", "image"])
     captions, sources, counts = [], [], Counter()
-    for i, record in enumerate(records):
-        where = f"row {i} of {path}"
+    for where, record in records:
         try:
             if not isinstance(record.get("caption"), str):
                 raise BadRow(f"{where}: `caption` must be a string, got {record.get('caption')!r}", "caption")
@@ -510,27 +512,27 @@ def save_experts(experts: ExpertSet, folder: str | Path) -> Path:
 
 
 def _read_records(path: Path, columns: list[str]) -> tuple[Path, list[dict[str, Any]]]:
-    """`(root, rows)` of a parquet file, a JSONL file, or a folder's manifest."""
+    """`(root, rows)` of a parquet file, a folder of parquet shards, a JSONL file, or a folder's manifest."""
+    root, rows = _read_rows(path, columns)
+    return root, [row for _, row in rows]
+
+
+def _read_rows(path: Path, columns: list[str]) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
+    """`(root, [(where, row), ...])` as `_read_records`, with `where` naming each row and its file for messages."""
     if path.is_dir():
+        shards = sorted(path.glob("*.parquet"))
+        if not (path / MANIFEST).exists() and shards:
+            return path.resolve(), [row for shard in shards for row in _read_parquet(shard, columns)]
         path = path / MANIFEST
         if not path.exists():
-            raise FileNotFoundError(f"{path.parent} is a folder without {MANIFEST}")
+            raise FileNotFoundError(f"{path.parent} is a folder without {MANIFEST} or parquet shards")
     if not path.exists():
         raise FileNotFoundError(f"no dataset at {path}")
     root = path.parent.resolve()
     if path.suffix == ".parquet":
-        try:
-            import pyarrow.parquet as pq
-        except ImportError as e:
-            raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from e
-        schema = pq.read_schema(path)
-        missing = [c for c in columns if c not in schema.names]
-        if missing:
-            raise ValueError(f"{path} lacks the column(s) {missing}; it has {schema.names}")
-        extra = ["are_different"] if "are_different" in schema.names else []
-        return root, pq.read_table(path, columns=columns + extra).to_pylist()
+        return root, _read_parquet(path, columns)
     if path.suffix != ".jsonl":
-        raise ValueError(f"{path}: expected a .parquet or .jsonl file, or a folder with {MANIFEST}")
+        raise ValueError(f"{path}: expected a .parquet or .jsonl file, or a folder with {MANIFEST} or parquet shards")
     records = []
     for n, line in enumerate(path.read_text().splitlines()):
         if not line.strip():
@@ -541,8 +543,23 @@ def _read_records(path: Path, columns: list[str]) -> tuple[Path, list[dict[str, 
             raise ValueError(f"{path} line {n + 1} is not valid JSON: {e}") from None
         if not isinstance(record, dict):
             raise ValueError(f"{path} line {n + 1} must be a JSON object, got {type(record).__name__}")
-        records.append(record)
+        records.append((f"row {len(records)} of {path}", record))
     return root, records
+
+
+def _read_parquet(path: Path, columns: list[str]) -> list[tuple[str, dict[str, Any]]]:
+    """The rows of one parquet file (all of it in memory: images included)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError as e:
+        raise ImportError("reading parquet needs pyarrow: pip install pyarrow") from e
+    names = pq.read_schema(path).names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise ValueError(f"{path} lacks the column(s) {missing}; it has {names}")
+    extra = ["are_different"] if "are_different" in names else []
+    rows = pq.read_table(path, columns=columns + extra).to_pylist()
+    return [(f"row {i} of {path}", row) for i, row in enumerate(rows)]
 
 
 def _source(value: Any, root: Path, where: str) -> bytes | Path:
@@ -585,9 +602,9 @@ def _check_distinct(pair: tuple[bytes | Path, bytes | Path], record: dict, where
             raise BadRow(f"{where}: the two images are identical (equal pixels)", "identical")
 
 
-def _check_label(value: Any, row: int, source: Any, column: str = "label_0") -> float:
+def _check_label(value: Any, where: str, column: str = "label_0") -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or float(value) not in (0.0, 0.5, 1.0):
-        raise BadRow(f"row {row} of {source}: `{column}` must be 0, 0.5 or 1, got {value!r}", "label")
+        raise BadRow(f"{where}: `{column}` must be 0, 0.5 or 1, got {value!r}", "label")
     return float(value)
 
 

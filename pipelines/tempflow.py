@@ -17,7 +17,7 @@ read in the official code (Shredded-Pork/TempFlow-GRPO `scripts/train_sd3_pr.py`
 Everything else (rewards, advantages, clipped loss, KL, the engine) is `FlowGRPOTrainer`'s: this file only swaps the
 sampling for branching and sets the paper's defaults.
 
-Deviations: `branch_steps_per_iteration > 0` branches at a random subset of steps per iteration (all processes
+Deviations: `num_branch_steps > 0` branches at a random subset of steps per sampling batch (all processes
 alike) to fit CPU budgets (TeleBoost's "sampled_k"); the official run skips sampling in its first two epochs (we
 do not); the KL convention is `exact` (the reference divides by the transition std, `sqrt(|dt|)` included).
 """
@@ -45,8 +45,9 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
     group_size: int = field(default=6, metadata={"help": "SDE children per seed and branch step (K)."})
     sample_batch_size: int = field(default=1, metadata={"help": "Seeds per sampling batch and process."})
     train_batch_size: int = field(default=6, metadata={"help": "Transitions per training micro-batch and process."})
-    branch_steps_per_iteration: int = field(
-        default=0, metadata={"help": "Branch at this many random steps of 0..T-2 per iteration (0 = all of them)."}
+    num_branch_steps: int = field(
+        default=0,
+        metadata={"help": "Branch at this many random steps of 0..T-2 in each sampling batch (0 = all of them)."},
     )
     advantage_scope: Literal["group", "global"] = field(default="group", metadata={"help": "Per seed group."})
     advantage_unbiased: bool = field(default=False, metadata={"help": "Population std (np.std)."})
@@ -58,10 +59,10 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
         super().__post_init__()
         if self.sde_window_size:
             raise ValueError("TempFlow-GRPO branches instead of using an SDE window: set `sde_window_size` to 0")
-        if not 0 <= self.branch_steps_per_iteration <= self.num_inference_steps - 1:
+        if not 0 <= self.num_branch_steps <= self.num_inference_steps - 1:
             raise ValueError(
-                f"`branch_steps_per_iteration` must be in [0, {self.num_inference_steps - 1}] (0 = every step), "
-                f"got {self.branch_steps_per_iteration}"
+                f"`num_branch_steps` must be in [0, {self.num_inference_steps - 1}] (0 = every step), "
+                f"got {self.num_branch_steps}"
             )
 
 
@@ -96,11 +97,11 @@ class TempFlowGRPOTrainer(FlowGRPOTrainer):
             )
 
     def branch_steps(self, iteration: int, batch: int) -> list[int]:
-        """Every step 0..T-2, or `branch_steps_per_iteration` of them at random (the same on every process)."""
+        """Every step 0..T-2, or `num_branch_steps` of them at random (the same on every process)."""
         c = self.config
         steps = list(range(c.num_inference_steps - 1))
-        if not c.branch_steps_per_iteration:
+        if not c.num_branch_steps:
             return steps
         generator = seeded_generators([(c.seed, iteration, 4, batch)])[0]
-        chosen = torch.randperm(len(steps), generator=generator)[: c.branch_steps_per_iteration]
+        chosen = torch.randperm(len(steps), generator=generator)[: c.num_branch_steps]
         return sorted(steps[i] for i in chosen.tolist())

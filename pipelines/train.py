@@ -30,6 +30,7 @@ METHODS: dict[str, tuple[str, str]] = {
     "diffusion-dpo": ("visalign.pipelines.dpo:DPOConfig", "visalign.pipelines.dpo:DPOTrainer"),
     "diffusion-dro": ("visalign.pipelines.dro:DROConfig", "visalign.pipelines.dro:DROTrainer"),
     "prdp": ("visalign.pipelines.prdp:PRDPConfig", "visalign.pipelines.prdp:PRDPTrainer"),
+    "reward": ("visalign.pipelines.reward_training:RewardConfig", "visalign.pipelines.reward_training:RewardTrainer"),
 }
 
 

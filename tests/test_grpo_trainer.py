@@ -191,6 +191,25 @@ def test_tempflow_grpo_trains_one_branch_transition_per_sample(tmp_path):
     assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
 
 
+def test_tempflow_grpo_with_random_branch_steps_per_batch(tmp_path):
+    config = grpo_config(
+        tmp_path,
+        cls=TempFlowGRPOConfig,
+        num_inference_steps=4,
+        group_size=2,
+        sample_batch_size=1,
+        train_batch_size=2,
+        num_branch_steps=1,
+        num_batches_per_iteration=2,
+        gradient_accumulation_steps=2,
+        max_steps=2,
+    )
+    trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    assert [trainer.branch_steps(0, b) for b in range(2)] != [trainer.branch_steps(1, b) for b in range(2)]
+    history = trainer.train()
+    assert [m["step"] for m in history] == [1, 2]
+
+
 def test_tempflow_noise_aware_weights_are_the_official_sd35m_constants(tmp_path):
     config = grpo_config(tmp_path, cls=TempFlowGRPOConfig, num_inference_steps=4, group_size=2, sample_batch_size=2)
     trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
@@ -260,7 +279,7 @@ def test_misconfigured_group_sizes_raise(tmp_path):
         (dict(reward_mode="win_rate"), "needs `external_reward`"),
         (dict(bradley_terry_temperature=1.0), "win_rate"),
         (dict(cls=TempFlowGRPOConfig, sde_window_size=1), "branches instead"),
-        (dict(cls=TempFlowGRPOConfig, branch_steps_per_iteration=3), "branch_steps_per_iteration"),
+        (dict(cls=TempFlowGRPOConfig, num_branch_steps=3), "num_branch_steps"),
     ],
 )
 def test_bad_configs_raise(tmp_path, kw, match):

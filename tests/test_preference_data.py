@@ -74,7 +74,7 @@ class Redness(RewardModel):
         return pixels[:, 0].mean(dim=(1, 2)) - pixels[:, 2].mean(dim=(1, 2))
 
 
-# -- reading ---------------------------------------------------------------------------------------------------------
+# -- reading ----------------------------------------------------------------------------------------------------------
 
 
 def test_parquet_pairs_follow_pick_a_pic_labels_and_drop_ties(tmp_path):
@@ -93,6 +93,16 @@ def test_parquet_pairs_follow_pick_a_pic_labels_and_drop_ties(tmp_path):
     assert len(kept) == 3 and kept.has_ties and kept[2].label_0 == 0.5
     with pytest.raises(ValueError, match="tie"):
         kept[2].winner_loser()
+
+
+def test_a_folder_of_parquet_shards_reads_in_name_order_and_names_the_shard_of_a_bad_row(tmp_path):
+    (tmp_path / "shards").mkdir()
+    pickapic_parquet(tmp_path / "shards" / "train-00000.parquet", [("first", RED, BLUE, 1)])
+    pickapic_parquet(tmp_path / "shards" / "train-00001.parquet", [("second", RED, GREEN, 0), ("bad", RED, b"x", 1)])
+    with pytest.raises(ValueError, match=r"row 1 of .*train-00001.parquet: jpg_1"):
+        load_pairs(tmp_path / "shards")
+    pairs = load_pairs(tmp_path / "shards", on_error="skip")
+    assert pairs.captions == ["first", "second"] and pairs.rows == [0, 1] and pairs.skipped == {"corrupt": 1}
 
 
 def test_jsonl_paths_manifest_folders_and_hf_image_structs(tmp_path):
@@ -119,7 +129,7 @@ def test_images_are_resized_and_center_cropped_when_asked(tmp_path):
     assert torch.equal(image[:, :, 1:3], torch.ones(3, 4, 2)) and image.mean() > 0.9  # the black bands are cut
 
 
-# -- bad rows ----------------------------------------------------------------------------------------------------------
+# -- bad rows ---------------------------------------------------------------------------------------------------------
 
 
 def test_corrupt_image_raises_naming_the_row_or_is_skipped_and_counted(tmp_path):
@@ -134,8 +144,10 @@ def test_corrupt_image_raises_naming_the_row_or_is_skipped_and_counted(tmp_path)
 
 
 def test_missing_image_file_raises_naming_the_row_or_is_skipped(tmp_path):
-    rows = [{"caption": "c", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},
-            {"caption": "d", "jpg_0": "a.png", "jpg_1": "gone.png", "label_0": 0}]
+    rows = [
+        {"caption": "c", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},
+        {"caption": "d", "jpg_0": "a.png", "jpg_1": "gone.png", "label_0": 0},
+    ]
     folder = manifest_folder(tmp_path / "set", rows, {"a.png": RED, "b.png": BLUE})
     with pytest.raises(ValueError, match=r"row 1 .*jpg_1: image file 'gone.png' is missing"):
         load_pairs(folder)
@@ -173,8 +185,11 @@ def test_empty_datasets_are_rejected(tmp_path):
 @pytest.mark.parametrize("bad_path", ["../outside.png", "img/../../outside.png", "/etc/passwd", "link.png"])
 def test_paths_cannot_escape_the_dataset_root_even_when_skipping(tmp_path, bad_path):
     (tmp_path / "outside.png").write_bytes(BLUE)
-    folder = manifest_folder(tmp_path / "set", [{"caption": "c", "jpg_0": "a.png", "jpg_1": bad_path, "label_0": 1}],
-                             {"a.png": RED, "img/x.png": RED})
+    folder = manifest_folder(
+        tmp_path / "set",
+        [{"caption": "c", "jpg_0": "a.png", "jpg_1": bad_path, "label_0": 1}],
+        {"a.png": RED, "img/x.png": RED},
+    )
     os.symlink(tmp_path / "outside.png", folder / "link.png")
     with pytest.raises(ValueError, match="escapes the dataset root|absolute path"):
         load_pairs(folder, on_error="skip")
@@ -192,8 +207,9 @@ def test_bad_labels_columns_and_files_raise_clearly(tmp_path):
     (tmp_path / "bad.jsonl").write_text("{not json\n")
     with pytest.raises(ValueError, match="line 1 is not valid JSON"):
         load_pairs(tmp_path / "bad.jsonl")
-    with pytest.raises(FileNotFoundError, match="without manifest.jsonl"):
-        load_pairs(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="without manifest.jsonl or parquet shards"):
+        load_pairs(tmp_path / "empty")
     with pytest.raises(ValueError, match="`ties` must be one of"):
         load_pairs(tmp_path / "l.parquet", ties="maybe")
 

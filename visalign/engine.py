@@ -41,7 +41,7 @@ import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -300,7 +300,7 @@ class Engine:
 
     # -- one update -----------------------------------------------------------------------------------------------
 
-    def autocast(self):
+    def autocast(self) -> AbstractContextManager:
         """The mixed-precision autocast context (a no-op in float32)."""
         return self.accelerator.autocast()
 
@@ -344,7 +344,7 @@ class Engine:
         else:
             raise ValueError("full fine-tuning keeps a reference model only with Engine(..., keep_reference=True)")
 
-    def ema_weights(self):
+    def ema_weights(self) -> AbstractContextManager:
         """A context in which the trained parameters hold their EMA (a no-op without EMA)."""
         return nullcontext() if self.ema is None else self.ema.swapped_in()
 
@@ -536,6 +536,7 @@ def checkpoints(output_dir: str | Path) -> list[Path]:
 
 
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The newest complete checkpoint under `output_dir`, or None."""
     found = checkpoints(output_dir)
     return found[-1] if found else None
 

@@ -170,6 +170,17 @@ class Rollout:
         )
 
 
+@dataclass
+class _Cohort:
+    """The children that left their seeds at branch step `k`: their latents and step means from step k on."""
+
+    k: int
+    latents: list[Tensor]
+    means: list[Tensor]
+    log_prob: Tensor
+    std: Tensor
+
+
 def seeded_generators(keys: Sequence[Sequence[int]]) -> list[torch.Generator]:
     """One CPU generator per key (a sequence of non-negative ints, e.g. `(seed, iteration, sample_index)`).
 
@@ -437,24 +448,20 @@ class FlowSampler:
 
         x = latents.float()
         seed_latents, seed_means = [x], []
-        cohorts: list[dict] = []  # one per branch step: its children's latents and means from step k on
+        cohorts: list[_Cohort] = []
         for i in range(t_count):
-            live = [c["latents"][-1] for c in cohorts]
             rows = torch.cat([seed_rows] + [parents] * len(cohorts))
-            batch = torch.cat([x, *live])
+            batch = torch.cat([x] + [c.latents[-1] for c in cohorts])
             v = self.velocity(batch, timesteps[i], conditioning.select(rows), guidance_scale, transformer)
-            ode = sde_step(v, batch, sigmas, i, 0.0)
-            for c, (nxt, mean) in zip(
-                cohorts, zip(ode.prev_sample[s:].split(len(parents)), ode.mean[s:].split(len(parents)))
-            ):
-                c["latents"].append(nxt)
-                c["means"].append(mean)
-            if i in ks:
+            ode = sde_step(v, batch, sigmas, i, 0.0)  # seeds and live children all take the Euler step
+            children = zip(cohorts, ode.prev_sample[s:].split(len(parents)), ode.mean[s:].split(len(parents)))
+            for cohort, child_latents, child_means in children:
+                cohort.latents.append(child_latents)
+                cohort.means.append(child_means)
+            if i in ks:  # new children: one SDE step from their seed's state, with the seed's velocity
                 gens = None if generator is None else [generator[p] for p in parents.tolist()]
                 sde = sde_step(v[:s][parents], x[parents], sigmas, i, noise_level, kind=kind, generator=gens)
-                cohorts.append(
-                    dict(k=i, latents=[sde.prev_sample], means=[sde.mean], log_prob=sde.log_prob, std=sde.std)
-                )
+                cohorts.append(_Cohort(i, [sde.prev_sample], [sde.mean], sde.log_prob, sde.std))
             seed_means.append(ode.mean[:s])
             x = ode.prev_sample[:s]
             seed_latents.append(x)
@@ -464,16 +471,15 @@ class FlowSampler:
         out_latents, out_means, out_log_probs, out_stds, out_groups = [], [], [], [], []
         base_groups = torch.arange(s, device=self.device) if group_ids is None else group_ids.to(self.device)
         for c in cohorts:
-            k = c["k"]
-            out_latents.append(torch.cat([seed_latents_t[parents, : k + 1], torch.stack(c["latents"], dim=1)], dim=1))
-            out_means.append(torch.cat([seed_means_t[parents, :k], torch.stack(c["means"], dim=1)], dim=1))
+            out_latents.append(torch.cat([seed_latents_t[parents, : c.k + 1], torch.stack(c.latents, dim=1)], dim=1))
+            out_means.append(torch.cat([seed_means_t[parents, : c.k], torch.stack(c.means, dim=1)], dim=1))
             log_prob = torch.zeros(n, t_count, device=self.device)
-            log_prob[:, k] = c["log_prob"]
+            log_prob[:, c.k] = c.log_prob
             std = torch.zeros(n, t_count, device=self.device)
-            std[:, k] = c["std"]
+            std[:, c.k] = c.std
             out_log_probs.append(log_prob)
             out_stds.append(std)
-            out_groups.append(base_groups[parents] * t_count + k)
+            out_groups.append(base_groups[parents] * t_count + c.k)
         latents_all = torch.cat(out_latents)
         all_parents = parents.repeat(len(cohorts))
         return Rollout(
