@@ -204,7 +204,8 @@ def kl_penalty(
     - `"exact"`: that KL averaged over non-batch elements (Pref-GRPO's `grpo/kl.py`, DanceGRPO-style steps).
     - `"flow_grpo"`: Flow-GRPO's `train_sd3.py` value `mean((mean - ref_mean)^2) / (2 g^2)`, where `g` is the SDE
       diffusion `a sqrt(sigma / (1 - sigma))` without the `sqrt(|dt|)`; since `std = g sqrt(|dt|)`, it is
-      `|dt| * exact`. TempFlow-GRPO uses it too. Its `beta` values (0.04, 0.01, 0.004) are in these units.
+      `|dt| * exact`. Flow-GRPO's `beta` values (0.04, 0.01, 0.004) are in these units. TempFlow-GRPO's code divides
+      by the transition std with its `sqrt(|dt|)` (the exact form), which is why its recipe uses `"exact"`.
 
     Args:
         mean (`Tensor` `[B, ...]`): the current policy's step mean (with gradient).
