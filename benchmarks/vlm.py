@@ -28,7 +28,6 @@ import json
 import logging
 import re
 import time
-import urllib.request
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -43,6 +42,7 @@ from visalign.benchmarks import taxonomy
 from visalign.benchmarks.judges import Judge, JudgeResult, Sample, Verdict
 from visalign.benchmarks.prompts import PromptItem
 from visalign.benchmarks.report import to_pil
+from visalign.reward_models.vlm import chat_body, post_chat
 
 logger = logging.getLogger(__name__)
 
@@ -301,31 +301,11 @@ class OpenAIServerVLM(VLMBackend):
 
     def complete(self, request: VLMRequest) -> str:
         url = f"data:{request.mime};base64,{base64.b64encode(request.image).decode()}"
-        body = {
-            "model": self.model,
-            "messages": [
-                {
-                    "role": "user",
-                    "content": [
-                        {"type": "image_url", "image_url": {"url": url}},
-                        {"type": "text", "text": request.text},
-                    ],
-                }
-            ],
-            "max_tokens": request.max_new_tokens,
-            "temperature": 0.0,
-            "top_p": 1.0,
-            "seed": self.seed + request.attempt,
-        }
-        headers = {"Content-Type": "application/json"} | (
-            {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
-        )
-        req = urllib.request.Request(f"{self.base_url}/chat/completions", json.dumps(body).encode(), headers)
+        settings = {"max_tokens": request.max_new_tokens, "temperature": 0.0, "top_p": 1.0}
+        body = chat_body(self.model, [url], request.text, **settings, seed=self.seed + request.attempt)
         try:
-            with urllib.request.urlopen(req, timeout=self.timeout) as resp:
-                answer = json.loads(resp.read())
-            return answer["choices"][0]["message"]["content"]
-        except (OSError, ValueError, KeyError, IndexError, TypeError) as e:  # URLError and timeouts are OSErrors
+            return post_chat(f"{self.base_url}/chat/completions", body, timeout=self.timeout, api_key=self.api_key)
+        except (OSError, ValueError) as e:  # HTTPError, URLError and timeouts are OSErrors
             raise JudgeRequestError(f"{self.base_url}: {type(e).__name__}: {e}") from e
 
 

@@ -37,15 +37,18 @@ def main(argv: list[str] | None = None) -> int:
         "training_record": json.loads(record_path.read_text()) if record_path.exists() else None,
         "models": {},
     }
+    out = Path(args.out)
+    if out.exists():  # evaluating one family keeps the other's figures
+        result["models"] = json.loads(out.read_text())["models"]
     for family in args.families.split(","):
         pipe = load_pipeline(family)
         pipe.set_progress_bar_config(disable=True)
         start = time.time()
         acc = evaluate(pipe, prompts, images_per_prompt=args.images_per_prompt)
-        result["models"][family] = acc | {"eval_seconds": time.time() - start}
+        result["models"][family] = acc | {"eval_seconds": time.time() - start, "command": result["command"]}
         print(family, json.dumps(acc))
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(result, indent=2))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2))
     return 0
 
 

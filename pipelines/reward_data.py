@@ -473,9 +473,9 @@ def _render(prompt: Prompt, misses: int, rng: np.random.Generator) -> np.ndarray
     raise RuntimeError(f"could not render a near miss of {prompt.text!r}")
 
 
-def _sample_prompts(groups: list[list[Prompt]], n: int, rng: np.random.Generator) -> list[Prompt]:
-    """`n` prompts: a category (a group) uniformly, then one of its prompts (GenEval's balance)."""
-    return [groups[c][int(rng.integers(len(groups[c])))] for c in rng.integers(len(groups), size=n)]
+def _sample_prompts(categories: list[list[Prompt]], n: int, rng: np.random.Generator) -> list[Prompt]:
+    """`n` prompts: a category uniformly, then one of its prompts (GenEval's balance)."""
+    return [categories[c][int(rng.integers(len(categories[c])))] for c in rng.integers(len(categories), size=n)]
 
 
 # (near misses of image 0, of image 1) of a rendered pair, and how often: mostly a correct render against a miss
@@ -517,15 +517,15 @@ def world_pairs(
     if pipe is None and generated_fraction:
         generated_fraction = 0.0
     rng = np.random.default_rng(seed)
-    groups = [g for g in prompt_split(split).values() if g]
+    categories = [g for g in prompt_split(split).values() if g]
     fraction = lambda image, prompt: verify(image, prompt).fraction  # noqa: E731
     found: list[tuple[str, np.ndarray, np.ndarray, float, float, str]] = []
 
     num_generated = round(num_pairs * generated_fraction)
     chunk = 0
     while len(found) < num_generated:
-        prompts = _sample_prompts(groups, math.ceil((num_generated - len(found)) / pairs_per_prompt), rng)
-        groups = sample_groups(
+        prompts = _sample_prompts(categories, math.ceil((num_generated - len(found)) / pairs_per_prompt), rng)
+        samples = sample_groups(
             pipe,
             [p.text for p in prompts],
             num_images_per_prompt=images_per_prompt,
@@ -533,7 +533,7 @@ def world_pairs(
             **generation_kwargs,
         )
         chunk += 1
-        for prompt, group in zip(prompts, groups.numpy()):
+        for prompt, group in zip(prompts, samples.numpy()):
             candidates = [*group, _render(prompt, 0, rng)]
             scores = [fraction(image, prompt) for image in candidates]
             pairs = [(a, b) for a in range(len(candidates)) for b in range(a + 1, len(candidates))]
@@ -542,7 +542,7 @@ def world_pairs(
             for a, b in pairs[: num_generated - len(found)]:
                 found.append((prompt.text, candidates[a], candidates[b], scores[a], scores[b], "generated"))
     while len(found) < num_pairs:
-        prompt = _sample_prompts(groups, 1, rng)[0]
+        prompt = _sample_prompts(categories, 1, rng)[0]
         misses = RENDERED_PAIRS[rng.choice(len(RENDERED_PAIRS), p=RENDERED_WEIGHTS)]
         misses = misses if rng.random() < 0.5 else misses[::-1]
         images = [_render(prompt, m, rng) for m in misses]
@@ -572,13 +572,13 @@ def load_reward_data(spec: str, config: Any, *, pipe: Any = None) -> RewardPairs
     """The data a `RewardConfig` names: `world:pairs` (noisy, the train split), `world:heldout-pairs` (clean, no
     ties, the test split), a `.json` HPDv2 file, labelled images (`data_format: scores`) or Pick-a-Pic pairs."""
     if spec in (WORLD_TRAIN, WORLD_HELDOUT):
-        from visalign.world.models import MAX_SEQUENCE_LENGTH
+        from visalign.world.evaluate import default_generation
 
         heldout = spec == WORLD_HELDOUT
         generation = {}
         if pipe is not None:
-            generation = dict(num_inference_steps=config.world_num_inference_steps, guidance_scale=3.0, height=32)
-            generation |= dict(width=32, max_sequence_length=MAX_SEQUENCE_LENGTH)
+            generation = default_generation(pipe) | {"num_inference_steps": config.world_num_inference_steps}
+            del generation["output_type"]  # sample_groups asks for tensors itself
         return world_pairs(
             config.world_eval_pairs if heldout else config.world_pairs,
             split="test" if heldout else "train",
@@ -586,6 +586,7 @@ def load_reward_data(spec: str, config: Any, *, pipe: Any = None) -> RewardPairs
             ties="drop" if heldout else config.ties,
             pipe=pipe,
             generated_fraction=config.world_generated_fraction,
+            pairs_per_prompt=4 if heldout else 12,  # held out: more prompts, fewer correlated pairs each
             seed=config.seed + heldout,
             **generation,
         )

@@ -21,7 +21,9 @@ into `output_dir` next to the engine's files, in the loaders' layouts (`visalign
 
     visalign train reward --config configs/world_reward.yaml
 
-Deviations: PickScore weights each example by `1 / (examples of its prompt)` over the dataset (`weight_by_prompt`,
+Deviations: before training, the cosine head's `logit_scale` is set to its Bradley-Terry maximum-likelihood value on
+training pairs (`calibrate_logit_scale`; PickScore starts from CLIP's 100: see `RewardTrainer.calibrate_logit_scale`
+for why). PickScore weights each example by `1 / (examples of its prompt)` over the dataset (`weight_by_prompt`,
 kept); HPSv2 clamps `logit_scale` to `[0, ln 100]` after each step (done here for the cosine head); PickScore has no
 LoRA and no frozen tower (options here); soft labels other than 0, 0.5 and 1 are accepted, their entropy subtracted
 (the KL form of PickScore's `+ log 0.5` for ties).
@@ -136,6 +138,18 @@ def heatmap_loss(logits: Tensor, target: Tensor, kind: Literal["mse", "bce"] = "
     if kind == "mse":
         return ((torch.sigmoid(x) - y) ** 2).mean()
     return F.binary_cross_entropy_with_logits(x, y)
+
+
+def fit_logit_scale(cosine_0: Tensor, cosine_1: Tensor, label_0: Tensor, *, max_scale: float = 100.0) -> float:
+    """The Bradley-Terry maximum-likelihood scale `a` of `p_0 = sigmoid(a (cos_0 - cos_1))` on labelled pairs.
+
+    `bradley_terry_loss` is minimized over 512 scales spaced evenly in `log a` on `[1, max_scale]` (CLIP's range);
+    the loss is convex in `a`, so the grid's best point is within 1% of the optimum.
+    """
+    scales = torch.exp(torch.linspace(0.0, math.log(max_scale), 512, dtype=torch.float64))
+    d = (cosine_0.double() - cosine_1.double())[None] * scales[:, None]
+    losses = [bradley_terry_loss(row, torch.zeros_like(row), label_0.double()) for row in d]
+    return float(scales[int(torch.stack(losses).argmin())])
 
 
 def per_prompt_weights(captions: Sequence[str]) -> Tensor:
@@ -293,6 +307,10 @@ class RewardConfig(TrainConfig):
     ties: Literal["keep", "drop"] = field(default="keep", metadata={"help": "Tied pairs: train on them, or drop."})
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Bad rows: raise, or skip them."})
     weight_by_prompt: bool = field(default=True, metadata={"help": "PickScore's 1 / (examples of the prompt)."})
+    calibrate_logit_scale: bool = field(
+        default=True, metadata={"help": "Cosine head on pairs: start from the logit scale fitted on training pairs."}
+    )
+    calibration_pairs: int = field(default=1024, metadata={"help": "Training pairs the starting scale is fitted on."})
     train_batch_size: int = field(
         default=64, metadata={"help": "Pairs (or images) per optimizer step, all processes."}
     )
@@ -312,7 +330,14 @@ class RewardConfig(TrainConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for name in ("train_batch_size", "eval_batch_size", "head_hidden", "world_pairs", "world_eval_pairs"):
+        for name in (
+            "train_batch_size",
+            "eval_batch_size",
+            "head_hidden",
+            "world_pairs",
+            "world_eval_pairs",
+            "calibration_pairs",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
         if self.eval_every < 0:
@@ -411,6 +436,8 @@ class RewardTrainer:
         state = engine.resume()
         if state is not None:
             self.sampler.load_state_dict(state["sampler"])
+        elif c.calibrate_logit_scale and self.is_pairs and self.reward.heads.head == "cosine":
+            self.calibrate_logit_scale()
         self.reward.train()
         while engine.step < c.max_steps:
             indices = self.sampler.draw(c.train_batch_size)[engine.process_index :: engine.num_processes]
@@ -435,6 +462,23 @@ class RewardTrainer:
                 save_reward(self.reward, engine.output_dir)
         engine.finish()
         return engine.history
+
+    @torch.no_grad()
+    def calibrate_logit_scale(self) -> float:
+        """Set `logit_scale` to `fit_logit_scale` on the first `calibration_pairs` training pairs; returns the scale.
+
+        A pretrained CLIP's scale (about 100, or the shapes world's 23) makes it confident on every pair, so under
+        label noise each flipped pair's gradient is large; one scalar trained at the backbone's learning rate moves
+        too slowly to follow, and the features bend instead (measured on the world: held-out accuracy 97.6% -> 89%
+        after 300 steps at 10% noise, 96-97% with the fitted start).
+        """
+        batch = self.train_data.batch(range(min(self.config.calibration_pairs, len(self.train_data))))
+        images = torch.cat([batch["images_0"], batch["images_1"]]).to(self.engine.device)
+        cosine = self.reward.outputs(self.reward.transform(images), batch["captions"] * 2)["cosine"]
+        scale = fit_logit_scale(*cosine.chunk(2), batch["label_0"])
+        self.reward.model.logit_scale.fill_(math.log(scale))
+        logger.info("logit scale fitted on %d training pairs: %.3g", len(batch["captions"]), scale)
+        return scale
 
     def forward(self, images: Tensor, prompts: list[str]) -> dict[str, Tensor]:
         """The heads' outputs on `images` `[N, 3, H, W]` in [0, 1] through the engine's (DDP) module."""

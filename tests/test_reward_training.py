@@ -22,6 +22,7 @@ from visalign.pipelines.reward_training import (
     RewardConfig,
     RewardTrainer,
     bradley_terry_loss,
+    fit_logit_scale,
     heatmap_loss,
     per_prompt_weights,
     regression_loss,
@@ -96,6 +97,15 @@ def test_regression_and_heatmap_losses_match_float64_references():
     with pytest.raises(ValueError, match="target"):
         heatmap_loss(logits, target * 2)
     assert per_prompt_weights(["a", "b", "a"]).tolist() == [0.5, 1.0, 0.5]
+
+
+def test_fit_logit_scale_recovers_the_bradley_terry_temperature():
+    g = torch.Generator().manual_seed(0)
+    cos_0, cos_1 = torch.rand(500, generator=g), torch.rand(500, generator=g)
+    soft = torch.sigmoid(7.0 * (cos_0 - cos_1))  # labels that a scale of 7 explains exactly
+    assert fit_logit_scale(cos_0, cos_1, soft) == pytest.approx(7.0, rel=0.01)
+    hard = (torch.rand(500, generator=g) < soft).float()
+    assert 4.0 < fit_logit_scale(cos_0, cos_1, hard) < 12.0
 
 
 # -- the evaluation ----------------------------------------------------------------------------------------------

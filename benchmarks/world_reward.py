@@ -1,0 +1,189 @@
+"""A learned reward on the shapes world, end to end: noisy verifier preferences -> reward model -> Flow-GRPO, watched
+by the reward-hacking monitor.
+
+    python benchmarks/world_reward.py                  # writes benchmarks/results/world_reward.json and the plot
+    python benchmarks/world_reward.py --skip-grpo --set max_steps=200
+
+1. Reward model: `configs/world_reward.yaml` (what `visalign train reward --config configs/world_reward.yaml` runs):
+   the world CLIP fine-tuned on verifier-labelled pairs with a fraction of the labels flipped, evaluated on clean
+   held-out pairs of test-split prompts (accuracy with and without ties, per kind: rendered or generated), beside
+   the untrained world CLIP on the same pairs.
+2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml`) with the learned reward as the
+   training reward and the verifier as the gold reward, which the policy never optimizes: the held-out verifier
+   accuracy before and after, and the `RewardMonitor` of every rollout (learned vs gold, the summary and plot).
+
+CPU minutes are this process's CPU time (all threads) per stage; wall minutes beside them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def cpu_minutes() -> float:
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return (usage.ru_utime + usage.ru_stime) / 60
+
+
+class Clock:
+    """CPU and wall minutes since construction."""
+
+    def __init__(self) -> None:
+        self.cpu, self.wall = cpu_minutes(), time.time()
+
+    def read(self) -> dict[str, float]:
+        return {
+            "cpu_minutes": round(cpu_minutes() - self.cpu, 2),
+            "wall_minutes": round((time.time() - self.wall) / 60, 2),
+        }
+
+
+def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any], str]:
+    """Stage 1; returns its record and the trained reward's folder."""
+    import torch
+
+    from visalign.benchmarks.reward_eval import evaluate_reward
+    from visalign.config import config_to_dict, load_config
+    from visalign.pipelines.reward_training import RewardConfig, RewardTrainer
+    from visalign.rewards import load_reward
+    from visalign.world.models import default_model_dir
+
+    config = load_config(RewardConfig, config_path, overrides)
+    if config.world_generator == "world:sd3" and not (default_model_dir("sd3") / "model_index.json").exists():
+        raise FileNotFoundError("the SD3 world model (assets/world/sd3) is not there yet; `visalign world train-base`")
+    clock = Clock()
+    trainer = RewardTrainer.from_config(config)
+    data_time = clock.read()
+    train, heldout = trainer.train_data, trainer.eval_data
+    gold = torch.tensor([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in train.pairs.scores])
+    decided = gold != 0.5
+    base = evaluate_reward(load_reward("world-clip"), heldout)["metrics"]
+    history = trainer.train()
+    learned = evaluate_reward(load_reward("world-clip", pretrained=config.output_dir), heldout)["metrics"]
+    record = {
+        "command": f"visalign train reward --config {config_path}" + "".join(f" --set {o}" for o in overrides),
+        "config": config_to_dict(config),
+        "train_pairs": {
+            "pairs": len(train),
+            "ties": int((~decided).sum()),
+            "by_kind": {k: train.kinds.count(k) for k in sorted(set(train.kinds))},
+            "labels_agreeing_with_the_verifier": float((train.labels[decided] == gold[decided]).float().mean()),
+        },
+        "heldout_pairs": {
+            "pairs": len(heldout),
+            "by_kind": {k: heldout.kinds.count(k) for k in sorted(set(heldout.kinds))},
+        },
+        "tie_policy": "held-out pairs have no tie labels; accuracy_without_ties counts equal scores 1/2",
+        "untrained_world_clip": base,
+        "learned_reward": learned,
+        "learning_curve": [
+            {"step": h["step"], "accuracy_without_ties": h["eval/accuracy_without_ties"]}
+            for h in history
+            if "eval/accuracy_without_ties" in h
+        ],
+        "data_minutes": data_time,
+        "minutes": clock.read(),
+    }
+    return record, config.output_dir
+
+
+def align(config_path: str, overrides: list[str], reward_dir: str, plot: Path) -> dict[str, Any]:
+    """Stage 2: Flow-GRPO against the learned reward with the verifier as the monitored gold reward."""
+    from visalign.config import config_to_dict, load_config
+    from visalign.monitor import RewardMonitor
+    from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
+    from visalign.rewards import load_reward
+
+    class MonitoredFlowGRPO(FlowGRPOTrainer):
+        """Flow-GRPO whose every rollout is also scored by the gold reward (how the trainer would call the monitor)."""
+
+        monitor: RewardMonitor
+
+        def rollout(self):
+            rollout, rewards, metrics = super().rollout()
+            metrics |= self.monitor.update(self.engine.step, rollout.images, rollout.prompts, rewards)
+            return rollout, rewards, metrics
+
+    fixed = [
+        "reward=world-clip",
+        f"reward_pretrained={reward_dir}",
+        "external_reward=world-verifier",
+        "report_to=none",
+    ]
+    config = load_config(FlowGRPOConfig, config_path, fixed + overrides)
+    clock = Clock()
+    trainer = MonitoredFlowGRPO.from_config(config)
+    trainer.monitor = RewardMonitor(load_reward("world-verifier"))
+    history = trainer.train()
+    trainer.monitor.save(Path(config.output_dir) / "monitor")
+    plot.write_text(trainer.monitor.plot("Flow-GRPO on the learned world reward: learned vs verifier").svg)
+    evals = [h for h in history if "eval/world-verifier/correct" in h]
+    keys = ["eval/world-verifier/correct", "eval/world-verifier", "eval/world-clip"]
+    return {
+        "command": f"visalign train flow-grpo --config {config_path}"
+        + "".join(f" --set {o}" for o in fixed + overrides),
+        "config": config_to_dict(config),
+        "heldout_verifier_accuracy": {
+            "before": evals[0]["eval/world-verifier/correct"],
+            "after": evals[-1]["eval/world-verifier/correct"],
+        },
+        "evaluations": [{"step": h["step"]} | {k: h[k] for k in keys if k in h} for h in evals],
+        "monitor": trainer.monitor.summary(),
+        "monitor_curve": [
+            {"step": r.step, "learned": r.train, "verifier": r.gold, "agreement": r.agreement}
+            for r in trainer.monitor.records
+        ],
+        "monitor_plot": plot.name,  # beside this file
+        "minutes": clock.read(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="configs/world_reward.yaml", help="the reward recipe")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="reward config overrides")
+    parser.add_argument("--grpo-config", default="configs/world_flow_grpo.yaml")
+    parser.add_argument("--grpo-set", nargs="*", default=[], metavar="KEY=VALUE", help="Flow-GRPO config overrides")
+    parser.add_argument("--skip-grpo", action="store_true", help="stage 1 only")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--output", default=str(RESULTS / "world_reward.json"))
+    args = parser.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    output = Path(args.output)
+    result: dict[str, Any] = {
+        "command": "python benchmarks/world_reward.py " + shlex.join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M"),
+        "threads": args.threads,
+    }
+    result["reward_model"], reward_dir = train_reward(args.config, args.set)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(json.dumps(result, indent=2))
+    if not args.skip_grpo:
+        result["alignment"] = align(
+            args.grpo_config, args.grpo_set, reward_dir, output.with_name(output.stem + "_monitor.svg")
+        )
+        output.write_text(json.dumps(result, indent=2))
+    stage = result["reward_model"]
+    print("held-out pairs, untrained world CLIP:", json.dumps(stage["untrained_world_clip"]))
+    print("held-out pairs, learned reward:", json.dumps(stage["learned_reward"]))
+    if "alignment" in result:
+        print(
+            "Flow-GRPO:", json.dumps(result["alignment"]["heldout_verifier_accuracy"]), result["alignment"]["minutes"]
+        )
+    print(f"wrote {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
