@@ -593,7 +593,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--model",
         required=True,
-        help="a diffusers pipeline folder or hub id, or world:sd / world:sd3 for the shipped shapes-world models",
+        help="a diffusers pipeline folder or hub id, or world:sd / world:sd3 for the shipped shapes-world models "
+        "(not distilled: use them with --num-inference-steps 4 --guidance-scale 3)",
     )
     parser.add_argument("--prompt", required=True, help="the prompt whose image is optimized")
     parser.add_argument(
@@ -712,7 +713,10 @@ def load_generator(model: str, *, device: str, dtype: torch.dtype) -> tuple[Any,
     from visalign.world.models import default_model_dir, generation_kwargs
 
     if model.startswith("world:"):
-        folder = default_model_dir(model.partition(":")[2])
+        family = model.partition(":")[2]
+        if family not in ("sd", "sd3"):
+            raise ValueError(f"--model {model!r}: the shipped world generators are world:sd and world:sd3")
+        folder = default_model_dir(family)
     else:
         folder = Path(model)
     options: dict[str, Any] = {}
@@ -720,8 +724,9 @@ def load_generator(model: str, *, device: str, dtype: torch.dtype) -> tuple[Any,
     if (folder / "model_index.json").exists():
         index = json.loads((folder / "model_index.json").read_text())
         options = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-        if "max_sequence_length" in generation_kwargs(folder):
-            kwargs["max_sequence_length"] = generation_kwargs(folder)["max_sequence_length"]
+        generation = generation_kwargs(folder)
+        if "max_sequence_length" in generation:
+            kwargs["max_sequence_length"] = generation["max_sequence_length"]
         source = str(folder)
     elif model.startswith("world:"):
         raise FileNotFoundError(f"--model {model}: no shipped world model at {folder} (train it first)")
@@ -740,7 +745,7 @@ def save_image(image: Tensor, path: Any) -> None:
 
 
 def save_comparison(panels: Sequence[tuple[Tensor, str]], path: Any, title: str = "") -> None:
-    """Images side by side (`[3, H, W]` each) with a caption under each, as a PNG."""
+    """Images side by side (`[3, H, W]` each), each under its caption, as a PNG."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -767,7 +772,7 @@ def save_history_plot(history: list[dict[str, Any]], path: Any, *, reg_weight: f
     curves = {"weighted reward": [h["reward"][0] for h in history]}
     curves |= {name: [h["rewards"][name][0] for h in history] for name in history[0]["rewards"]}
     curves |= {
-        f"regularizer R(z) (x {reg_weight:g})": [h["regularizer"][0] for h in history],
+        f"regularizer R(z) (lambda = {reg_weight:g})": [h["regularizer"][0] for h in history],
         "total: -reward + lambda R": [h["total"][0] for h in history],
     }
     cols = min(3, len(curves))

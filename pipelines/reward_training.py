@@ -159,7 +159,7 @@ def per_prompt_weights(captions: Sequence[str]) -> Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# The model
+# What the engine trains
 
 
 class TrainedParts(nn.Module):
@@ -179,8 +179,8 @@ class TrainedParts(nn.Module):
             raise ValueError(
                 "the cosine head has nothing to train with frozen towers: train a tower or use head='mlp'"
             )
-        if towers == "text" and not reward.heads.needs_text:
-            raise ValueError("head_input='image' never reads the text tower: train 'vision', 'both' or 'none'")
+        if "text" in TOWERS[towers] and not reward.heads.needs_text:
+            raise ValueError("head_input='image' never reads the text tower: train 'vision' or 'none'")
         self._reward = (reward,)  # a tuple hides it from module registration: only what trains is a child
         model = reward.model
         tower_of = lambda name: "vision" if name in VISION_CHILDREN else "text"  # noqa: E731

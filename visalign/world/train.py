@@ -61,12 +61,12 @@ class TrainBaseConfig:
     clip_steps: int = 1500
     clip_batch_size: int = 256
     clip_lr: float = 1e-3
-    sd_steps: int = 1500
-    sd3_steps: int = 2500
+    sd_steps: int = 1200
+    sd3_steps: int = 2000
     lr: float = 5e-4
     caption_dropout: float = 0.1
     ema_decay: float = 0.998
-    eval_every: int = 500
+    eval_every: int = 400
     eval_per_category: int = 10
 
 
