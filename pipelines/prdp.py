@@ -125,7 +125,7 @@ def prdp_loss(
     predicted, predicted_clipped = agg(ratio), agg(clipped)
     r = rewards.detach().to(dtype)
     target = (r[:, None] - r[None, :]) / beta
-    pairs = (group_ids[:, None] == group_ids[None, :]) & (r[:, None] > r[None, :])
+    pairs = _pair_mask(r, group_ids)
     unclipped_sq = (predicted[:, None] - predicted[None, :] - target) ** 2
     clipped_sq = (predicted_clipped[:, None] - predicted_clipped[None, :] - target) ** 2
     losses = torch.maximum(unclipped_sq, clipped_sq)[pairs]
@@ -288,7 +288,8 @@ class PRDPTrainer(DenoiserTrainer):
             with engine.autocast():
                 parts.append(self._sample([texts[i] for i in index.tolist()], keys))
         rollout = type(parts[0]).cat(parts)
-        rewards = check_scores(self.reward.score(rollout.images, rollout.prompts).score, len(texts), "reward").float()
+        scored = self.reward.score(rollout.images, rollout.prompts)
+        rewards = check_scores(scored.score, len(texts), f"{self.reward.name} reward").float()
         steps = self._trained_steps(rollout)
         n_steps, latent_shape = len(steps), rollout.latents.shape[2:]
         ref_log_probs = torch.zeros(len(texts), n_steps, device=rollout.latents.device)
@@ -312,10 +313,12 @@ class PRDPTrainer(DenoiserTrainer):
             local_pairs=_pair_count(rewards, group_ids),
             total_pairs=_pair_count(all_rewards, all_groups),
         )
+        aspects = {f"reward/{k}": float(v.float().mean()) for k, v in scored.aspects.items()}
         return {
             "reward/mean": float(all_rewards.mean()),
             "reward/std": float(all_rewards.std(correction=0)),
             "train/pairs": float(self.epoch.total_pairs),
+            **engine.mean_across_processes(aspects),
         }
 
     def _sample(self, prompts: list[str], keys: list[tuple[int, ...]]):
@@ -421,6 +424,10 @@ class PRDPTrainer(DenoiserTrainer):
         self.prompt_sampler.load_state_dict(state["prompt_sampler"])
 
 
+def _pair_mask(rewards: Tensor, group_ids: Tensor) -> Tensor:
+    """`[N, N]` bool: `(i, j)` is a pair of `prdp_loss` (same prompt, `r_i > r_j`; each unordered pair once)."""
+    return (group_ids[:, None] == group_ids[None, :]) & (rewards[:, None] > rewards[None, :])
+
+
 def _pair_count(rewards: Tensor, group_ids: Tensor) -> int:
-    """Pairs of `prdp_loss`: same prompt, strictly different rewards (each unordered pair once)."""
-    return int(((group_ids[:, None] == group_ids[None, :]) & (rewards[:, None] > rewards[None, :])).sum())
+    return int(_pair_mask(rewards, group_ids).sum())

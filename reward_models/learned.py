@@ -44,7 +44,6 @@ from transformers import CLIPModel
 from visalign.reward_models.aesthetic import AESTHETIC_FILE, AestheticMLP
 from visalign.reward_models.clip import (
     CLIPScorer,
-    build_open_clip,
     load_clip_tokenizer,
     load_open_clip,
     load_transformers_clip,
@@ -364,7 +363,7 @@ def save_reward(reward: LearnedReward, folder: str | Path) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Training
+# Backbones
 
 
 def load_backbone(
@@ -374,7 +373,7 @@ def load_backbone(
 
     Without `architecture`: a transformers `CLIPModel` folder or hub id (`world:clip` = the shapes world's CLIP).
     With it: an open_clip `CLIP` of that architecture from the checkpoint file `pretrained` (`checkpoint_key` selects
-    a nested state dict), or randomly initialized when `pretrained` is `"random"`.
+    a nested state dict: `"state_dict"` in HPSv2's files).
     """
     if architecture is None:
         if pretrained == "world:clip":
@@ -386,12 +385,5 @@ def load_backbone(
     config = open_clip.get_model_config(architecture) if isinstance(architecture, str) else dict(architecture)
     if config is None:
         raise ValueError(f"`architecture` {architecture!r} is not an open_clip model name")
-    if pretrained == "random":
-        model = build_open_clip(config).eval()
-        return model, open_clip.SimpleTokenizer(context_length=model.context_length), config
     model, tokenizer = load_open_clip(Path(pretrained), config, None, key=checkpoint_key, what="reward backbone")
     return model, tokenizer, config
-
-
-def _backbone_image_size(model: CLIPModel | open_clip.CLIP) -> int:
-    return model.config.vision_config.image_size if isinstance(model, CLIPModel) else model.visual.image_size[0]

@@ -27,7 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("sd", "sd3"), default="sd", help="which shipped world generator")
     parser.add_argument("--model", default=None, help="a world pipeline folder instead of the shipped one")
     parser.add_argument("--out", default="visalign-demo", help="output folder for report.html and summary.json")
-    parser.add_argument("--per-category", type=int, default=8, help="held-out prompts per category")
+    parser.add_argument("--per-category", type=int, default=6, help="held-out prompts per category")
     parser.add_argument("--images-per-prompt", type=int, default=2)
     parser.add_argument("--n", type=int, default=4, help="candidates per image for best-of-N")
     parser.add_argument("--reward", default="world-clip", help="the reward that picks among candidates")
