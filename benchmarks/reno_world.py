@@ -57,6 +57,31 @@ def spread(prompts: list, per_category: int) -> list:
     return out
 
 
+def save_grid(images_by_method: dict, texts: list[str], path: Path, columns: int) -> None:
+    """A PNG grid: one row per method, `columns` samples spread over the prompts."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    picks = [i * len(texts) // columns for i in range(columns)]
+    rows = len(images_by_method)
+    fig, axes = plt.subplots(rows, columns, figsize=(1.6 * columns, 1.7 * rows + 0.6), squeeze=False)
+    for r, (name, images) in enumerate(images_by_method.items()):
+        for c, i in enumerate(picks):
+            ax = axes[r][c]
+            ax.imshow(images[i].permute(1, 2, 0).clamp(0, 1).numpy(), interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if r == 0:
+                ax.set_title(texts[i], fontsize=6)
+            if c == 0:
+                ax.set_ylabel(name, fontsize=6)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
@@ -66,6 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     from visalign.rewards import load_reward
     from visalign.world.cli import parse_overrides
     from visalign.world.evaluate import accuracy, generate, heldout_prompts
+    from visalign.world.verifier import verify
 
     torch.set_num_threads(args.threads)
     defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 32, "width": 32}
@@ -91,16 +117,21 @@ def main(argv: list[str] | None = None) -> int:
         images = torch.cat([run([texts[i] for i in c], [seeds[i] for i in c]) for c in chunks])
         with torch.no_grad():
             clip_score = clip.score(images, texts).score.mean().item()
+        images_by_method[name] = images
+        correct = [int(verify(image, p).correct) for image, p in zip(images.numpy(), prompts)]
         row = {
             "method": name,
             **accuracy(images, prompts),
+            "image_accuracy": sum(correct) / len(correct),
+            "correct": correct,
             "mean_world_clip": clip_score,
             "cpu_minutes": (time.process_time() - cpu) / 60,
             "wall_minutes": (time.time() - start) / 60,
         }
-        print(json.dumps({k: v for k, v in row.items() if k != "per_category"}), flush=True)
+        print(json.dumps({k: v for k, v in row.items() if k not in ("per_category", "correct")}), flush=True)
         return row
 
+    images_by_method: dict[str, torch.Tensor] = {}
     rows = [measure("base_default", lambda t, s: generate(pipe, t, seed=s[0], batch_size=len(t), progress=False))]
     for label, parts in objectives.items():
         reno = ReNO(pipe, parts, config, pipeline_kwargs)
@@ -121,6 +152,16 @@ def main(argv: list[str] | None = None) -> int:
         best = measure(f"best_of_n[{label}]", lambda t, s, reno=reno, n=calls: reno.best_of_n(t, n, seed=s).images)
         best["generator_calls"] = calls
         rows += [best, row]
+    by_name = {r["method"]: r["correct"] for r in rows}
+    paired = {}
+    for label in objectives:
+        ours = by_name[f"reno[{label}]"]
+        for other in ("base", f"best_of_n[{label}]"):
+            wins = sum(a > b for a, b in zip(ours, by_name[other]))
+            losses = sum(a < b for a, b in zip(ours, by_name[other]))
+            paired[f"reno[{label}] vs {other}"] = {"wins": wins, "losses": losses}
+    figure = Path(args.output).with_suffix(".png")
+    save_grid(images_by_method, texts, figure, columns=min(8, len(texts)))
     result = {
         "benchmark": "ReNO on the shapes world: held-out verifier accuracy (GenEval protocol)",
         "command": "python " + " ".join(shlex.quote(a) for a in [os.path.relpath(__file__), *(argv or sys.argv[1:])]),
@@ -132,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
         "pipeline_kwargs": pipeline_kwargs,
         "threads": args.threads,
         "torch": torch.__version__,
+        "paired_images": paired,
+        "figure": figure.name,
         "rows": rows,
     }
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
