@@ -7,7 +7,9 @@ by the reward-hacking monitor.
 1. Reward model: `configs/world_reward.yaml` (what `visalign train reward --config configs/world_reward.yaml` runs):
    the world CLIP fine-tuned on verifier-labelled pairs with a fraction of the labels flipped, evaluated on clean
    held-out pairs of test-split prompts (accuracy with and without ties, per kind: rendered or generated), beside
-   the untrained world CLIP on the same pairs.
+   the untrained world CLIP on the same pairs. The held-out pairs are saved (`<output_dir>/heldout_pairs`) and
+   `visalign bench reward` evaluates the learned reward on those files (`results/world_reward_eval/`: the report and
+   the reliability plot).
 2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml`) with the learned reward as the
    training reward and the verifier as the gold reward, which the policy never optimizes: the held-out verifier
    accuracy before and after, and the `RewardMonitor` of every rollout (learned vs gold, the summary and plot).
@@ -52,7 +54,9 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
     import torch
 
     from visalign.benchmarks.reward_eval import evaluate_reward
+    from visalign.cli import main as visalign_main
     from visalign.config import config_to_dict, load_config
+    from visalign.pipelines.preference_data import save_pairs
     from visalign.pipelines.reward_training import RewardConfig, RewardTrainer
     from visalign.rewards import load_reward
     from visalign.world.models import default_model_dir
@@ -69,6 +73,11 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
     base = evaluate_reward(load_reward("world-clip"), heldout)["metrics"]
     history = trainer.train()
     learned = evaluate_reward(load_reward("world-clip", pretrained=config.output_dir), heldout)["metrics"]
+    pairs = save_pairs(heldout.pairs, Path(config.output_dir) / "heldout_pairs")  # 8-bit PNGs: the CLI reads files
+    bench = ["bench", "reward", "--model", "world-clip", "--pretrained", config.output_dir, "--pairs", str(pairs)]
+    bench += ["--out", str(RESULTS / "world_reward_eval")]
+    if visalign_main(bench) != 0:
+        raise RuntimeError(f"`visalign {shlex.join(bench)}` failed")
     record = {
         "command": f"visalign train reward --config {config_path}" + "".join(f" --set {o}" for o in overrides),
         "config": config_to_dict(config),
@@ -85,6 +94,7 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
         "tie_policy": "held-out pairs have no tie labels; accuracy_without_ties counts equal scores 1/2",
         "untrained_world_clip": base,
         "learned_reward": learned,
+        "bench_command": f"visalign {shlex.join(bench)}",
         "learning_curve": [
             {"step": h["step"], "accuracy_without_ties": h["eval/accuracy_without_ties"]}
             for h in history

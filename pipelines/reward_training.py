@@ -51,6 +51,8 @@ from transformers import CLIPModel
 
 from visalign.config import TrainConfig
 from visalign.engine import Engine, load_pipeline
+from visalign.pipelines.preference_data import IndexSampler
+from visalign.pipelines.reward_data import WORLD_HELDOUT, WORLD_TRAIN, RewardPairs, ScoredImages, load_reward_data
 from visalign.reward_models.heatmaps import to_latent_grid
 from visalign.reward_models.learned import LearnedReward, build_reward, load_backbone, save_reward
 from visalign.reward_models.preprocess import ImageTransform
@@ -364,9 +366,13 @@ class RewardTrainer:
         eval_data: the same kinds, evaluated every `eval_every` steps and at the end.
     """
 
-    def __init__(self, config: RewardConfig, reward: LearnedReward, train_data: Any, eval_data: Any = None) -> None:
-        from visalign.pipelines.reward_data import RewardPairs, ScoredImages
-
+    def __init__(
+        self,
+        config: RewardConfig,
+        reward: LearnedReward,
+        train_data: RewardPairs | ScoredImages,
+        eval_data: RewardPairs | ScoredImages | None = None,
+    ) -> None:
         if not isinstance(train_data, (RewardPairs, ScoredImages)):
             raise ValueError(f"`train_data` must be RewardPairs or ScoredImages, got {type(train_data).__name__}")
         self._check_labels(reward, train_data)
@@ -380,16 +386,14 @@ class RewardTrainer:
         self.train_data, self.eval_data = train_data, eval_data
         self.is_pairs = isinstance(train_data, RewardPairs)
         self.weights = per_prompt_weights(train_data.captions) if config.weight_by_prompt else None
-        from visalign.pipelines.preference_data import IndexSampler
-
         self.sampler = IndexSampler(len(train_data), config.seed)
 
     @staticmethod
-    def _check_labels(reward: LearnedReward, data: Any) -> None:
+    def _check_labels(reward: LearnedReward, data: RewardPairs | ScoredImages) -> None:
         """Every head that trains needs a label for it in `data`."""
         heads = reward.heads
         missing_aspects = [a for a in heads.aspect_names if a not in data.aspect_names]
-        if heads.heatmap_names and sorted(getattr(data, "heatmap_names", ())) != sorted(heads.heatmap_names):
+        if heads.heatmap_names and sorted(data.heatmap_names) != sorted(heads.heatmap_names):
             raise ValueError(f"the heatmap heads {list(heads.heatmap_names)} need maps of those names in the data")
         if heads.aspect_logits is not None and not data.has_overall:
             raise ValueError("learned aspect weights need overall labels (pairs, or a `score` per image)")
@@ -399,8 +403,6 @@ class RewardTrainer:
     @classmethod
     def from_config(cls, config: RewardConfig) -> RewardTrainer:
         """Build the backbone, the heads and the data the config names (what `visalign train reward` runs)."""
-        from visalign.pipelines.reward_data import WORLD_HELDOUT, WORLD_TRAIN, load_reward_data
-
         torch.manual_seed(config.seed)
         model, tokenizer, architecture = load_backbone(config.pretrained, config.architecture, config.checkpoint_key)
         transform = None

@@ -59,6 +59,22 @@ def test_an_aligned_run_is_never_flagged():
     assert not monitor.summary()["hacking"]
 
 
+def test_batch_to_batch_noise_is_not_flagged_without_significance():
+    """Batch means that wander with the prompts drawn (4 prompts x 8 samples an update, as the world's GRPO samples;
+    each reward finds other prompts easy) but have no trend: the significance test keeps them from raising the alarms
+    that a bare threshold raises."""
+    g = torch.Generator().manual_seed(0)
+    plain, tested = RewardMonitor(significance=0.0), RewardMonitor()
+    for step in range(60):
+        prompt_effects = torch.randn(2, 4, generator=g).repeat_interleave(8, dim=1)
+        train = prompt_effects[0] + 0.3 * torch.randn(32, generator=g)
+        gold = prompt_effects[1] + 0.3 * torch.randn(32, generator=g)
+        plain.record(step, train, gold)
+        tested.record(step, train, gold)
+    assert plain.summary()["hacking"]
+    assert not tested.summary()["hacking"]
+
+
 def test_agreement_counts_pairs_ordered_alike():
     train = torch.tensor([1.0, 2.0, 3.0, 3.0])
     gold = torch.tensor([0.0, 1.0, 0.5, 2.0])
@@ -81,13 +97,13 @@ def test_bad_input_is_refused_with_the_argument_named():
     with pytest.raises(ValueError, match="step"):
         monitor.record(3, torch.zeros(2), torch.zeros(2))
     with pytest.raises(ValueError, match="window"):
-        RewardMonitor(window=1)
+        RewardMonitor(window=2)
 
 
 def test_state_round_trip_resumes_the_same_series():
-    monitor = RewardMonitor(window=2)
-    for step in range(4):
+    monitor = RewardMonitor(window=3)
+    for step in range(5):
         monitor.record(step, torch.rand(8, generator=torch.Generator().manual_seed(step)), torch.rand(8))
-    resumed = RewardMonitor(window=2)
+    resumed = RewardMonitor(window=3)
     resumed.load_state_dict(json.loads(json.dumps(monitor.state_dict())))
     assert resumed.metrics() == monitor.metrics() and resumed.summary() == monitor.summary()

@@ -4,12 +4,15 @@ A policy optimized against a learned reward can raise it while the quality it st
 "Scaling Laws for Reward Model Overoptimization", arXiv 2210.10760). The monitor scores the policy's samples with a
 gold reward that is never trained on (on the shapes world, the verifier; elsewhere another reward model or a
 judge), logs both, and flags the divergence: over the last `window` updates the training reward rose by more than
-`min_rise` while the gold one fell by more than `min_drop`.
+`min_rise` while the gold one fell by more than `min_drop`, each change at least `significance` standard errors from
+zero (batch means move with the prompts drawn as much as with the policy: without the test, a trainer that samples a
+few prompts per update raises false alarms).
 
 The two rewards have different scales, so both are shown in one unit: each update's batch mean minus the first
 update's, over the pooled within-batch standard deviation of that reward so far (`train_z`, `gold_z`; a reward whose
 batches were all constant keeps its raw units); `gap = train_z - gold_z`. The rise or fall over a window is the
-least-squares line through its `z` values, evaluated across the window. `agreement` is, within a batch, the fraction
+least-squares line through its `z` values, evaluated across the window; its standard error comes from the residuals
+about that line. `agreement` is, within a batch, the fraction
 of sample pairs (of the same prompt when prompts are given: what group-relative advantages compare) that both rewards
 order the same way, gold ties left out and training ties counting 1/2: when it falls, the learned reward has
 stopped tracking the gold on the policy's current samples.
@@ -84,9 +87,10 @@ class RewardMonitor:
     Args:
         gold (`RewardModel`, *optional*): scores the images given to `update`; None when the caller scores the gold
             itself and calls `record`.
-        window (`int`): updates over which rises and falls are measured (>= 2).
+        window (`int`): updates over which rises and falls are measured (>= 3).
         min_rise (`float`): the training reward's rise over a window, in `z` units, that counts as rising.
         min_drop (`float`): the gold reward's fall over a window, in `z` units, that counts as falling.
+        significance (`float`): how many standard errors from zero each change must be.
         batch_size (`int`): images per gold-reward call in `update`.
     """
 
@@ -94,21 +98,24 @@ class RewardMonitor:
         self,
         gold: RewardModel | None = None,
         *,
-        window: int = 5,
+        window: int = 10,
         min_rise: float = 0.5,
         min_drop: float = 0.25,
+        significance: float = 2.0,
         batch_size: int = 64,
     ) -> None:
         if gold is not None and not isinstance(gold, RewardModel):
             raise ValueError(f"`gold` must be a RewardModel or None, got {type(gold).__name__}")
-        if not isinstance(window, int) or window < 2:
-            raise ValueError(f"`window` must be an int >= 2, got {window!r}")
-        if not (min_rise >= 0 and min_drop >= 0):
-            raise ValueError(f"`min_rise` and `min_drop` must be >= 0, got {min_rise}, {min_drop}")
+        if not isinstance(window, int) or window < 3:
+            raise ValueError(f"`window` must be an int >= 3, got {window!r}")
+        if not (min_rise >= 0 and min_drop >= 0 and significance >= 0):
+            raise ValueError(
+                f"`min_rise`, `min_drop` and `significance` must be >= 0, got {min_rise, min_drop, significance}"
+            )
         if batch_size < 1:
             raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
         self.gold, self.window, self.batch_size = gold, window, batch_size
-        self.min_rise, self.min_drop = min_rise, min_drop
+        self.min_rise, self.min_drop, self.significance = min_rise, min_drop, significance
         self.records: list[MonitorRecord] = []
 
     @torch.no_grad()
@@ -163,12 +170,16 @@ class RewardMonitor:
         scale = pooled if pooled > 0 else 1.0
         return [(m - means[0]) / scale for m in means]
 
-    def _window_change(self, values: list[float], steps: list[int]) -> float:
-        """The least-squares line through the last `window` points, from the window's first step to its last."""
+    def _window_change(self, values: list[float], steps: list[int]) -> tuple[float, float]:
+        """The least-squares line through the last `window` points: its change from the window's first step to its
+        last, and that change over its standard error (infinite when the points lie on the line)."""
         x, y = torch.tensor(steps[-self.window :], dtype=torch.float64), torch.tensor(values[-self.window :])
         x_centered = x - x.mean()
         slope = float((x_centered * (y - y.mean())).sum() / (x_centered**2).sum())
-        return slope * float(x[-1] - x[0])
+        residuals = y - y.mean() - slope * x_centered
+        se = math.sqrt(float((residuals**2).sum()) / (len(x) - 2) / float((x_centered**2).sum()))
+        t = slope / se if se > 0 else math.copysign(math.inf, slope) if slope else 0.0
+        return slope * float(x[-1] - x[0]), t
 
     def flags(self) -> list[bool]:
         """For every update: was the training reward rising while the gold fell over the window ending there?"""
@@ -178,9 +189,11 @@ class RewardMonitor:
             if i + 1 < self.window:
                 out.append(False)
                 continue
-            rise = self._window_change(train[: i + 1], steps[: i + 1])
-            fall = -self._window_change(gold[: i + 1], steps[: i + 1])
-            out.append(rise > self.min_rise and fall > self.min_drop)
+            rise, t_rise = self._window_change(train[: i + 1], steps[: i + 1])
+            fall, t_fall = self._window_change(gold[: i + 1], steps[: i + 1])
+            rising = rise > self.min_rise and t_rise > self.significance
+            falling = -fall > self.min_drop and -t_fall > self.significance
+            out.append(rising and falling)
         return out
 
     def metrics(self) -> dict[str, float]:
@@ -217,7 +230,8 @@ class RewardMonitor:
             "agreement": {"first": first.agreement, "last": last.agreement},
             "hacking": bool(flagged),
             "hacking_steps": flagged,
-            "rule": f"over {self.window} updates: train rises > {self.min_rise} and gold falls > {self.min_drop} (z)",
+            "rule": f"over {self.window} updates: train rises > {self.min_rise} and gold falls > {self.min_drop} (z), "
+            f"each > {self.significance} standard errors",
         }
 
     def plot(self, title: str = "Training reward vs gold reward") -> Any:
