@@ -75,7 +75,7 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
     learned = evaluate_reward(load_reward("world-clip", pretrained=config.output_dir), heldout)["metrics"]
     pairs = save_pairs(heldout.pairs, Path(config.output_dir) / "heldout_pairs")  # 8-bit PNGs: the CLI reads files
     bench = ["bench", "reward", "--model", "world-clip", "--pretrained", config.output_dir, "--pairs", str(pairs)]
-    bench += ["--out", str(RESULTS / "world_reward_eval")]
+    bench += ["--out", "benchmarks/results/world_reward_eval"]
     if visalign_main(bench) != 0:
         raise RuntimeError(f"`visalign {shlex.join(bench)}` failed")
     record = {
@@ -109,19 +109,7 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
 def align(config_path: str, overrides: list[str], reward_dir: str, plot: Path) -> dict[str, Any]:
     """Stage 2: Flow-GRPO against the learned reward with the verifier as the monitored gold reward."""
     from visalign.config import config_to_dict, load_config
-    from visalign.monitor import RewardMonitor
     from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
-    from visalign.rewards import load_reward
-
-    class MonitoredFlowGRPO(FlowGRPOTrainer):
-        """Flow-GRPO whose every rollout is also scored by the gold reward (how the trainer would call the monitor)."""
-
-        monitor: RewardMonitor
-
-        def rollout(self):
-            rollout, rewards, metrics = super().rollout()
-            metrics |= self.monitor.update(self.engine.step, rollout.images, rollout.prompts, rewards)
-            return rollout, rewards, metrics
 
     fixed = [
         "reward=world-clip",
@@ -131,10 +119,8 @@ def align(config_path: str, overrides: list[str], reward_dir: str, plot: Path) -
     ]
     config = load_config(FlowGRPOConfig, config_path, fixed + overrides)
     clock = Clock()
-    trainer = MonitoredFlowGRPO.from_config(config)
-    trainer.monitor = RewardMonitor(load_reward("world-verifier"))
+    trainer = FlowGRPOTrainer.from_config(config)  # the external reward is the monitor's gold reward
     history = trainer.train()
-    trainer.monitor.save(Path(config.output_dir) / "monitor")
     plot.write_text(trainer.monitor.plot("Flow-GRPO on the learned world reward: learned vs verifier").svg)
     evals = [h for h in history if "eval/world-verifier/correct" in h]
     keys = ["eval/world-verifier/correct", "eval/world-verifier", "eval/world-clip"]
@@ -164,6 +150,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpo-config", default="configs/world_flow_grpo.yaml")
     parser.add_argument("--grpo-set", nargs="*", default=[], metavar="KEY=VALUE", help="Flow-GRPO config overrides")
     parser.add_argument("--skip-grpo", action="store_true", help="stage 1 only")
+    parser.add_argument(
+        "--reward-dir", default=None, help="skip stage 1: align with this trained reward, keep --output's stage-1 record"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(RESULTS / "world_reward.json"))
     args = parser.parse_args(argv)
@@ -176,7 +165,10 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "threads": args.threads,
     }
-    result["reward_model"], reward_dir = train_reward(args.config, args.set)
+    if args.reward_dir is None:
+        result["reward_model"], reward_dir = train_reward(args.config, args.set)
+    else:
+        result["reward_model"], reward_dir = json.loads(output.read_text())["reward_model"], args.reward_dir
     output.parent.mkdir(parents=True, exist_ok=True)
     output.write_text(json.dumps(result, indent=2))
     if not args.skip_grpo:

@@ -48,6 +48,7 @@ from torch import Tensor
 
 from visalign.config import TrainConfig
 from visalign.engine import Engine, PromptSampler, ScoreTotals, load_pipeline, load_prompts
+from visalign.monitor import RewardMonitor
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
 from visalign.sampling import noise_aware_weights, step_std
@@ -484,6 +485,13 @@ class FlowGRPOTrainer:
         )
         self.reward = reward.to(self.engine.device).eval()
         self.external_reward = None if external_reward is None else external_reward.to(self.engine.device).eval()
+        # The reward-hacking monitor: the external reward is the gold one, tracked beside a pointwise training reward
+        # (win rates average 0.5 by construction, so there is nothing to compare them with).
+        self.monitor = (
+            RewardMonitor(self.external_reward)
+            if self.external_reward is not None and config.reward_mode == "score"
+            else None
+        )
         self.prompt_sampler = PromptSampler(prompts, config.seed)
         self.eval_prompts = eval_prompts
 
@@ -516,6 +524,8 @@ class FlowGRPOTrainer:
         state = self.engine.resume()
         if state is not None:
             self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+            if self.monitor is not None and "monitor" in state:
+                self.monitor.load_state_dict(state["monitor"])
         if self.eval_prompts and self.engine.step == 0:
             self.engine.log(self.evaluate())
         while self.engine.step < self.config.max_steps:
@@ -533,12 +543,17 @@ class FlowGRPOTrainer:
         if self.eval_prompts:
             self.engine.log(self.evaluate())
         self.engine.maybe_checkpoint(self.state_dict(), force=True)
+        if self.monitor is not None and self.engine.is_main_process:
+            self.monitor.save(self.engine.output_dir / "monitor")
         self.engine.finish()
         return self.engine.history
 
     def state_dict(self) -> dict[str, Any]:
-        """What a checkpoint needs besides the engine's state: the prompt sampler's position."""
-        return {"prompt_sampler": self.prompt_sampler.state_dict()}
+        """What a checkpoint needs besides the engine's state: the prompt sampler's position and the monitor."""
+        state: dict[str, Any] = {"prompt_sampler": self.prompt_sampler.state_dict()}
+        if self.monitor is not None:
+            state["monitor"] = self.monitor.state_dict()
+        return state
 
     def train_iteration(self) -> dict[str, float]:
         """Sample, score and normalize one iteration's groups, then take `updates_per_iteration` optimizer steps."""
@@ -577,8 +592,16 @@ class FlowGRPOTrainer:
             rewards.append(self.score(part, aspects))
             timing["time/reward"] += time.perf_counter() - tick
             parts.append(part)
+        rollout, rewards = Rollout.cat(parts), torch.cat(rewards)
         metrics = {name: float(torch.cat(values).mean()) for name, values in aspects.items()}
-        return Rollout.cat(parts), torch.cat(rewards), engine.mean_across_processes(metrics) | timing
+        metrics = engine.mean_across_processes(metrics) | timing
+        if self.monitor is not None:
+            gold = torch.cat(aspects[f"external/{self.external_reward.name}"])
+            groups = engine.gather(rollout.group_ids).tolist()  # pairs within a prompt's group are compared
+            metrics |= self.monitor.record(
+                engine.step, engine.gather(rewards), engine.gather(gold), prompts=[str(g) for g in groups]
+            )
+        return rollout, rewards, metrics
 
     def sample_batch(self, prompts: list[str], index: Tensor, iteration: int, batch: int) -> Rollout:
         """Sample one batch; `index` holds the samples' positions in the iteration (the same on any process count).

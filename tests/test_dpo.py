@@ -180,6 +180,19 @@ def test_denoiser_errors_on_every_family(family, target):
     assert t.is_floating_point() == (target == "flow")
 
 
+def test_images_encode_to_the_posterior_mean_unless_sampling_is_asked():
+    pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    pipe = tiny_pipeline("sd")
+    mean = Denoiser(pipe, height=32, width=32)
+    a, b = (mean.encode_images(pixels, torch.Generator().manual_seed(s)) for s in (0, 1))
+    expected = pipe.vae.encode(pixels * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
+    torch.testing.assert_close(a, expected)
+    torch.testing.assert_close(b, expected)
+    sampled = Denoiser(pipe, height=32, width=32, vae_sample_posterior=True)
+    c, d = (sampled.encode_images(pixels, torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert not torch.allclose(c, d) and not torch.allclose(c, expected)
+
+
 # -- the trainer ------------------------------------------------------------------------------------------------------
 
 

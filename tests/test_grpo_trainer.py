@@ -97,6 +97,40 @@ def test_flow_grpo_raises_the_training_reward(tmp_path):
     assert (Path(config.output_dir) / "final" / "pytorch_lora_weights.safetensors").exists()
 
 
+class Darkness(Brightness):
+    """A gold reward that disagrees with the training one: optimizing brightness is hacking it."""
+
+    name = "darkness"
+
+    def _score(self, pixels, prompts):
+        return 1 - super()._score(pixels, prompts)
+
+
+def test_the_monitor_flags_a_training_reward_that_rises_while_the_gold_one_falls(tmp_path):
+    config = grpo_config(
+        tmp_path, height=2, width=2, sample_batch_size=32, train_batch_size=32, group_size=8, max_steps=12,
+        checkpointing_steps=6,
+    )
+    trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS, external_reward=Darkness())
+    history = trainer.train()
+    assert [m["monitor/gold"] for m in history] == pytest.approx([m["external/darkness"] for m in history])
+    assert [m["monitor/train"] for m in history] == pytest.approx([m["reward/mean"] for m in history])
+    assert history[-1]["monitor/gap"] > 1 and history[-1]["monitor/hacking"] == 1.0
+    assert history[0]["monitor/hacking"] == 0.0
+    saved = json.loads((Path(config.output_dir) / "monitor" / "monitor.json").read_text())
+    assert saved["hacking"] and len(trainer.monitor.records) == 12
+    # a run resumed from the step-6 checkpoint continues the monitor's curve instead of starting a new one
+    resumed = FlowGRPOTrainer(
+        tiny_pipeline("sd3"),
+        Brightness(),
+        dataclasses.replace(config, resume_from=str(Path(config.output_dir) / "checkpoints" / "checkpoint-6")),
+        PROMPTS,
+        external_reward=Darkness(),
+    )
+    resumed.train()
+    assert [r.step for r in resumed.monitor.records] == [r.step for r in trainer.monitor.records]
+
+
 def test_flow_grpo_trains_flux_and_its_adapter_loads_into_a_fresh_pipeline(tmp_path):
     config = grpo_config(tmp_path, height=16, width=16, guidance_scale=3.5, lora_alpha=8)
     trainer = FlowGRPOTrainer(tiny_pipeline("flux"), Brightness(), config, PROMPTS)

@@ -17,19 +17,11 @@ of sample pairs (of the same prompt when prompts are given: what group-relative 
 order the same way, gold ties left out and training ties counting 1/2: when it falls, the learned reward has
 stopped tracking the gold on the policy's current samples.
 
-Wiring into a trainer, e.g. `FlowGRPOTrainer` (its `external_reward` is already a gold reward scored on the same
-samples; the lead engineer owns that file):
-
-    self.monitor = RewardMonitor(external_reward)            # in __init__, when a gold reward is configured
-    # in train_iteration, after `rollout()` returned this process's rewards and the external scores:
-    metrics |= self.monitor.record(
-        engine.step, engine.gather(rewards), engine.gather(gold), prompts=all_prompts  # every process, same data
-    )
-    # or let the monitor score the gold itself on this process's images (single process):
-    metrics |= self.monitor.update(engine.step, rollout.images, rollout.prompts, rewards)
-    # at the end (main process):
-    self.monitor.save(engine.output_dir / "monitor")          # monitor.jsonl, monitor.json, monitor.svg
-    # state for resuming: self.monitor.state_dict() in the checkpoint state, load_state_dict() on resume
+Flow-GRPO, Pref-GRPO with a pointwise reward and TempFlow-GRPO keep one whenever an `external_reward` is configured
+(`visalign.pipelines.grpo.FlowGRPOTrainer`): every iteration records the training and the external (gold) rewards
+of all processes' samples, grouped by prompt; checkpoints carry its records, so a resumed run continues its curve;
+the end of training writes `<output_dir>/monitor/` (`monitor.jsonl`, `monitor.json`, `monitor.svg`).
+Elsewhere, `update` scores the gold reward itself on a batch of images, and `record` takes both rewards' scores.
 
 The returned metrics (`monitor/train`, `monitor/gold`, `monitor/train_z`, `monitor/gold_z`, `monitor/gap`,
 `monitor/agreement`, `monitor/hacking`) go to `engine.log`, so TensorBoard shows both curves live.

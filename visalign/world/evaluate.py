@@ -60,14 +60,22 @@ def generate(
 
 
 def accuracy(images: Tensor, prompts: list[Prompt]) -> dict:
-    """Per-category and overall verifier accuracy of `images` (one per prompt, same order)."""
+    """Per-category and overall verifier accuracy of `images` (one per prompt, same order).
+
+    `overall` is GenEval's: the mean over categories, whatever their sizes; `image_accuracy` the mean over images.
+    """
     if len(images) != len(prompts):
         raise ValueError(f"`images` has {len(images)} items but `prompts` has {len(prompts)}")
     hits: dict[str, list[bool]] = {c: [] for c in CATEGORIES}
     for img, p in zip(images.cpu().numpy(), prompts):
         hits[p.category].append(verify(img, p).correct)
     per = {c: float(np.mean(h)) for c, h in hits.items() if h}
-    return {"overall": float(np.mean(list(per.values()))), "per_category": per, "images": len(prompts)}
+    return {
+        "overall": float(np.mean(list(per.values()))),
+        "per_category": per,
+        "image_accuracy": float(np.mean([hit for h in hits.values() for hit in h])),
+        "images": len(prompts),
+    }
 
 
 def evaluate(

@@ -61,7 +61,7 @@ class TrainBaseConfig:
     clip_steps: int = 1500
     clip_batch_size: int = 256
     clip_lr: float = 1e-3
-    sd_steps: int = 1200
+    sd_steps: int = 2400
     sd3_steps: int = 2000
     lr: float = 5e-4
     caption_dropout: float = 0.1
