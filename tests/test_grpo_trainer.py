@@ -108,7 +108,13 @@ class Darkness(Brightness):
 
 def test_the_monitor_flags_a_training_reward_that_rises_while_the_gold_one_falls(tmp_path):
     config = grpo_config(
-        tmp_path, height=2, width=2, sample_batch_size=32, train_batch_size=32, group_size=8, max_steps=12,
+        tmp_path,
+        height=2,
+        width=2,
+        sample_batch_size=32,
+        train_batch_size=32,
+        group_size=8,
+        max_steps=12,
         checkpointing_steps=6,
     )
     trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS, external_reward=Darkness())
