@@ -59,7 +59,11 @@ def main(argv: list[str] | None = None) -> int:
         )
         if code:
             return code
-    train_minutes = {"wall_minutes": (time.time() - start) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}
+    train_minutes = (
+        {"wall_minutes": (time.time() - start) / 60, "cpu_minutes": (time.process_time() - cpu0) / 60}
+        if args.adapter is None
+        else "not run here: --adapter"
+    )
 
     prompts = heldout_prompts()
     result = {
@@ -71,8 +75,6 @@ def main(argv: list[str] | None = None) -> int:
         "protocol": f"{len(prompts)} held-out prompts x {args.images_per_prompt} images, 20 steps, CFG 3",
     }
     adapter = Path(args.adapter) if args.adapter else Path(config.output_dir) / "final"
-    if args.adapter:
-        result["training"] = "not run here: --adapter"
     result |= before_after(family, adapter, prompts, args.images_per_prompt)
     result["delta_overall"] = result["aligned"]["overall"] - result["base"]["overall"]
     out = Path(args.out or f"benchmarks/results/world_{args.method}.json")
