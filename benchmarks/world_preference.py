@@ -8,11 +8,12 @@
 Each run:
 1. evaluates the base model (`visalign.world.evaluate.evaluate`: GenEval protocol, fixed seeds, 20 steps, CFG 3) on
    `--eval-per-category` held-out prompts per category (test-split prompts, never trained on), `--images-per-prompt`
-   images each;
-2. builds the method's data from the base model where the method needs it: DRO's expert set is the top-k of a pool
-   of base samples of train prompts by the world verifier (`top_k_experts`), written under the run folder; DPO's
-   pairs (best vs worst of a group by the verifier) are built by the trainer from its config (`rebuild_every: 0`:
-   once, from the base model); PRDP samples online;
+   images each, or reuses that figure from an earlier result file (`--before-from`, same base and protocol);
+2. builds the method's data from the base model where the method needs it: DRO's expert set is, per category, the
+   best base samples (20 steps, CFG 3) of train prompts by the world verifier (`top_k_experts`: perfect scores only,
+   at most 2 per prompt), written under the run folder (or an earlier run's, `--experts-from`); DPO's pairs (best vs
+   worst of a group by the verifier) are built by the trainer from its config (`rebuild_every: 0`: once, from the
+   base model); PRDP samples online;
 3. trains with the recipe `configs/world_<method>[_sd3].yaml` (plus `--set key=value` overrides) through the
    method's trainer, exactly as `visalign train` does;
 4. evaluates the trained model with the same prompts and seeds.
@@ -68,30 +69,56 @@ def build_world_experts(
     pipe,
     folder: Path,
     *,
+    source: str,
     prompts_per_category: int,
     images_per_prompt: int,
     k: int,
+    per_caption: int | None,
+    min_score: float | None,
     seed: int,
     generation: dict[str, Any],
 ) -> dict[str, Any]:
-    """DRO's expert set on the world: the `k` best base samples of train prompts by the verifier, saved to `folder`."""
-    from visalign.pipelines.preference_data import sample_groups, save_experts, top_k_experts
-    from visalign.rewards import load_reward
-    from visalign.world.scenes import prompt_split
+    """DRO's expert set on the world, saved to `folder`: for each of the six categories, the `k / 6` best images of its
+    train prompts by the verifier (at most `per_caption` per prompt, none below `min_score`) from a pool of base
+    samples (`source="samples"`) or of the world's own renders (`"renders"`: images better than the policy's, as the
+    paper's experts are the best Pick-a-Pic images of stronger generators)."""
+    import numpy as np
 
+    from visalign.pipelines.preference_data import ExpertSet, sample_groups, save_experts, top_k_experts
+    from visalign.rewards import load_reward
+    from visalign.world.scenes import prompt_split, render_prompt
+
+    verifier = load_reward("world-verifier")
     generator = torch.Generator().manual_seed(seed)
-    prompts = []
-    for group in prompt_split("train").values():
-        chosen = torch.randperm(len(group), generator=generator)[:prompts_per_category].tolist()
-        prompts += [group[i].text for i in chosen]
-    images = sample_groups(pipe, prompts, num_images_per_prompt=images_per_prompt, seed=seed, **generation)
-    captions = [p for p in prompts for _ in range(images_per_prompt)]
-    experts = top_k_experts(images.flatten(0, 1), captions, load_reward("world-verifier"), k)
+    rng = np.random.default_rng(seed)
+    captions, sources, scores, per_category, pool_size = [], [], [], {}, 0
+    for category, group in prompt_split("train").items():
+        chosen = [group[i] for i in torch.randperm(len(group), generator=generator)[:prompts_per_category].tolist()]
+        pool = [p.text for p in chosen for _ in range(images_per_prompt)]
+        if source == "renders":
+            renders = [render_prompt(p, rng) for p in chosen for _ in range(images_per_prompt)]
+            images = torch.from_numpy(np.stack(renders))
+        else:
+            texts = [p.text for p in chosen]
+            images = sample_groups(pipe, texts, num_images_per_prompt=images_per_prompt, seed=seed, **generation)
+            images = images.flatten(0, 1)
+        pool_size += len(pool)
+        kept = top_k_experts(
+            images, pool, verifier, min(k // 6, len(pool)), per_caption=per_caption, min_score=min_score
+        )
+        captions += kept.captions
+        sources += kept.sources
+        scores += kept.scores
+        per_category[category] = len(kept)
+    experts = ExpertSet(captions, sources, scores=scores)
     save_experts(experts, folder)
     return {
-        "pool": len(captions),
+        "source": source,
+        "pool": pool_size,
         "experts": len(experts),
-        "mean_expert_score": sum(experts.scores) / len(experts),
+        "per_category": per_category,
+        "mean_expert_score": sum(scores) / len(scores),
+        "generation": generation if source == "samples" else None,
         "folder": str(folder),
     }
 
@@ -104,9 +131,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
     parser.add_argument("--eval-per-category", type=int, default=16, help="held-out prompts per category")
     parser.add_argument("--images-per-prompt", type=int, default=2)
-    parser.add_argument("--expert-prompts-per-category", type=int, default=24, help="DRO: pool prompts per category")
-    parser.add_argument("--expert-images-per-prompt", type=int, default=4, help="DRO: pool images per prompt")
-    parser.add_argument("--experts", type=int, default=192, help="DRO: the top-k kept")
+    parser.add_argument(
+        "--expert-source", choices=("samples", "renders"), default="samples", help="DRO: the pool's images"
+    )
+    parser.add_argument("--expert-prompts-per-category", type=int, default=32, help="DRO: pool prompts per category")
+    parser.add_argument("--expert-images-per-prompt", type=int, default=8, help="DRO: pool images per prompt")
+    parser.add_argument("--experts", type=int, default=192, help="DRO: the top-k kept (k / 6 per category)")
+    parser.add_argument("--expert-per-caption", type=int, default=2, help="DRO: at most this many per prompt")
+    parser.add_argument("--expert-min-score", type=float, default=1.0, help="DRO: the verifier score floor")
+    parser.add_argument("--expert-steps", type=int, default=20, help="DRO: sampling steps of the pool")
+    parser.add_argument("--experts-from", default=None, help="DRO: an expert folder built by an earlier run")
+    parser.add_argument(
+        "--before-from", default=None, help="reuse the base accuracy of an earlier result file with the same protocol"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", default=None, help="default: benchmarks/results/world_<method>_<family>.json")
     args = parser.parse_args(argv)
@@ -130,18 +167,31 @@ def main(argv: list[str] | None = None) -> int:
     pipe = load_pipeline(config.pretrained)
     pipe.set_progress_bar_config(disable=True)
     protocol = dict(images_per_prompt=args.images_per_prompt, progress=False)
-    with clock("eval_before"):
-        before = evaluate(pipe, prompts, **protocol)
+    earlier = json.loads(Path(args.before_from).read_text()) if args.before_from else None
+    if earlier is not None:
+        before = earlier["accuracy_before"]
+        same = (before["prompts"], before["images_per_prompt"]) == (len(prompts), args.images_per_prompt)
+        if not same or earlier["config"]["pretrained"] != config.pretrained:
+            raise SystemExit(f"--before-from {args.before_from}: another base model or protocol")
+    else:
+        with clock("eval_before"):
+            before = evaluate(pipe, prompts, **protocol)
     print("before", json.dumps(before))
-    if args.method == "dro":
-        generation = dict(num_inference_steps=config.num_inference_steps, guidance_scale=3.0, height=32, width=32)
+    if args.method == "dro" and args.experts_from:
+        result["experts"] = {"folder": args.experts_from}
+        config = load_config(type(config), config_path, overrides + [f"experts={args.experts_from}"])
+    elif args.method == "dro":
+        generation = dict(num_inference_steps=args.expert_steps, guidance_scale=3.0, height=32, width=32)
         with clock("experts"):
             result["experts"] = build_world_experts(
                 pipe,
                 Path(config.output_dir) / "experts",
+                source=args.expert_source,
                 prompts_per_category=args.expert_prompts_per_category,
                 images_per_prompt=args.expert_images_per_prompt,
                 k=args.experts,
+                per_caption=args.expert_per_caption,
+                min_score=args.expert_min_score,
                 seed=config.seed,
                 generation=generation,
             )

@@ -17,6 +17,9 @@ reference syncs every 16 micro-steps at accumulation 16, i.e. every update) samp
 1.0, the expert's caption, each rollout's timesteps shifted by a random offset so that every training timestep is
 seen); a `ReplayBuffer` keeps the newest `buffer_size` trajectories with every step's `x_t` and prediction, and the
 expert latent and caption they were sampled for; training rows are drawn uniformly over its trajectories and steps.
+While the copy equals the trained weights (synced every update, and the buffer holding only its trajectories), the
+policy error is zero at its minimum and has no gradient: the loss then trains on the experts alone. A lag of several
+updates (`policy_update_steps > 1`) gives the policy term its push away from the model's own recent samples.
 
 Deliberate deviations from the reference code: DDIM (`eta = 0`) instead of DPMSolver++ for the rollouts, with one
 timestep offset per rollout batch instead of per sample; the lagged copy is the trained parameters swapped in (no

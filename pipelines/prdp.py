@@ -10,7 +10,9 @@ PRDP regresses the model's predicted reward difference onto the observed one (Eq
 reward, with a proximal (clipped, pessimistic) update for stability (Eqs. 16-21) on samples of the current policy
 (Algorithm 1: each epoch samples `images_per_prompt` trajectories for each of `prompts_per_epoch` prompts from the
 frozen `pi_old`, scores them, and takes `inner_updates` gradient steps on all pairs of each prompt). `prdp_loss`
-states the exact form.
+states the exact form. Our one addition: `prompts_per_update` makes each of those steps take a mini-batch of whole
+prompts (all their pairs), in passes over a reshuffled order of the epoch's prompts, PPO-style: more, cheaper steps
+per sampled epoch where the paper's full-batch steps are too slow.
 
 Sampling: DDIM with `eta = 1` (the paper's DDPM sampler), classifier-free guidance in the policy (log-probs of the
 guided mean), per-step log-probs as element means (`visalign.sampling.ddim_step`, DDPO's convention); flow models
@@ -157,6 +159,10 @@ class PRDPConfig(DenoiserConfig):
     prompts_per_epoch: int = field(default=32, metadata={"help": "Prompts sampled per epoch (N; paper: 32)."})
     images_per_prompt: int = field(default=16, metadata={"help": "Trajectories per prompt (B; paper: 16)."})
     inner_updates: int = field(default=10, metadata={"help": "Gradient steps per epoch (K; paper: 10, large: 1)."})
+    prompts_per_update: int | None = field(
+        default=None,
+        metadata={"help": "Prompts (with all their trajectories) per gradient step; None: the whole epoch (paper)."},
+    )
     beta: float = field(default=1e-3, metadata={"help": "KL weight: the target is reward difference / beta."})
     clip_range: float = field(default=1e-4, metadata={"help": "Stepwise clip of the log-ratio around pi_old."})
     reduction: Literal["mean", "sum"] = field(
@@ -182,6 +188,14 @@ class PRDPConfig(DenoiserConfig):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        if self.prompts_per_update is not None and not (
+            1 <= self.prompts_per_update <= self.prompts_per_epoch
+            and self.prompts_per_epoch % self.prompts_per_update == 0
+        ):
+            raise ValueError(
+                f"`prompts_per_update` ({self.prompts_per_update}) must divide `prompts_per_epoch` "
+                f"({self.prompts_per_epoch}), or be None for whole-epoch updates"
+            )
         if self.images_per_prompt < 2:
             raise ValueError("`images_per_prompt` must be >= 2: pairs are formed within a prompt")
         if not self.beta > 0 or not self.clip_range > 0 or not self.kl_coef >= 0:
@@ -198,8 +212,8 @@ class PRDPConfig(DenoiserConfig):
 @dataclass
 class Epoch:
     """One epoch's samples on this process: the rollout, rewards `[N]`, prompt ids `[N]`, per-step `pi_ref`
-    log-probs `[N, S]` and step means `[N, S, ...]` (KL term only) of the trained steps `[S]`, and the pair counts
-    of this process and of all."""
+    log-probs `[N, S]` and step means `[N, S, ...]` (KL term only) of the trained steps `[S]`, and the pair count
+    of all processes."""
 
     rollout: Any
     rewards: Tensor
@@ -207,7 +221,6 @@ class Epoch:
     ref_log_probs: Tensor
     ref_means: Tensor | None
     steps: Tensor
-    local_pairs: int
     total_pairs: int
 
 
@@ -233,11 +246,13 @@ class PRDPTrainer(DenoiserTrainer):
         eval_reward: RewardModel | None = None,
     ):
         super().__init__(pipe, config, eval_prompts=eval_prompts, eval_reward=eval_reward)
-        if config.prompts_per_epoch % self.engine.num_processes:
-            raise ValueError(
-                f"`prompts_per_epoch` ({config.prompts_per_epoch}) must be divisible by the process count "
-                f"({self.engine.num_processes}): a prompt's trajectories live on one process"
-            )
+        for name in ("prompts_per_epoch", "prompts_per_update"):
+            value = getattr(config, name)
+            if value is not None and value % self.engine.num_processes:
+                raise ValueError(
+                    f"`{name}` ({value}) must be divisible by the process count ({self.engine.num_processes}): a "
+                    "prompt's trajectories live on one process"
+                )
         self.reward = reward.to(self.engine.device).eval()
         self.prompt_sampler = PromptSampler(prompts, config.seed)
         self.epoch: Epoch | None = None
@@ -265,7 +280,7 @@ class PRDPTrainer(DenoiserTrainer):
             metrics = self.sample_epoch()
             metrics["time/sampling"] = time.perf_counter() - tick
         tick = time.perf_counter()
-        metrics |= self.update(reuse_old=inner == 0)
+        metrics |= self.update(reuse_old=inner == 0, rows=self.update_rows(inner))
         metrics["time/update"] = time.perf_counter() - tick
         metrics["memory/peak_gb"] = peak_memory_gb(self.engine.device)
         return metrics
@@ -310,7 +325,6 @@ class PRDPTrainer(DenoiserTrainer):
             ref_log_probs,
             ref_means,
             steps,
-            local_pairs=_pair_count(rewards, group_ids),
             total_pairs=_pair_count(all_rewards, all_groups),
         )
         aspects = {f"reward/{k}": float(v.float().mean()) for k, v in scored.aspects.items()}
@@ -362,18 +376,37 @@ class PRDPTrainer(DenoiserTrainer):
 
     # -- the update -----------------------------------------------------------------------------------------------
 
-    def update(self, reuse_old: bool) -> dict[str, float]:
+    def update_rows(self, inner: int) -> Tensor | None:
+        """The trajectories of this process that gradient step `inner` of the epoch trains on: all (None) without
+        `prompts_per_update`; else whole prompts, in passes over a shuffled order of the epoch's prompts."""
+        c, engine, e = self.config, self.engine, self.epoch
+        if c.prompts_per_update is None:
+            return None
+        local = c.prompts_per_epoch // engine.num_processes
+        per_update = c.prompts_per_update // engine.num_processes
+        updates_per_pass = local // per_update
+        pass_index, slot = divmod(inner, updates_per_pass)
+        key = (c.seed, 0xB0E, self.prompt_sampler.iteration, pass_index, engine.process_index)
+        order = torch.randperm(local, generator=seeded_generators([key])[0])
+        first = int(e.group_ids.min())
+        chosen = order[slot * per_update : (slot + 1) * per_update].to(e.group_ids.device) + first
+        return torch.isin(e.group_ids, chosen).nonzero().flatten()
+
+    def update(self, reuse_old: bool, rows: Tensor | None = None) -> dict[str, float]:
         """One optimizer step on the epoch's `prdp_loss` (`backward`, then the engine's step)."""
-        metrics = self.backward(reuse_old)
+        metrics = self.backward(reuse_old, rows)
         return self.engine.mean_across_processes(metrics) | self.engine.optimizer_step()
 
-    def backward(self, reuse_old: bool) -> dict[str, float]:
-        """Accumulate the exact gradient of the epoch's `prdp_loss` in two passes (see the module docstring); with
-        `reuse_old` the sampling log-probs stand for the current ones (the model is still `pi_old`)."""
+    def backward(self, reuse_old: bool, rows: Tensor | None = None) -> dict[str, float]:
+        """Accumulate the exact gradient of `prdp_loss` over the epoch's trajectories `rows` (default: all) in two
+        passes (see the module docstring); with `reuse_old` the sampling log-probs stand for the current ones (the
+        model is still `pi_old`)."""
         c, engine, e = self.config, self.engine, self.epoch
         rollout, steps = e.rollout, e.steps.tolist()
-        old = rollout.log_probs[:, steps].float()
-        chunks = list(torch.arange(len(rollout), device=rollout.latents.device).split(c.train_batch_size))
+        if rows is None:
+            rows = torch.arange(len(rollout), device=e.rewards.device)
+        old = rollout.log_probs[rows][:, steps].float()
+        positions = list(torch.arange(len(rows), device=rows.device).split(c.train_batch_size))
         self.denoiser.model.train()
         if reuse_old:
             current = old.clone()
@@ -381,38 +414,41 @@ class PRDPTrainer(DenoiserTrainer):
             current = torch.zeros_like(old)
             with torch.no_grad(), engine.autocast():
                 for s, t in enumerate(steps):
-                    for rows in chunks:
-                        current[rows, s] = self._log_prob(rollout, rows, t, engine.model).log_prob.float()
+                    for at in positions:
+                        current[at, s] = self._log_prob(rollout, rows[at], t, engine.model).log_prob.float()
         leaf = current.clone().requires_grad_(True)
+        rewards, group_ids = e.rewards[rows], e.group_ids[rows]
         loss, stats = prdp_loss(
             leaf,
             old,
-            e.ref_log_probs,
-            e.rewards,
-            e.group_ids,
+            e.ref_log_probs[rows],
+            rewards,
+            group_ids,
             beta=c.beta,
             clip_range=c.clip_range,
             reduction=c.reduction,
         )
         # Each process holds whole prompts: weighting its pair mean by processes x its share of all pairs makes
         # DDP's gradient average the mean over every pair.
-        scale = engine.num_processes * e.local_pairs / max(e.total_pairs, 1)
+        local_pairs = _pair_count(rewards, group_ids)
+        total_pairs = int(engine.gather(torch.tensor([local_pairs], device=engine.device)).sum())
+        scale = engine.num_processes * local_pairs / max(total_pairs, 1)
         (grad,) = torch.autograd.grad(loss * scale, leaf)
-        units = [(s, t, rows) for s, t in enumerate(steps) for rows in chunks]
+        units = [(s, t, at) for s, t in enumerate(steps) for at in positions]
         kl_sum = 0.0
-        for i, (s, t, rows) in enumerate(units):
+        for i, (s, t, at) in enumerate(units):
             with engine.accumulate(sync=i == len(units) - 1), engine.autocast():
-                out = self._log_prob(rollout, rows, t, engine.model)
-                surrogate = (grad[rows, s] * out.log_prob.float()).sum()
+                out = self._log_prob(rollout, rows[at], t, engine.model)
+                surrogate = (grad[at, s] * out.log_prob.float()).sum()
                 if c.kl_coef > 0:
-                    kl = kl_penalty(out.mean.float(), e.ref_means[rows, s], out.std.float(), kind="exact")
+                    kl = kl_penalty(out.mean.float(), e.ref_means[rows[at], s], out.std.float(), kind="exact")
                     kl_sum += float(kl.detach().sum())
-                    surrogate = surrogate + c.kl_coef * kl.sum() / (len(rollout) * len(steps))
+                    surrogate = surrogate + c.kl_coef * kl.sum() / (len(rows) * len(steps))
                 engine.backward(surrogate)
         metrics = {f"train/{k}": float(v) for k, v in stats.items() if k != "pairs"}
         metrics["train/loss"] = float(loss.detach())
         if c.kl_coef > 0:
-            metrics["train/kl"] = kl_sum / (len(rollout) * len(steps))
+            metrics["train/kl"] = kl_sum / (len(rows) * len(steps))
         return metrics
 
     # -- resuming -------------------------------------------------------------------------------------------------

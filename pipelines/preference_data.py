@@ -446,25 +446,45 @@ class ExpertSet(Dataset):
 
 @torch.no_grad()
 def top_k_experts(
-    images: Tensor, captions: Sequence[str], reward: RewardModel, k: int, *, batch_size: int = 64
+    images: Tensor,
+    captions: Sequence[str],
+    reward: RewardModel,
+    k: int,
+    *,
+    per_caption: int | None = None,
+    min_score: float | None = None,
+    batch_size: int = 64,
 ) -> ExpertSet:
     """The `k` highest-scoring `(caption, image)` rows of a pool (`images` `[N, 3, H, W]` in [0, 1]) under `reward`.
 
-    Ties keep the pool's order. `scores` records each kept image's reward.
+    Ties keep the pool's order. `per_caption` keeps at most that many images of one caption (a diverse set rather
+    than many samples of the easiest prompts); `min_score` drops rows scoring below it. With either, fewer than `k`
+    rows may qualify: all that do are kept. `scores` records each kept image's reward.
     """
     check_pixels(images, "images")
     captions = check_prompts(list(captions), images.shape[0], "captions")
     if not 1 <= k <= len(captions):
         raise ValueError(f"`k` must be in [1, {len(captions)}] (the pool size), got {k}")
+    if per_caption is not None and per_caption < 1:
+        raise ValueError(f"`per_caption` must be >= 1 (or None), got {per_caption}")
     scores = torch.cat(
         [
             reward.score(images[i : i + batch_size].to(reward.device), captions[i : i + batch_size]).score.cpu()
             for i in range(0, len(captions), batch_size)
         ]
     )
-    order = torch.sort(scores, descending=True, stable=True).indices[:k].tolist()
+    kept: list[int] = []
+    taken: Counter = Counter()
+    for i in torch.sort(scores, descending=True, stable=True).indices.tolist():
+        if len(kept) == k or (min_score is not None and float(scores[i]) < min_score):
+            break
+        if per_caption is None or taken[captions[i]] < per_caption:
+            taken[captions[i]] += 1
+            kept.append(i)
+    if not kept:
+        raise ValueError(f"no image of the pool scores >= `min_score` ({min_score}); best {float(scores.max()):.4g}")
     return ExpertSet(
-        [captions[i] for i in order], [images[i].cpu() for i in order], scores=[float(scores[i]) for i in order]
+        [captions[i] for i in kept], [images[i].cpu() for i in kept], scores=[float(scores[i]) for i in kept]
     )
 
 

@@ -179,6 +179,17 @@ def test_the_lagged_copy_samples_with_weights_synced_every_policy_update_steps(t
     assert any(not torch.equal(a, b) for a, b in zip(snapshots[2], initial))  # synced after step 2
 
 
+def test_the_policy_term_has_error_only_while_the_copy_lags(tmp_path):
+    # Synced every update, the copy's predictions are the model's own: zero policy error, hence no gradient from it.
+    kw = dict(max_steps=4, learning_rate=3e-2, buffer_size=4, rollouts_per_micro_step=4)
+    synced = DROTrainer(sharp_tiny_pipeline(), dro_config(tmp_path / "a", **kw), red_experts()).train()
+    assert all(h["train/policy_mse"] < 1e-10 for h in synced)
+    lagged = DROTrainer(
+        sharp_tiny_pipeline(), dro_config(tmp_path / "b", policy_update_steps=4, **kw), red_experts()
+    ).train()
+    assert lagged[0]["train/policy_mse"] < 1e-10 and all(h["train/policy_mse"] > 1e-8 for h in lagged[1:])
+
+
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     kw = dict(max_steps=4, checkpointing_steps=2, caption_dropout=0.5, policy_update_steps=2, learning_rate=3e-2)
     uninterrupted = DROTrainer(sharp_tiny_pipeline(), dro_config(tmp_path / "a", **kw), red_experts())

@@ -211,26 +211,30 @@ def prdp_config(tmp_path, **kw):
     return PRDPConfig(**{**base, **kw})
 
 
-def test_two_pass_gradient_equals_the_full_graph_gradient(tmp_path):
-    trainer = PRDPTrainer(tiny_pipeline("sd"), Brightness(), prdp_config(tmp_path, train_batch_size=3), PROMPTS)
+@pytest.mark.parametrize("prompts_per_update", [None, 1])
+def test_two_pass_gradient_equals_the_full_graph_gradient(tmp_path, prompts_per_update):
+    config = prdp_config(tmp_path, train_batch_size=3, prompts_per_update=prompts_per_update)
+    trainer = PRDPTrainer(tiny_pipeline("sd"), Brightness(), config, PROMPTS)
     trainer.sample_epoch()
     trainer.engine.optimizer_step()  # move off pi_old so that the clip and both branches matter
     with torch.no_grad():
         for p in trainer.engine.parameters:
             p.add_(1e-2 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
-    trainer.backward(reuse_old=False)
+    subset = trainer.update_rows(1)
+    trainer.backward(reuse_old=False, rows=subset)
     two_pass = [p.grad.clone() for p in trainer.engine.parameters]
     trainer.engine.optimizer.zero_grad()
 
     e, c = trainer.epoch, trainer.config
-    rows = torch.arange(len(e.rollout))
+    rows = torch.arange(len(e.rollout)) if subset is None else subset
+    assert len(rows) == (8 if prompts_per_update is None else 4)
     lp = torch.stack([trainer._log_prob(e.rollout, rows, t, trainer.engine.model).log_prob for t in e.steps], dim=1)
     loss, _ = prdp_loss(
         lp,
-        e.rollout.log_probs[:, e.steps],
-        e.ref_log_probs,
-        e.rewards,
-        e.group_ids,
+        e.rollout.log_probs[rows][:, e.steps],
+        e.ref_log_probs[rows],
+        e.rewards[rows],
+        e.group_ids[rows],
         beta=c.beta,
         clip_range=c.clip_range,
     )
@@ -238,6 +242,23 @@ def test_two_pass_gradient_equals_the_full_graph_gradient(tmp_path):
     for a, p in zip(two_pass, trainer.engine.parameters):
         torch.testing.assert_close(a, p.grad, rtol=1e-4, atol=1e-7)
     assert any(g.abs().sum() > 0 for g in two_pass)
+
+
+def test_minibatch_updates_take_whole_prompts_and_cover_the_epoch_once_per_pass(tmp_path):
+    config = prdp_config(
+        tmp_path, prompts_per_epoch=4, images_per_prompt=2, prompts_per_update=2, inner_updates=4, max_steps=4
+    )
+    trainer = PRDPTrainer(tiny_pipeline("sd"), Brightness(), config, PROMPTS)
+    trainer.sample_epoch()
+    groups = trainer.epoch.group_ids
+    passes = [[trainer.update_rows(i) for i in (0, 1)], [trainer.update_rows(i) for i in (2, 3)]]
+    for first, second in passes:
+        assert sorted(first.tolist() + second.tolist()) == list(range(8))
+        for rows in (first, second):  # both trajectories of each chosen prompt
+            assert len(rows) == 4 and sorted(groups[rows].tolist()) == sorted(list(set(groups[rows].tolist())) * 2)
+    assert [r.tolist() for r in passes[0]] != [r.tolist() for r in passes[1]]  # reshuffled each pass
+    with pytest.raises(ValueError, match="`prompts_per_update` \\(3\\) must divide `prompts_per_epoch` \\(4\\)"):
+        prdp_config(tmp_path, prompts_per_epoch=4, prompts_per_update=3)
 
 
 # -- the trainer ------------------------------------------------------------------------------------------------------

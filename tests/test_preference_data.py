@@ -265,6 +265,16 @@ def test_expert_sets_top_k_by_reward_round_trip_and_bad_rows(tmp_path):
     assert load_experts(folder, resolution=2)[0][1].shape == (3, 2, 2)
     with pytest.raises(ValueError, match=r"`k` must be in \[1, 5\]"):
         top_k_experts(images, [f"p{i}" for i in range(5)], Redness(), 6)
+    # a diverse set: at most one image per caption, and only rows at or above the score floor
+    same = ["a", "a", "b", "a", "b"]  # scores 0.1 0.9 0.5 0.7 0.3
+    diverse = top_k_experts(images, same, Redness(), 4, per_caption=1)
+    assert diverse.captions == ["a", "b"] and diverse.scores == pytest.approx([0.9, 0.5])
+    floored = top_k_experts(images, same, Redness(), 5, per_caption=2, min_score=0.6)
+    assert floored.scores == pytest.approx([0.9, 0.7])
+    with pytest.raises(ValueError, match="no image of the pool scores >= `min_score`"):
+        top_k_experts(images, same, Redness(), 2, min_score=0.95)
+    with pytest.raises(ValueError, match="`per_caption` must be >= 1"):
+        top_k_experts(images, same, Redness(), 2, per_caption=0)
     rows = [{"caption": "x", "image": "images/000000.png"}, {"caption": "y", "image": "nope.png"}]
     manifest_folder(tmp_path / "experts", rows)
     with pytest.raises(ValueError, match=r"row 1 .*'nope.png' is missing"):
