@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from harness import rss_mb, run_each, write_record
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(height=32, width=32, train_batch_size=8, lora_rank=4, lora_alpha=4),
@@ -60,11 +57,6 @@ def build_pipeline(name: str):
             attention_head_dim=8,
         ).eval()
     return pipe
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_one(name: str, steps: int) -> dict[str, Any]:
@@ -142,30 +134,11 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_one(args.only, args.steps)))
         return
-    results = {}
-    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1"}
-    for name in CONFIGS:
-        command = [
-            sys.executable,
-            __file__,
-            "--only",
-            name,
-            "--steps",
-            str(args.steps),
-            "--threads",
-            str(args.threads),
-        ]
-        out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
+    results = run_each(__file__, list(CONFIGS), ["--steps", str(args.steps)], args.threads)
+    for name in results:
         print(name, json.dumps({k: results[name][k] for k in ("pairs_per_second", "seconds_per_step", "memory")}))
-    record = {
-        "command": "python benchmarks/perf/dpo_step.py " + shlex.join(sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(record, indent=2) + "\n")
+    write_record(args.out, __file__, args.threads, results)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

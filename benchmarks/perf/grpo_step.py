@@ -24,16 +24,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
-import shlex
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
+
+from harness import rss_mb, run_each, write_record
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "tiny": dict(
@@ -88,11 +85,6 @@ def build_pipeline(name: str):
             pos_embed_max_size=32,
         ).eval()
     return pipe
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def run_one(name: str, iterations: int) -> dict[str, Any]:
@@ -197,21 +189,10 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_one(args.only, args.iterations)))
         return
-    results = {}
-    for name in CONFIGS:
-        command = [sys.executable, __file__, "--only", name, "--iterations", str(args.iterations)]
-        command += ["--threads", str(args.threads)]
-        out = subprocess.run(command, check=True, capture_output=True, text=True).stdout
-        results[name] = json.loads(out.strip().splitlines()[-1])
-        print(name, json.dumps(results[name]["seconds_per_iteration"]), flush=True)
-    report = {
-        "command": "python benchmarks/perf/grpo_step.py " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
-        "machine": {"platform": platform.platform(), "cpus": os.cpu_count(), "threads": args.threads},
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "results": results,
-    }
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    results = run_each(__file__, list(CONFIGS), ["--iterations", str(args.iterations)], args.threads)
+    for name in results:
+        print(name, json.dumps(results[name]["seconds_per_iteration"]))
+    write_record(args.out, __file__, args.threads, results)
     print(f"wrote {args.out}")
 
 

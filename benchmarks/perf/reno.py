@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from harness import rss_mb
+
 MODELS = ("tiny", "50m")
 RESULT = Path(__file__).resolve().parents[1] / "results" / "reno_perf.json"
 PROMPT = "two red squares"
@@ -100,11 +102,6 @@ def build(model: str):
     )
     pipe.set_progress_bar_config(disable=True)
     return pipe, 128
-
-
-def rss_mb() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
 def params(pipe) -> dict[str, int]:
