@@ -1,4 +1,4 @@
-"""Tiny pipelines, rewards and data for the tests of Diffusion-DPO, Diffusion-DRO and PRDP."""
+"""Tiny pipelines, rewards and data for the trainer tests (Flow-GRPO, Diffusion-DPO, Diffusion-DRO, PRDP)."""
 
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ class Brightness(RewardModel):
 
 
 class CrashingBrightness(Brightness):
-    """Brightness that fails on its `crash_at`-th call, as a job killed mid-run."""
+    """Brightness that fails on its `crash_at`-th call, as a job killed mid-run (mid-iteration, mid-epoch)."""
 
     def __init__(self, crash_at: int):
         super().__init__()

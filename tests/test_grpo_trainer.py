@@ -12,41 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
+from preference_helpers import Brightness, CrashingBrightness
 from safetensors.torch import load_file
 
 from visalign.cli import main
 from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer, PrefGRPOConfig
 from visalign.pipelines.tempflow import TempFlowGRPOConfig, TempFlowGRPOTrainer
 from visalign.reward_models.pairwise import BradleyTerryWinRate
-from visalign.rewards import RewardModel
 from visalign.testing import tiny_pipeline
 from visalign.types import RewardOutput
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPTS = ["a red square", "two blue circles", "a green triangle", "three yellow circles"]
-
-
-class Brightness(RewardModel):
-    """Mean pixel value: a reward the tiny model can move."""
-
-    name = "brightness"
-
-    def _score(self, pixels, prompts):
-        return pixels.mean(dim=(1, 2, 3))
-
-
-class CrashingBrightness(Brightness):
-    """Brightness that fails on its `crash_at`-th call, as a job killed mid-iteration."""
-
-    def __init__(self, crash_at: int):
-        super().__init__()
-        self.calls, self.crash_at = 0, crash_at
-
-    def _score(self, pixels, prompts):
-        self.calls += 1
-        if self.calls == self.crash_at:
-            raise RuntimeError("killed")
-        return super()._score(pixels, prompts)
 
 
 def grpo_config(tmp_path, cls=FlowGRPOConfig, **kw):
