@@ -25,9 +25,7 @@ def before_after(family: str, adapter: Path, prompts: list, images_per_prompt: i
 
     result = {}
     for name, lora in (("base", None), ("aligned", adapter)):
-        pipe = load_pipeline(family)
-        if lora is not None:
-            pipe.load_lora_weights(lora)
+        pipe = load_pipeline(family, lora=lora)
         pipe.set_progress_bar_config(disable=True)
         result[name] = evaluate(pipe, prompts, images_per_prompt=images_per_prompt)
         print(name, json.dumps(result[name]))

@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         before = earlier["accuracy_before"]
         same = (before["prompts"], before["images_per_prompt"]) == (len(prompts), args.images_per_prompt)
         if not same or earlier["config"]["pretrained"] != config.pretrained:
-            raise SystemExit(f"--before-from {args.before_from}: another base model or protocol")
+            parser.error(f"--before-from {args.before_from}: another base model or protocol")
     else:
         with clock("eval_before"):
             before = evaluate(pipe, prompts, **protocol)

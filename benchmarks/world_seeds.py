@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         result["models"]["base"] = earlier["models"]["base"]
         del adapters["base"]
     for name, folder in adapters.items():
-        pipe = load_pipeline(args.family)
-        if folder is not None:
-            pipe.load_lora_weights(folder)
+        pipe = load_pipeline(args.family, lora=folder)
         pipe.set_progress_bar_config(disable=True)
         runs = []
         for seed in args.seeds:

@@ -34,6 +34,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import math
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -467,6 +468,8 @@ def top_k_experts(
         raise ValueError(f"`k` must be in [1, {len(captions)}] (the pool size), got {k}")
     if per_caption is not None and per_caption < 1:
         raise ValueError(f"`per_caption` must be >= 1 (or None), got {per_caption}")
+    if min_score is not None and not math.isfinite(min_score):
+        raise ValueError(f"`min_score` must be a finite number (or None), got {min_score}")
     scores = torch.cat(
         [
             reward.score(images[i : i + batch_size].to(reward.device), captions[i : i + batch_size]).score.cpu()

@@ -275,6 +275,8 @@ def test_expert_sets_top_k_by_reward_round_trip_and_bad_rows(tmp_path):
         top_k_experts(images, same, Redness(), 2, min_score=0.95)
     with pytest.raises(ValueError, match="`per_caption` must be >= 1"):
         top_k_experts(images, same, Redness(), 2, per_caption=0)
+    with pytest.raises(ValueError, match="`min_score` must be a finite number"):
+        top_k_experts(images, same, Redness(), 2, min_score=float("nan"))
     rows = [{"caption": "x", "image": "images/000000.png"}, {"caption": "y", "image": "nope.png"}]
     manifest_folder(tmp_path / "experts", rows)
     with pytest.raises(ValueError, match=r"row 1 .*'nope.png' is missing"):

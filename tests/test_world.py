@@ -185,3 +185,26 @@ def test_train_base_smoke(tmp_path):
         assert images.shape == (1, 3, 32, 32)
     with pytest.raises(ValueError, match="stages"):
         train_base(cfg, ("vae", "gan"))
+
+
+def test_load_pipeline_loads_a_trained_lora_into_the_world_model(tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    from visalign.world.models import load_pipeline
+
+    trained = load_pipeline("sd")
+    torch.manual_seed(0)
+    trained.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False))
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet))
+    StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=state)
+
+    base, loaded = load_pipeline("sd"), load_pipeline("sd", lora=tmp_path / "lora")
+    x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
+    text = torch.randn(1, 16, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        outputs = [p.unet(x, t, text).sample for p in (trained, loaded, base)]
+    torch.testing.assert_close(outputs[1], outputs[0])
+    assert not torch.allclose(outputs[1], outputs[2])

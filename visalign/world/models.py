@@ -208,8 +208,9 @@ def default_model_dir(family: str) -> Path:
     return Path(str(resources.files("visalign.assets"))) / "world" / family
 
 
-def load_pipeline(family: str = "sd", path: str | Path | None = None):
-    """Load a world generator (the shipped one by default) through the real diffusers loader."""
+def load_pipeline(family: str = "sd", path: str | Path | None = None, *, lora: str | Path | None = None):
+    """Load a world generator (the shipped one by default) through the real diffusers loader, with a trained LoRA
+    folder (`pytorch_lora_weights.safetensors`, as the trainers write it) loaded into it when `lora` names one."""
     folder = Path(path) if path is not None else default_model_dir(family)
     if not (folder / "model_index.json").exists():
         raise FileNotFoundError(
@@ -217,10 +218,14 @@ def load_pipeline(family: str = "sd", path: str | Path | None = None):
             f"`visalign world train-base`"
         )
     if family == "sd":
-        return StableDiffusionPipeline.from_pretrained(folder)
-    if family == "sd3":
-        return StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}")
+        pipe = StableDiffusionPipeline.from_pretrained(folder)
+    elif family == "sd3":
+        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
+    else:
+        raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}")
+    if lora is not None:
+        pipe.load_lora_weights(lora)
+    return pipe
 
 
 def generation_kwargs(folder: str | Path) -> dict:
