@@ -12,8 +12,10 @@ order, plus the judge's raw output when it has one. A verdict's status is
 Judges here: `RewardJudge` (a registered reward, thresholded), `RuleJudge` (GenEval's rules over a `Detector`;
 `WorldDetector` is the shapes-world verifier's detector), `WorldJudge` (the shapes-world verifier itself), and
 `CompositeJudge` (the first judge that does not abstain decides each test point). The VLM judge lives in `vlm.py`.
-`build_judge("world" | "rules:world" | "reward:NAME@THRESHOLD" | "vlm:PATH" | "openai:MODEL@URL" | "replay:FILE")`
-makes one from a command-line spec.
+The rules live in `visalign.reward_models.geneval_rules`; `GenEvalDetector` (`visalign.reward_models.geneval`) is
+GenEval's own detector (Mask2Former + CLIP colors).
+`build_judge("world" | "rules:world" | "geneval[:DETECTOR[@CLIP]]" | "reward:NAME@THRESHOLD" | "vlm:PATH" |
+"openai:MODEL@URL" | "replay:FILE")` makes one from a command-line spec.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import hashlib
 import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -30,6 +32,13 @@ import torch
 from torch import Tensor
 
 from visalign.benchmarks.prompts import PromptItem
+from visalign.reward_models.geneval_rules import (  # noqa: F401 (re-exported: the rules live with the GenEval reward)
+    Detection,
+    Detector,
+    GenEvalRules,
+    check_geneval,
+    relative_position,
+)
 
 
 @dataclass(frozen=True)
@@ -166,130 +175,12 @@ class RewardJudge(Judge):
 # GenEval rules over a detector
 
 
-@dataclass(frozen=True)
-class Detection:
-    """A detected object: class label, confidence, box `(x0, y0, x1, y1)` in pixels, and its color if known."""
-
-    label: str
-    score: float
-    box: tuple[float, float, float, float]
-    color: str | None = None
-
-
-class Detector(ABC):
-    """Finds objects in an image. Subclasses set `name` and implement `detect`."""
-
-    name: str = "detector"
-
-    def settings(self) -> dict:
-        return {}
-
-    @abstractmethod
-    def detect(self, pixels: Tensor) -> list[Detection]:
-        """Objects in `pixels` (`[3, H, W]`, float in [0, 1])."""
-
-
-@dataclass
-class GenEvalRules:
-    """GenEval's thresholds (`evaluation/evaluate_images.py` defaults)."""
-
-    threshold: float = field(default=0.3, metadata={"help": "keep detections scoring above this"})
-    counting_threshold: float = field(default=0.9, metadata={"help": "the same, for prompts tagged counting"})
-    max_objects: int = field(default=16, metadata={"help": "at most this many detections per class"})
-    max_overlap: float = field(default=1.0, metadata={"help": "NMS IoU threshold; 1.0 turns NMS off"})
-    position_threshold: float = field(default=0.1, metadata={"help": "box-size fraction removed from offsets"})
-
-
-def _iou(a: tuple[float, ...], b: tuple[float, ...]) -> float:
-    def area(box: Sequence[float]) -> float:
-        return max(box[2] - box[0] + 1, 0) * max(box[3] - box[1] + 1, 0)
-
-    inter = area((max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])))
-    union = area(a) + area(b) - inter
-    return inter / union if union else 0.0
-
-
-def relative_position(a: Detection, b: Detection, position_threshold: float) -> set[str]:
-    """Relations of `a` to `b` ("left of", "right of", "above", "below"), GenEval's rule.
-
-    The center offset shrinks on each axis by `position_threshold * (size_a + size_b)`; a relation holds when the
-    shrunk offset, divided by the length of the full offset, exceeds 0.5 along its axis.
-    """
-    ba, bb = np.array(a.box, np.float64).reshape(2, 2), np.array(b.box, np.float64).reshape(2, 2)
-    offset = ba.mean(0) - bb.mean(0)
-    dims = np.abs(np.diff(ba, axis=0))[0] + np.abs(np.diff(bb, axis=0))[0]
-    revised = np.maximum(np.abs(offset) - position_threshold * dims, 0) * np.sign(offset)
-    if np.all(np.abs(revised) < 1e-3):
-        return set()
-    dx, dy = revised / np.linalg.norm(offset)
-    rel = {"left of": dx < -0.5, "right of": dx > 0.5, "above": dy < -0.5, "below": dy > 0.5}
-    return {k for k, v in rel.items() if v}
-
-
-def check_geneval(spec: dict, detections: Sequence[Detection], rules: GenEvalRules) -> tuple[bool | None, str]:
-    """Check a GenEval clause (`{"tag", "include": [...], "exclude": [...]}`) against detections.
-
-    Includes are AND-ed (at least `count` objects of the class; the `count` most confident must have `color`; each
-    of them must stand in `position` to every object of the target include), excludes OR-ed (fewer than `count`).
-    Returns (passed, reason); passed is None when a color is required and the detector gives no colors.
-    """
-    threshold = rules.counting_threshold if spec.get("tag") == "counting" else rules.threshold
-    by_class: dict[str, list[Detection]] = {}
-    for label in {d.label for d in detections}:
-        ranked = sorted((d for d in detections if d.label == label and d.score > threshold), key=lambda d: -d.score)
-        kept: list[Detection] = []
-        for d in ranked[: rules.max_objects]:
-            if rules.max_overlap >= 1 or all(_iou(d.box, k.box) < rules.max_overlap for k in kept):
-                kept.append(d)
-        if kept:
-            by_class[label] = kept
-    ok, reasons, groups = True, [], []
-    for req in spec.get("include", []):
-        cls, count = req["class"], req["count"]
-        found = by_class.get(cls, [])[:count]
-        matched = len(found) >= count
-        if not matched:
-            reasons.append(f"expected {cls}>={count}, found {len(found)}")
-        if matched and "color" in req:
-            colors = [d.color for d in found]
-            if None in colors:
-                return None, f"the detector gives no colors, needed for {req['color']} {cls}"
-            if colors.count(req["color"]) < count:
-                matched = False
-                reasons.append(f"expected {req['color']} {cls}>={count}, found colors {', '.join(map(str, colors))}")
-        if matched and "position" in req:
-            relation, target = req["position"]
-            if not 0 <= target < len(groups):
-                raise ValueError(f"`spec` position target {target} of {cls} must index an earlier include")
-            if groups[target] is None:
-                matched = False
-                reasons.append(f"no target for {cls} to be {relation}")
-            else:
-                for obj in found:
-                    bad = [
-                        t
-                        for t in groups[target]
-                        if relation not in relative_position(obj, t, rules.position_threshold)
-                    ]
-                    if bad:
-                        seen = relative_position(obj, bad[0], rules.position_threshold)
-                        reasons.append(
-                            f"expected {cls} {relation} target, found {' and '.join(sorted(seen)) or 'no relation'}"
-                        )
-                        matched = False
-                        break
-        ok &= matched
-        groups.append(found if matched else None)
-    for req in spec.get("exclude", []):
-        n = len(by_class.get(req["class"], []))
-        if n >= req["count"]:
-            ok = False
-            reasons.append(f"expected {req['class']}<{req['count']}, found {n}")
-    return ok, "; ".join(reasons) or "all clauses hold"
-
-
 class RuleJudge(Judge):
-    """GenEval's rules over a `Detector`: judges test points that carry a `spec` (or whose prompt has one)."""
+    """GenEval's rules over a `Detector`: judges test points that carry a `spec` (or whose prompt has one).
+
+    Images of one size are detected in one batch; colors come from the detector's `classify_colors`. A test point
+    without a spec abstains (it is not GenEval's to judge).
+    """
 
     def __init__(self, detector: Detector, rules: GenEvalRules | None = None):
         self.detector, self.rules = detector, rules or GenEvalRules()
@@ -298,17 +189,30 @@ class RuleJudge(Judge):
     def settings(self) -> dict:
         return {"detector": self.detector.name, **self.detector.settings(), **asdict(self.rules)}
 
+    @torch.no_grad()
     def judge(self, samples: Sequence[Sample]) -> list[JudgeResult]:
+        specs = [[tp.spec or s.item.spec for tp in s.item.test_points] for s in samples]
+        detections: list[list[Detection]] = [[] for _ in samples]
+        by_shape: dict[tuple[int, ...], list[int]] = {}
+        for i, sample in enumerate(samples):
+            if any(specs[i]):
+                by_shape.setdefault(tuple(sample.pixels.shape), []).append(i)
+        for indices in by_shape.values():
+            found = self.detector.detect_batch(torch.stack([samples[i].pixels for i in indices]))
+            for i, dets in zip(indices, found):
+                detections[i] = dets
         out = []
-        for sample in samples:
-            specs = [tp.spec or sample.item.spec for tp in sample.item.test_points]
-            dets = self.detector.detect(sample.pixels) if any(specs) else []
+        for sample, sample_specs, dets in zip(samples, specs, detections):
+
+            def colors(objects: Sequence[Detection], classname: str, pixels: Tensor = sample.pixels) -> list:
+                return self.detector.classify_colors(pixels, objects, classname)
+
             verdicts = []
-            for tp, spec in zip(sample.item.test_points, specs):
+            for tp, spec in zip(sample.item.test_points, sample_specs):
                 if not spec:
-                    verdicts.append(Verdict.abstain(f"no rule spec for {tp.criterion}", self.name))
+                    verdicts.append(Verdict.abstain(f"no GenEval rule spec for {tp.criterion}", self.name))
                     continue
-                passed, why = check_geneval(spec, dets, self.rules)
+                passed, why = check_geneval(spec, dets, self.rules, colors)
                 verdicts.append(Verdict(passed, why, "ok" if passed is not None else "abstain", self.name))
             found = ", ".join(f"{d.color + ' ' if d.color else ''}{d.label}@{d.score:.2f}" for d in dets)
             out.append(JudgeResult(verdicts, raw=f"detections: {found or 'none'}"))
@@ -375,17 +279,23 @@ class WorldJudge(Judge):
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def build_judge(spec: str, *, device: str | None = None, api_key: str | None = None, **vlm_options: Any) -> Judge:
+def build_judge(
+    spec: str, *, device: str | None = None, api_key: str | None = None, timeout: float = 300.0, **vlm_options: Any
+) -> Judge:
     """A judge from a command-line spec.
 
     - `world`: the shapes-world verifier; `rules:world`: GenEval's rules over the world detector;
+    - `geneval` or `geneval:DETECTOR[@CLIP]`: GenEval (its rules over a Mask2Former COCO-instance folder or Hub
+      repo and a transformers CLIP for colors; defaults `facebook/mask2former-swin-small-coco-instance` and
+      `openai/clip-vit-large-patch14`);
     - `reward:NAME@THRESHOLD`: a registered reward (`visalign.list_rewards()`), passing at `score >= THRESHOLD`;
     - `vlm:PATH`: a local transformers VLM (Qwen2.5-VL class); `openai:MODEL@URL`: an OpenAI-compatible server
       (URL like `http://127.0.0.1:8000/v1`); `replay:FILE`: answers recorded in a JSONL file (a run's
       `verdicts.jsonl` or lines `{"prompt_id", "image_id", "raw"}`).
 
-    `api_key` is sent to an OpenAI-compatible server; `vlm_options` go to `VLMJudgeConfig` (e.g. `max_new_tokens`,
-    `max_retries`, `image_format`); other judges ignore both.
+    `api_key` is sent to an OpenAI-compatible server, and `timeout` bounds each of its requests in all (seconds);
+    `vlm_options` go to `VLMJudgeConfig` (e.g. `max_new_tokens`, `max_retries`, `image_format`); other judges ignore
+    them.
     """
     kind, _, arg = spec.partition(":")
     if spec == "world":
@@ -394,6 +304,12 @@ def build_judge(spec: str, *, device: str | None = None, api_key: str | None = N
         if arg != "world":
             raise ValueError(f"`spec` {spec!r}: the only built-in detector is 'world' (rules:world)")
         return RuleJudge(WorldDetector())
+    if kind == "geneval":
+        from visalign.reward_models.geneval import CLIP, GenEvalDetector
+
+        detector_id, _, clip_id = arg.partition("@")
+        detector = GenEvalDetector.from_pretrained(detector_id or None, color_model=clip_id or CLIP)
+        return RuleJudge(detector.to(device) if device is not None else detector)
     if kind == "reward":
         from visalign.rewards import load_reward
 
@@ -411,11 +327,11 @@ def build_judge(spec: str, *, device: str | None = None, api_key: str | None = N
             backend = vlm.TransformersVLM.from_pretrained(arg, device=device)
         elif kind == "openai":
             model, _, url = arg.partition("@")
-            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, api_key=api_key)
+            backend = vlm.OpenAIServerVLM(url or "http://127.0.0.1:8000/v1", model, api_key=api_key, timeout=timeout)
         else:
             backend = vlm.ReplayVLM.from_jsonl(arg)
         return vlm.VLMJudge(backend, config)
     raise ValueError(
-        f"unknown judge `spec` {spec!r}; use world, rules:world, reward:NAME@THRESHOLD, vlm:PATH, openai:MODEL@URL "
-        f"or replay:FILE"
+        f"unknown judge `spec` {spec!r}; use world, rules:world, geneval[:DETECTOR[@CLIP]], reward:NAME@THRESHOLD, "
+        f"vlm:PATH, openai:MODEL@URL or replay:FILE"
     )

@@ -39,13 +39,18 @@ from pathlib import Path
 from typing import Any
 
 from visalign.benchmarks import taxonomy
+from visalign.files import decode_text
 from visalign.world.scenes import CATEGORIES as WORLD_CATEGORIES
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "visalign-prompts"
 FORMAT_VERSION = 1
-BUILTIN_SETS = {"visalign-core": "prompts/visalign_core.jsonl", "world-heldout": "world/heldout.jsonl"}
+BUILTIN_SETS = {
+    "visalign-core": "prompts/visalign_core.jsonl",
+    "world-heldout": "world/heldout.jsonl",
+    "geneval": "prompts/geneval.jsonl",  # GenEval's evaluation_metadata.jsonl (MIT)
+}
 FORMATS = ("visalign", "unigenbench", "geneval", "world", "parti", "t2i-compbench")
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9.-]*$")  # no "_": it separates prompt id and image id in file names
 
@@ -160,7 +165,18 @@ def _read(path: str | Path) -> tuple[str, str]:
     if not path.is_file():
         raise FileNotFoundError(f"prompt file {path} does not exist")
     data = path.read_bytes()
-    return data.decode("utf-8-sig"), hashlib.sha256(data).hexdigest()
+    return decode_text(data, path, "prompt file"), hashlib.sha256(data).hexdigest()
+
+
+def _header(path: str | Path, number: int, line: str) -> dict:
+    """The JSON object on the header line `number` of `path`; `ValueError` naming the file and line otherwise."""
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: line {number} (the header) is not JSON: {e}") from None
+    if not isinstance(header, dict):
+        raise ValueError(f"{path}: line {number} (the header) must be a JSON object, got a {type(header).__name__}")
+    return header
 
 
 def _stripped(d: dict) -> dict:
@@ -177,10 +193,7 @@ def load_visalign_jsonl(path: str | Path) -> PromptSet:
     lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
     if not lines:
         raise ValueError(f"prompt file {path} is empty")
-    try:
-        header = json.loads(lines[0][1])
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: line {lines[0][0]} (the header) is not JSON: {e}") from None
+    header = _header(path, *lines[0])
     if header.get("format") != FORMAT or header.get("format_version") != FORMAT_VERSION:
         raise ValueError(f"{path}: the header must have format {FORMAT!r} and format_version {FORMAT_VERSION}")
     items = []
@@ -199,7 +212,7 @@ def load_visalign_jsonl(path: str | Path) -> PromptSet:
                     d.get("extras", {}),
                 )
             )
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
             raise ValueError(f"{path}: line {n} is not a valid prompt ({type(e).__name__}: {e})") from None
     known = {"format", "format_version", "name", "version", "license", "source", "primary_criteria"}
     return PromptSet(
@@ -395,7 +408,9 @@ def load_world_heldout(path: str | Path | None = None) -> PromptSet:
     )
     text, sha = _read(path)
     lines = text.splitlines()
-    header = json.loads(lines[0])
+    if not lines:
+        raise ValueError(f"prompt file {path} is empty")
+    header = _header(path, 1, lines[0])
     items, issues = [], []
     for n, line in enumerate(lines[1:], 2):
         if not line.strip():
@@ -478,11 +493,11 @@ def _guess_format(path: Path) -> str:
     if suffix == ".txt":
         return "t2i-compbench"
     if suffix == ".jsonl":
-        with path.open(encoding="utf-8-sig") as f:
-            try:
-                first, second = (json.loads(f.readline() or "{}") for _ in range(2))
-            except json.JSONDecodeError:
-                first = second = {}
+        head = decode_text(path.read_bytes(), path, "prompt file").splitlines()[:2] + ["{}", "{}"]
+        try:
+            first, second = (json.loads(line or "{}") for line in head[:2])
+        except json.JSONDecodeError:
+            first = second = {}
         first, second = (d if isinstance(d, dict) else {} for d in (first, second))
         if first.get("format") == FORMAT:
             return "visalign"
@@ -494,10 +509,12 @@ def _guess_format(path: Path) -> str:
 
 
 def load_prompt_set(name_or_path: str | Path, format: str | None = None) -> PromptSet:
-    """A built-in set by name (`visalign-core`, `world-heldout`) or a file in one of `FORMATS` (guessed if None)."""
+    """A built-in set by name (`visalign-core`, `world-heldout`, `geneval`) or a file in one of `FORMATS` (guessed
+    if None)."""
     if str(name_or_path) in BUILTIN_SETS:
         path = Path(str(resources.files("visalign.assets") / BUILTIN_SETS[str(name_or_path)]))
-        return load_world_heldout(path) if name_or_path == "world-heldout" else load_visalign_jsonl(path)
+        builtin = {"world-heldout": load_world_heldout, "geneval": load_geneval_jsonl}
+        return builtin.get(str(name_or_path), load_visalign_jsonl)(path)
     path = Path(name_or_path)
     if not path.is_file():
         raise FileNotFoundError(

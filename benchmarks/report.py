@@ -4,7 +4,11 @@ Scoring follows UniGenBench: every (image, test point) verdict is 0 or 1; a sub-
 correct / judged, pooled over all images; a primary criterion pools its sub-criteria; a theme or subtheme pools
 every test point of its prompts. Overall is the unweighted mean of the set's primary criteria, reported only when
 every primary criterion has at least one judgment (never a mean over the covered subset). Abstentions are left out
-of the denominators and listed; judge errors count as failures unless `errors="exclude"`, and are always counted.
+of the denominators and listed. Judge errors (failed judgments: an answer that does not parse after the retries) are
+left out of the denominators by default (`errors="exclude"`), as UniGenBench's official `calculate_scores` does: it
+skips a result row whose `result_json` does not parse, so its numbers match the leaderboard's; `errors="fail"` counts
+them wrong. Whatever the policy, Overall is shown with the number of failed judgments and the strict Overall (failures
+counted wrong) beside it, so a judge that fails more on hard images cannot inflate a score unnoticed.
 
 Confidence intervals are percentile bootstraps over prompts (a prompt's images and test points stay together):
 each replicate draws prompts with replacement, as multinomial weights, and recomputes every cell. Comparisons
@@ -116,11 +120,20 @@ def _overall(acc: dict[str, Any], primaries: Sequence[str]) -> Any:
     return sum(values) / len(values)
 
 
+def _strict_overall(records: Sequence[dict], primary_criteria: Sequence[str]) -> float | None:
+    """Overall with every failed judgment counted wrong (`errors="fail"`); None when a primary lacks judgments."""
+    table = _tabulate(records, "fail")
+    acc = _ratio(table.correct.sum(0), table.total.sum(0))
+    primary = {cell[1]: float(a) for cell, a in zip(table.cells, acc) if cell[0] == "primary" and not np.isnan(a)}
+    overall = _overall(primary, primary_criteria)
+    return None if overall is None else float(overall)
+
+
 def aggregate(
     records: Sequence[dict],
     primary_criteria: Sequence[str],
     *,
-    errors: str = "fail",
+    errors: str = "exclude",
     bootstrap: int = 1000,
     seed: int = 0,
     missing_images: int = 0,
@@ -159,14 +172,20 @@ def aggregate(
         index = {cell: j for j, cell in enumerate(table.cells)}
         reps = _overall({p: boot[:, index[("primary", p)]] for p in primary_criteria}, primary_criteria)
         overall_ci = _interval(reps)
+    tps = [tp for r in records for tp in r["test_points"]]
     summary["overall"] = {
         "accuracy": None if missing else float(_overall(primary_acc, primary_criteria)),
         "ci": overall_ci,
         "complete": not missing,
         "primary_criteria": list(primary_criteria),
         "missing": missing,
+        "policy": errors,
+        "failed": {
+            "test_points": sum(tp["status"] == "error" for tp in tps),
+            "images": sum(any(tp["status"] == "error" for tp in r["test_points"]) for r in records),
+        },
+        "strict": _strict_overall(records, primary_criteria),
     }
-    tps = [tp for r in records for tp in r["test_points"]]
     counted = [[tp for tp in r["test_points"] if _counts(tp, errors)] for r in records]
     all_pass = [all(tp["passed"] is True for tp in tps_) for tps_ in counted if tps_]
     summary["images"] = {
@@ -201,7 +220,7 @@ def compare(
     records_b: Sequence[dict],
     primary_criteria: Sequence[str],
     *,
-    errors: str = "fail",
+    errors: str = "exclude",
     bootstrap: int = 1000,
     seed: int = 0,
 ) -> dict:
@@ -289,10 +308,21 @@ COUNTED_NOTE = "Counted: test-point verdicts in the accuracy (judge errors inclu
 
 
 def overall_line(overall: dict) -> str:
+    """Overall with its interval, the failed judgments and the strict Overall (failures counted wrong) beside it."""
     n = len(overall["primary_criteria"])
     if overall["complete"]:
-        return f"Overall (mean of {n} primary criteria): {_pct(overall['accuracy'])}% {_ci(overall['ci'])}"
-    return f"Overall: not reported; no judgment for primary criteria {', '.join(overall['missing'])}"
+        line = f"Overall (mean of {n} primary criteria): {_pct(overall['accuracy'])}% {_ci(overall['ci'])}"
+    else:
+        line = f"Overall: not reported; no judgment for primary criteria {', '.join(overall['missing'])}"
+    failed = overall.get("failed")
+    if failed is None:  # a summary written before failed judgments were reported
+        return line
+    how = "left out, as the official scorer does" if overall["policy"] == "exclude" else "counted wrong"
+    strict = "–" if overall["strict"] is None else f"{_pct(overall['strict'])}%"
+    return (
+        f"{line} · failed judgments: {failed['test_points']} test points on {failed['images']} images ({how}) · "
+        f"strict Overall (failures counted wrong): {strict}"
+    )
 
 
 def _worth_showing(summary: dict, kind: str) -> bool:
@@ -314,8 +344,15 @@ def summary_markdown(summary: dict, title: str = "Benchmark results", record: di
             f"- Judge: {judge.get('name')} (fingerprint {judge.get('fingerprint')})",
             f"- Images: {record.get('model') or record.get('images_dir')}, {record.get('images_per_prompt')} "
             f"per prompt, seeds {record.get('seeds') or record.get('seed_rule')}",
-            "",
+            f"- Generation settings: {settings_text(record.get('settings'), record.get('lora'))}",
         ]
+        issues = ps.get("issues", [])
+        if issues:
+            shown = "; ".join(issues[:5]) + (
+                f"; ... ({len(issues) - 5} more in record.json)" if len(issues) > 5 else ""
+            )
+            parts.append(f"- Prompt-file rows skipped or changed: {len(issues)} ({shown})")
+        parts.append("")
     parts += [overall_line(summary["overall"]), "", COUNTED_NOTE, ""]
     for kind, heading in (
         ("primary", "Primary criteria"),
@@ -348,16 +385,69 @@ def compare_rows(cells: dict[str, dict]) -> list[list[str]]:
 COMPARE_HEADER = ("Criterion", "A (%)", "B (%)", "B − A (points)", "95% CI of B − A")
 
 
+def settings_text(settings: dict | None, lora: dict | None = None) -> str:
+    """One line for a run's recorded generation settings (`runner.run_bench`'s `settings`) and its LoRA."""
+    if settings is None:
+        return "unknown (existing images)"
+    call = ", ".join(f"{k}={v}" for k, v in settings["call"].items())
+    adapter = f"; LoRA {lora['path']} at scale {lora['scale']}" if lora else ""
+    return (
+        f"{call}; scheduler {settings['scheduler']['class']}; {settings['dtype']}; "
+        f"{settings['images_per_prompt']} images per prompt from seeds {settings['seed']}+j{adapter}"
+    )
+
+
+def changed_prompts(
+    records_a: Sequence[dict], records_b: Sequence[dict], k: int = 8, *, errors: str = "exclude"
+) -> list[dict]:
+    """The `k` shared prompts whose share of passed test points (over all their images) moved most from A to B,
+    largest change first; prompts that did not move are left out."""
+
+    def shares(records: Sequence[dict]) -> dict[str, tuple[float, str]]:
+        counts: dict[str, list] = {}
+        for r in records:
+            c = counts.setdefault(r["prompt_id"], [0, 0, r.get("text", r["prompt_id"])])
+            for tp in r["test_points"]:
+                if _counts(tp, errors):
+                    c[0] += tp["passed"] is True
+                    c[1] += 1
+        return {p: (c[0] / c[1], c[2]) for p, c in counts.items() if c[1]}
+
+    sa, sb = shares(records_a), shares(records_b)
+    moved = [
+        {"prompt_id": p, "text": sa[p][1], "a": sa[p][0], "b": sb[p][0], "delta": sb[p][0] - sa[p][0]}
+        for p in sa
+        if p in sb and sb[p][0] != sa[p][0]
+    ]
+    return sorted(moved, key=lambda m: (-abs(m["delta"]), m["prompt_id"]))[:k]
+
+
 def compare_markdown(comparison: dict, name_a: str = "A", name_b: str = "B") -> str:
     o = comparison["overall"]
     p = comparison["prompts"]
-    parts = [
-        f"# {name_b} vs {name_a}",
-        "",
+    parts = [f"# {name_b} vs {name_a}", ""]
+    differences = comparison.get("settings_differences") or []
+    if differences:
+        parts += [
+            f"**The runs sampled with different generation settings** ({len(differences)}); part of any difference "
+            "below comes from the sampler, not the model:",
+            "",
+            *[f"- {d}" for d in differences],
+            "",
+        ]
+    for name in comparison.get("settings_unknown") or []:
+        parts += [f"Run {name} scored existing images: its generation settings are unknown and were not checked.", ""]
+    parts += [
         f"A = {name_a}; B = {name_b}; {p['shared']} shared prompts "
         f"({p['only_a']} only in A, {p['only_b']} only in B); paired bootstrap over prompts.",
         "",
     ]
+    models, settings = comparison.get("models"), comparison.get("settings")
+    if models and settings:
+        for name in ("a", "b"):
+            lora = models[name].get("lora")
+            parts.append(f"- {name.upper()}: {models[name]['model']}; settings {settings_text(settings[name], lora)}")
+        parts.append("")
     if o["complete"]:
         parts.append(
             f"Overall: {_pct(o['a'])} -> {_pct(o['b'])} ({100 * o['delta']:+.2f} points, 95% CI {_ci(o['ci'])})"
@@ -367,7 +457,67 @@ def compare_markdown(comparison: dict, name_a: str = "A", name_b: str = "B") -> 
     for kind, heading in (("primary", "Primary criteria"), ("sub", "Sub-criteria"), ("theme", "Themes")):
         if comparison[kind]:
             parts += ["", f"## {heading}", "", _md_table(COMPARE_HEADER, compare_rows(comparison[kind]))]
+    moved = comparison.get("changed_prompts") or []
+    if moved:
+        rows = [[m["prompt_id"], m["text"], _pct(m["a"]), _pct(m["b"]), f"{100 * m['delta']:+.1f}"] for m in moved]
+        parts += ["", "## Prompts that changed most", "", _md_table(CHANGED_HEADER, rows)]
     return "\n".join(parts) + "\n"
+
+
+CHANGED_HEADER = ("Prompt", "Text", "A passed (%)", "B passed (%)", "B − A (points)")
+
+
+def compare_sections(
+    comparison: dict,
+    records_a: Sequence[dict],
+    records_b: Sequence[dict],
+    images_a: str | Path,
+    images_b: str | Path,
+    plot: Plot | None = None,
+) -> list[Section]:
+    """The compare report's HTML sections: settings, the tables, and A's and B's images side by side (with their
+    marks) for the prompts that changed most (`comparison["changed_prompts"]`)."""
+    differences = comparison.get("settings_differences") or []
+    models, settings = comparison.get("models"), comparison.get("settings")
+    lines = [f"DIFFERENT SETTINGS: {d}" for d in differences]
+    if models and settings:
+        lines += [
+            f"{n.upper()}: {models[n]['model']}; settings {settings_text(settings[n], models[n].get('lora'))}"
+            for n in "ab"
+        ]
+    sections = [Section("Runs", lines)] if lines else []
+    sections += [
+        Section(heading, (), COMPARE_HEADER, compare_rows(comparison[kind]), plot if kind == "primary" else None)
+        for kind, heading in (("primary", "Primary criteria"), ("sub", "Sub-criteria"), ("theme", "Themes"))
+        if comparison[kind]
+    ]
+    moved = comparison.get("changed_prompts") or []
+    if moved:
+        by_image = {}
+        for name, records in (("a", records_a), ("b", records_b)):
+            for r in records:
+                by_image.setdefault((name, r["prompt_id"]), []).append(r)
+        n = max(len(by_image.get((name, m["prompt_id"]), [])) for m in moved for name in "ab")
+        rows = []
+        for m in moved:
+            cells = []
+            for name, folder in (("a", Path(images_a)), ("b", Path(images_b))):
+                shown = sorted(by_image.get((name, m["prompt_id"]), []), key=lambda r: r["image_id"])
+                for r in shown:
+                    path = folder / r["file"]
+                    cells.append(GridCell(path if path.is_file() else None, [_mark(tp) for tp in r["test_points"]]))
+                cells += [GridCell(None)] * (n - len(shown))
+            note = f"{m['prompt_id']} · passed {_pct(m['a'])}% -> {_pct(m['b'])}% ({100 * m['delta']:+.1f} points)"
+            rows.append(GridRow(m["text"], cells, note))
+        sections.append(
+            Section(
+                "Prompts that changed most",
+                ["A's images, then B's, same seeds; hover a mark for its reason."],
+                grid=rows,
+                grid_columns=[f"A {j}" for j in range(n)] + [f"B {j}" for j in range(n)],
+            )
+        )
+    return sections
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -593,8 +743,13 @@ def _cell_html(cell: GridCell, max_side: int) -> str:
     if cell.image is None:
         body = '<div class="mark none">missing</div>'
     else:
-        url = image_data_url(cell.image, max_side)
-        body = f'<img src="{url}" width="{max(96, min(max_side, 160))}" alt="{e(cell.caption)}">'
+        try:
+            url = image_data_url(cell.image, max_side)
+        except (OSError, SyntaxError, ValueError) as error:  # a truncated or damaged file: say so, draw the rest
+            url = None
+            body = f'<div class="mark none" title="{e(str(error))}">unreadable</div>'
+        if url is not None:
+            body = f'<img src="{url}" width="{max(96, min(max_side, 160))}" alt="{e(cell.caption)}">'
     symbol = {True: ("✓", "pass"), False: ("✗", "fail"), None: ("–", "none")}
     marks = "".join(
         f'<span class="mark {symbol[m.passed][1]}" title="{e(m.reason)}">{symbol[m.passed][0]} {e(m.label)}</span>'
@@ -693,6 +848,7 @@ def bench_sections(
             f"{ps['license'] or 'unknown'}), file {ps['source']}, sha256 {ps['sha256']}",
             f"Images: {record.get('model') or record.get('images_dir')}; {record['images_per_prompt']} per prompt; "
             f"seeds {record['seeds'] or record['seed_rule']}",
+            f"Generation settings: {settings_text(record.get('settings'), record.get('lora'))}",
             f"Judge: {judge['name']} (fingerprint {judge['fingerprint']}); settings {json.dumps(judge['settings'])}",
         ]
         + [f"Prompt-file issue: {i}" for i in ps["issues"][:20]],

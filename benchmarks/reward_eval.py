@@ -271,6 +271,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     data = parser.add_mutually_exclusive_group(required=True)
     data.add_argument("--pairs", help="held-out pairs: Pick-a-Pic parquet/jsonl/folder, or an HPDv2 .json")
     data.add_argument("--scores", help="labelled images: a jsonl file or a folder with manifest.jsonl")
+    parser.add_argument(
+        "--split", default="test", help="Pick-a-Pic shards or hub dataset: the split to evaluate (default: test)"
+    )
     parser.add_argument("--image-root", default=None, help="HPDv2: the image folder (default: the json's folder)")
     parser.add_argument("--aspects", nargs="*", default=[], help="aspect labels to evaluate")
     parser.add_argument("--heatmaps", nargs="*", default=[], help="heatmap labels to evaluate (with --scores)")
@@ -295,7 +298,11 @@ def run(args: argparse.Namespace) -> int:
                 )
             else:
                 data = load_pickapic(
-                    args.pairs, aspects=args.aspects, on_error=args.on_error, resolution=args.resolution
+                    args.pairs,
+                    split=args.split,
+                    aspects=args.aspects,
+                    on_error=args.on_error,
+                    resolution=args.resolution,
                 )
         else:
             data = load_scored_images(

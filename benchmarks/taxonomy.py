@@ -4,8 +4,10 @@ Criterion names are UniGenBench's English CSV names, `"<Primary> - <Sub>"` or a 
 criteria ("Style"). The one-line definitions are our own wording of what each criterion checks (they feed the VLM
 judge's checklist). `canonical_criterion`, `canonical_theme`, `canonical_subtheme` and `canonical_sentence` map the
 labels found in the published files (Chinese names, noisy English variants such as "Art-Graphic Art",
-"Mapping-Content Mapping" or "Logo/icon design", "descriptive sentence pattern") onto the canonical names, and
-return None for a label they do not know so that the loader can report it.
+"Mapping-Content Mapping" or "Logo/icon design", the Chinese files' mixed "logo/icon设计" (13 rows of theme 设计 in
+both `test_prompts_zh.csv` and `test_prompts_zh_long.csv`), "descriptive sentence pattern") onto the canonical names,
+and return None for a label they do not know so that the loader can report it. Every theme and subtheme label of the
+four published test files (checked at UniGenBench commit 49d0bce) maps to a canonical name.
 """
 
 from __future__ import annotations
@@ -115,7 +117,10 @@ SUBTHEMES: dict[str, dict[str, tuple[str, tuple[str, ...]]]] = {
         "UI Design": ("软件界面设计", ("Software Interface Design", "Interface Design", "UI")),
         "Poster Design": ("海报设计", ()),
         "IP Design": ("ip设计", ("IP Character Design",)),
-        "Logo/Icon Design": ("logo/图标设计", ("Logo Design", "Icon Design", "标志设计", "图标设计")),
+        "Logo/Icon Design": (
+            "logo/图标设计",
+            ("Logo Design", "Icon Design", "标志设计", "图标设计", "logo/icon设计", "logo设计", "icon设计"),
+        ),
         "Design Assets": ("设计素材", ("Design Materials", "Design Material", "Design Elements")),
         "Fashion Design": ("服装设计", ("Clothing Design", "Apparel Design")),
     },

@@ -42,6 +42,7 @@ from visalign.benchmarks import taxonomy
 from visalign.benchmarks.judges import Judge, JudgeResult, Sample, Verdict
 from visalign.benchmarks.prompts import PromptItem
 from visalign.benchmarks.report import to_pil
+from visalign.files import read_text
 from visalign.reward_models.vlm import chat_body, post_chat
 
 logger = logging.getLogger(__name__)
@@ -280,6 +281,8 @@ class OpenAIServerVLM(VLMBackend):
             raise ValueError(f"`base_url` must start with http:// or https://, got {base_url!r}")
         if not model:
             raise ValueError("`model` is empty: give the served model name (e.g. QwenVL)")
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}")
         self.base_url, self.model, self.api_key, self.timeout, self.seed = (
             base_url.rstrip("/"),
             model,
@@ -303,42 +306,49 @@ class OpenAIServerVLM(VLMBackend):
         url = f"data:{request.mime};base64,{base64.b64encode(request.image).decode()}"
         settings = {"max_tokens": request.max_new_tokens, "temperature": 0.0, "top_p": 1.0}
         body = chat_body(self.model, [url], request.text, **settings, seed=self.seed + request.attempt)
-        try:
+        try:  # `timeout` bounds the whole request; every transport failure is an OSError or a ValueError
             return post_chat(f"{self.base_url}/chat/completions", body, timeout=self.timeout, api_key=self.api_key)
-        except (OSError, ValueError) as e:  # HTTPError, URLError and timeouts are OSErrors
+        except (OSError, ValueError) as e:
             raise JudgeRequestError(f"{self.base_url}: {type(e).__name__}: {e}") from e
 
 
 class ReplayVLM(VLMBackend):
-    """Answers recorded earlier, keyed by (prompt id, image id); a missing answer is a request error."""
+    """Answers recorded earlier, keyed by (prompt id, image id); a missing answer, or a recorded answer that is not
+    text, is a request error (an error verdict naming the record), never a crash."""
 
     concurrent = True
 
-    def __init__(self, answers: dict[tuple[str, int], str], source: str = ""):
-        self.answers, self.source = dict(answers), source
+    def __init__(self, answers: dict[tuple[str, int], Any], source: str = "", lines: dict | None = None):
+        self.answers, self.source, self.lines = dict(answers), source, dict(lines or {})
         self.name = f"replay:{Path(source).name}" if source else "replay"
 
     @classmethod
     def from_jsonl(cls, path: str | Path) -> ReplayVLM:
-        """Read lines `{"prompt_id", "image_id", "raw"}` (a run's `verdicts.jsonl` has them)."""
+        """Read lines `{"prompt_id", "image_id", "raw"}` (a run's `verdicts.jsonl` has them); a line that is not such
+        an object is an error naming the file and line."""
         path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"replay file {path} does not exist")
-        answers = {}
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        answers, lines = {}, {}
+        for n, line in enumerate(read_text(path, "replay file").splitlines(), 1):
             if line.strip():
                 try:
                     d = json.loads(line)
-                    answers[(str(d["prompt_id"]), int(d["image_id"]))] = d["raw"]
+                    key = (str(d["prompt_id"]), int(d["image_id"]))
+                    answers[key], lines[key] = d["raw"], n
                 except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-                    raise ValueError(f"{path}: line {n} is not a recorded answer ({e})") from None
-        return cls(answers, str(path))
+                    raise ValueError(f"{path}: line {n} is not a recorded answer ({type(e).__name__}: {e})") from None
+        return cls(answers, str(path), lines)
 
     def settings(self) -> dict:
         return {"backend": "replay", "source": self.source, "answers": len(self.answers)}
 
     def complete(self, request: VLMRequest) -> str:
-        answer = self.answers.get((request.prompt_id, request.image_id))
+        key = (request.prompt_id, request.image_id)
+        answer = self.answers.get(key)
+        record = f"the record of image {request.prompt_id}_{request.image_id}" + (
+            f" ({self.source}, line {self.lines[key]})" if key in self.lines else ""
+        )
         if answer is None:
             raise JudgeRequestError(f"no recorded answer for image {request.prompt_id}_{request.image_id}")
+        if not isinstance(answer, str):
+            raise JudgeRequestError(f"{record} holds a {type(answer).__name__} as its answer, not text")
         return answer

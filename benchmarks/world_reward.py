@@ -58,7 +58,7 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
     from visalign.benchmarks.reward_eval import evaluate_reward
     from visalign.cli import main as visalign_main
     from visalign.config import config_to_dict, load_config
-    from visalign.pipelines.preference_data import save_pairs
+    from visalign.pipelines.pickapic import save_pairs
     from visalign.pipelines.reward_training import RewardConfig, RewardTrainer
     from visalign.rewards import load_reward
     from visalign.world.models import default_model_dir

@@ -36,12 +36,14 @@ from diffusers import (
     StableDiffusionXLPipeline,
 )
 from torch import Tensor, nn
+from tqdm.auto import tqdm
 
 from visalign.config import TrainConfig
 from visalign.engine import Engine, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import Conditioning, FlowSampler, seeded_generators
 from visalign.sampling import StepOutput, ddim_step
+from visalign.world.evaluate import add_levels, category_sums
 
 logger = logging.getLogger(__name__)
 
@@ -626,8 +628,9 @@ class DenoiserTrainer:
         sums: dict[str, Tensor] = defaultdict(lambda: torch.zeros((), dtype=torch.float64, device=engine.device))
         name = self.eval_reward.name
         self.denoiser.model.eval()
+        batches = tqdm(mine.split(c.eval_batch_size), "evaluation", disable=not engine.is_main_process, leave=False)
         with engine.ema_weights(), engine.autocast():
-            for index in mine.split(c.eval_batch_size):
+            for index in batches:
                 prompts = [texts[i] for i in index.tolist()]
                 images = (
                     self.denoiser.pipe(
@@ -643,11 +646,14 @@ class DenoiserTrainer:
                 sums[f"eval/{name}"] += out.score.double().sum()
                 for aspect, values in out.aspects.items():
                     sums[f"eval/{name}/{aspect}"] += values.double().sum()
+                by_category = category_sums(prompts, out.aspects["correct"]) if "correct" in out.aspects else None
+                for category, value in (by_category or {}).items():
+                    sums[f"eval/{name}/correct@{category}"] += value
         names = sorted(sums) or [f"eval/{name}"]
         totals = torch.stack([sums[k] for k in names])
         if engine.num_processes > 1:
             totals = engine.accelerator.reduce(totals, reduction="sum")
-        return {k: float(v) / len(texts) for k, v in zip(names, totals)}
+        return add_levels({k: float(v) / len(texts) for k, v in zip(names, totals)}, f"eval/{name}", texts)
 
     def _log(self, metrics: dict[str, float]) -> None:
         self.history.append({"step": self.engine.step, **metrics})

@@ -7,7 +7,7 @@ relative to `x^l` (the paper's Eq. 14; `dpo_loss`). The errors are per-sample MS
 logit-normal timesteps (SD3.x: Flow-GRPO's `scripts/train_sd3_dpo.py`). The reference is the model with its LoRA
 adapters disabled, or a frozen copy under full fine-tuning (`visalign.engine.Engine.reference`).
 
-Pairs come from a Pick-a-Pic-schema dataset (`visalign.pipelines.preference_data.load_pairs`) or are built online
+Pairs come from a Pick-a-Pic-schema dataset (`visalign.pipelines.pickapic.load_pairs`) or are built online
 from the current model and a reward (`build_pairs`: best vs worst per prompt, Flow-GRPO's online DPO), rebuilt every
 `rebuild_every` steps and written under `output_dir/pairs/`.
 
@@ -35,7 +35,8 @@ from torch import Tensor
 
 from visalign.engine import PromptSampler, load_pipeline, load_prompts
 from visalign.pipelines.denoiser import DenoiserConfig, DenoiserTrainer, check_micro_batches, evaluation_from_config
-from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs, load_pairs, save_pairs
+from visalign.pipelines.pickapic import load_pairs, save_pairs
+from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import seeded_generators
 
@@ -124,8 +125,16 @@ class DPOConfig(DenoiserConfig):
     dataset: str | None = field(
         default=None,
         metadata={
-            "help": "Pick-a-Pic-schema pairs (.parquet, .jsonl, or a folder with manifest.jsonl); "
-            "None builds pairs online from the current model and `reward`."
+            "help": "Pick-a-Pic-schema pairs (.parquet, a folder of parquet shards or a hub snapshot, a hub dataset "
+            "id, .jsonl, or a folder with manifest.jsonl); None builds pairs online from the current model and "
+            "`reward`."
+        },
+    )
+    split: str = field(
+        default="train",
+        metadata={
+            "help": "The split of a sharded or hub `dataset` (Pick-a-Pic: train, validation, test, validation_unique, "
+            "test_unique); splits are never merged."
         },
     )
     on_error: Literal["raise", "skip"] = field(
@@ -220,7 +229,7 @@ class DPOTrainer(DenoiserTrainer):
                 reward=load_reward(config.reward, config.reward_pretrained), prompts=load_prompts(config.prompts)
             )
         else:
-            data = dict(pairs=load_pairs(config.dataset, on_error=config.on_error))
+            data = dict(pairs=load_pairs(config.dataset, split=config.split, on_error=config.on_error))
         return cls(load_pipeline(config.pretrained), config, **data, **evaluation_from_config(config))
 
     # -- pairs ----------------------------------------------------------------------------------------------------

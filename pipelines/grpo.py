@@ -22,6 +22,13 @@ steps, each accumulating the clipped surrogate (and the KL) of every (micro-batc
 same loop with `reward_mode="win_rate"`: the rewards are a pairwise judge's win rates in each group
 (`reward.group`), which average 0.5 by construction, so an external pointwise reward is always logged too.
 
+Classifier-free guidance in the update: the log-probs are recomputed with the guided velocity
+`v_uncond + w (v_text - v_uncond)` and, by default, the unconditional prediction detached, as Flow-GRPO does
+(`noise_pred_uncond.detach()` in `scripts/train_sd3.py: compute_log_prob`): the gradient is `w * d v_text` only.
+`cfg_backprop_uncond=True` backpropagates through both branches (the gradient gains `(1 - w) * d v_uncond`; the
+forward values are the same, the learning rates and clip ranges of the reference then do not transfer). Pref-GRPO
+and TempFlow-GRPO inherit the option. FLUX.1-dev has no negative pass, so the option changes nothing there.
+
 Deviations from the reference code: Pref-GRPO rounds win rates to 3 decimals (we do not); Flow-GRPO's tracker
 gives singleton groups 0 only through `r - mean = 0` (we force 0 in every scope, where the unbiased std would be NaN).
 The trainer keeps samples whose advantage is 0 (Flow-GRPO drops them and re-adds random ones to keep batches
@@ -30,7 +37,8 @@ but the schedule's last (Flow-GRPO's `timestep_fraction=0.99` of 10 steps), and 
 random subset shared by the batch (DanceGRPO and Pref-GRPO draw one per sample). Noise is drawn from generators
 keyed by (seed, iteration, sample), so a run is the same on any number of processes and after a resume. Pref-GRPO's
 reward mix (win rate plus CLIP advantages) and GDPO re-standardization are not reproduced; GRPO-Guard's per-step
-`1 / |dt|` gradient reweighting is not implemented (RatioNorm is, `ratio_norm=True`).
+`1 / |dt|` gradient reweighting is not implemented (RatioNorm is, `ratio_norm=True`). The unconditional CFG branch
+is detached in the update as in the reference; `cfg_backprop_uncond=True` is a deliberate departure (see above).
 """
 
 from __future__ import annotations
@@ -53,6 +61,7 @@ from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
 from visalign.sampling import noise_aware_weights, step_std
 from visalign.types import check_scores
+from visalign.world.evaluate import add_levels, category_sums
 
 ADVANTAGE_SCOPES = ("group", "global")
 KL_KINDS = ("exact", "flow_grpo")
@@ -314,6 +323,13 @@ class FlowGRPOConfig(TrainConfig):
     width: int = field(default=512, metadata={"help": "Image width."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps while training (T)."})
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale (FLUX.1-dev: the guidance embedding)."})
+    cfg_backprop_uncond: bool = field(
+        default=False,
+        metadata={
+            "help": "Backpropagate the update through the unconditional CFG branch too; default False detaches "
+            "it, as Flow-GRPO's compute_log_prob (the gradient is then guidance_scale * d v_text)."
+        },
+    )
     max_sequence_length: int = field(default=256, metadata={"help": "T5 tokens (the shapes world: 16)."})
     negative_prompt: str = field(default="", metadata={"help": "SD3's CFG negative prompt."})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (Flow-GRPO SD3: 0.7, FLUX: 0.9)."})
@@ -743,7 +759,9 @@ class FlowGRPOTrainer:
         """`weight * policy_loss + beta * KL` for the transitions of `rows` at `step` under the current model."""
         c, engine = self.config, self.engine
         with engine.autocast():
-            policy = self.sampler.log_prob(rollout, rows, step, transformer=engine.model)
+            policy = self.sampler.log_prob(
+                rollout, rows, step, transformer=engine.model, detach_uncond=not c.cfg_backprop_uncond
+            )
         old_log_prob = rollout.log_probs[rows, step]
         log_prob = policy.log_prob
         if c.ratio_norm:
@@ -784,8 +802,12 @@ class FlowGRPOTrainer:
                         guidance_scale=c.eval_guidance_scale,
                         transformer=engine.unwrapped,
                     ).images
-                totals.add(judge.name, judge.score(images, prompts))
-        return totals.means(engine, len(texts))
+                out = judge.score(images, prompts)
+                totals.add(judge.name, out)
+                by_category = category_sums(prompts, out.aspects["correct"]) if "correct" in out.aspects else None
+                for category, value in (by_category or {}).items():
+                    totals.sums[f"eval/{judge.name}/correct@{category}"] += value
+        return add_levels(totals.means(engine, len(texts)), f"eval/{judge.name}", texts)
 
     def _check_same_unit_count(self, count: int) -> None:
         """DDP needs every process to take the same number of micro-steps per update."""

@@ -1,32 +1,25 @@
-"""Preference data: Pick-a-Pic pairs from files, pairs built online from a model and a reward, DRO expert sets.
+"""Preference pairs in memory, pairs built online from a model and a reward, and DRO expert sets.
 
-Pairs follow the Pick-a-Pic schema (Kirstain et al. 2023, arXiv 2305.01569; `yuvalkirstain/pickapic_v2`): one row
-per comparison with `caption` (str), `jpg_0` and `jpg_1` (the two images) and `label_0` (1: image 0 preferred,
-0: image 1 preferred, 0.5: a tie). `load_pairs` reads
-- a `.parquet` file (needs `pyarrow`), whose image columns hold bytes (Pick-a-Pic's `binary`), paths, or the
-  `{"bytes", "path"}` structs Hugging Face `datasets` writes for its `Image` feature;
-- a folder of `.parquet` shards (Pick-a-Pic v2's layout), read in name order;
-- a `.jsonl` file, one JSON object a line, whose image fields are paths (or such structs with a path);
-- a folder holding `manifest.jsonl` (an image folder with a manifest).
-Parquet is read whole, images included (fine up to a few GB; for all of Pick-a-Pic v2, ~335 GB of JPEGs, take a
-subset of shards or a manifest folder, whose images are read when used).
-Paths are relative to the dataset root (the folder of the file, or the folder itself) and may not leave it: an
-absolute path or one that resolves outside the root (`..`, a symlink) is an error, always.
-
-Bad rows: a missing or undecodable image, an invalid label, and a pair whose two images are identical (equal bytes,
-equal pixels, or Pick-a-Pic's `are_different == False`) raise a `ValueError` naming the row and the column, or, with
-`on_error="skip"`, are skipped and counted in `PreferencePairs.skipped`. Ties are dropped and counted (`ties="drop"`,
-what Diffusion-DPO's `train.py` does) or kept (`ties="keep"`, for reward-model training). A dataset left with no pair
-is an error.
+A `PreferencePairs` holds one comparison per pair in the Pick-a-Pic schema (Kirstain et al. 2023, arXiv 2305.01569):
+a caption, two image sources and `label_0` (1: image 0 preferred, 0: image 1 preferred, 0.5: a tie). Its images are
+decoded, and resized when asked, only when a pair is read (`pairs[i]`, `collate_pairs` for `DataLoader` batches), in
+`DataLoader` workers too. Reading pair datasets from disk or the hub (Pick-a-Pic parquet shards and splits, JSONL,
+manifest folders) and writing them is `visalign.pipelines.pickapic`; the lazy row stores behind its parquet and hub
+sources are `visalign.pipelines.row_stores`. `IndexSampler` draws resumable epochs of indices.
 
 Online pairs (`build_pairs`): sample `num_images_per_prompt` images per prompt from the current model, score each
 group with any `RewardModel` (`group`, so pairwise judges give win rates), and keep best vs worst or every pair whose
-score gap exceeds `margin` (UnifiedReward's and Flow-GRPO's online DPO pairing). `save_pairs` writes any pair set to
-disk as a manifest folder or a Pick-a-Pic parquet file, so online pairs become an offline dataset.
+score gap exceeds `margin` (UnifiedReward's and Flow-GRPO's online DPO pairing). `pickapic.save_pairs` writes any pair
+set to disk as a manifest folder or a Pick-a-Pic parquet file, so online pairs become an offline dataset.
 
 Expert sets for Diffusion-DRO (Wu et al. 2025, arXiv 2510.18353): the top-k images of a pool by a reward
 (`top_k_experts`; the paper keeps the 500 best Pick-a-Pic images by PickScore or HPSv2) or a manifest folder of
 `{"caption", "image"}` rows (`load_experts`).
+
+Shared by the loaders here, in `pickapic` and in `reward_data`: image fields are bytes or paths relative to the
+dataset root that may not leave it (`_source`: an absolute path or one resolving outside the root is an error,
+always); a bad row raises `BadRow`, turned into a `ValueError` naming the row and the column or skipped and counted
+(`_raise_or_count`); small JSONL, manifest and parquet files are read whole (`_read_rows`).
 """
 
 from __future__ import annotations
@@ -47,6 +40,7 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from visalign.pipelines.row_stores import StoredCell, find_shards
 from visalign.rewards import RewardModel
 from visalign.sampler import seeded_generators
 from visalign.types import check_pixels, check_prompts
@@ -55,10 +49,10 @@ logger = logging.getLogger(__name__)
 
 MANIFEST = "manifest.jsonl"
 PICKAPIC_IMAGE_COLUMNS = ("jpg_0", "jpg_1")
-TIES = ("drop", "keep")
 ON_ERROR = ("raise", "skip")
 PAIR_MODES = ("best_worst", "all")
-Source = bytes | Path | Tensor  # an image: encoded bytes, a checked path inside the root, or pixels [3, H, W]
+# an image: encoded bytes, a checked path inside the root, pixels [3, H, W], or a cell of a store read when used
+Source = bytes | Path | Tensor | StoredCell
 
 
 class BadRow(ValueError):
@@ -191,92 +185,21 @@ class PreferencePairs(Dataset):
         if isinstance(source, Tensor):
             image = source
         else:
-            image = _to_tensor(_open(source, f"row {self.rows[index]} of {self.source}: {column}"))
+            where = source.where() if isinstance(source, StoredCell) else f"row {self.rows[index]} of {self.source}"
+            image = _to_tensor(_open(source, where if isinstance(source, StoredCell) else f"{where}: {column}"))
         return image if self.resolution is None else _resize_center_crop(image, self.resolution)
 
 
-def load_pairs(
-    path: str | Path,
-    *,
-    ties: str = "drop",
-    on_error: str = "raise",
-    resolution: int | None = None,
-    caption_column: str = "caption",
-    image_columns: tuple[str, str] = PICKAPIC_IMAGE_COLUMNS,
-    label_column: str = "label_0",
-    check_images: bool = True,
-) -> PreferencePairs:
-    """Read Pick-a-Pic-schema pairs from a `.parquet` file, a folder of parquet shards, a `.jsonl` file or a folder
-    with `manifest.jsonl`.
-
-    Args:
-        path: the file or folder; relative image paths resolve against its folder and may not leave it.
-        ties (`str`): `"drop"` (count them in `skipped["tie"]`) or `"keep"`.
-        on_error (`str`): `"raise"` a `ValueError` naming the first bad row, or `"skip"` bad rows and count them.
-        resolution (`int`, *optional*): resize and center-crop images to this square size when read.
-        caption_column, image_columns, label_column: the schema's names (Pick-a-Pic's by default).
-        check_images (`bool`): decode every image now (finds corrupt and identical images before training). With
-            False only missing files and identical bytes are found now; decoding errors surface when a row is read,
-            still naming it.
-    """
-    if ties not in TIES:
-        raise ValueError(f"`ties` must be one of {TIES}, got {ties!r}")
-    if on_error not in ON_ERROR:
-        raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}")
-    path = Path(path)
-    root, records = _read_rows(path, [caption_column, *image_columns, label_column])
-    counts: Counter = Counter()
-    kept = ([], [], [], [])
-    for i, (where, record) in enumerate(records):
-        try:
-            caption = record.get(caption_column)
-            if not isinstance(caption, str):
-                raise BadRow(f"{where}: `{caption_column}` must be a string, got {caption!r}", "caption")
-            label = _check_label(record.get(label_column), where, label_column)
-            if label == 0.5 and ties == "drop":
-                counts["tie"] += 1
-                continue
-            pair = tuple(_source(record.get(c), root, f"{where}: {c}") for c in image_columns)
-            _check_distinct(pair, record, where, check_images)
-        except BadRow as e:
-            _raise_or_count(e, on_error, counts)
-            continue
-        for store, value in zip(kept, (caption, pair, label, i)):
-            store.append(value)
-    if counts:
-        logger.info("%s: kept %d of %d rows, skipped %s", path, len(kept[0]), len(records), dict(counts))
-    return PreferencePairs(*kept, resolution=resolution, skipped=dict(counts), source=str(path))
-
-
-def save_pairs(pairs: PreferencePairs, path: str | Path) -> Path:
-    """Write `pairs` as a Pick-a-Pic dataset: a folder with PNGs and `manifest.jsonl`, or (a `.parquet` path) one
-    parquet file with PNG bytes in `jpg_0`/`jpg_1`. Online scores, when known, go to `score_0`/`score_1`. Returns
-    `path`; `load_pairs(path)` reads it back."""
-    path = Path(path)
-    rows = []
-    for i in range(len(pairs)):
-        pair = pairs[i]
-        row: dict[str, Any] = {"caption": pair.caption, "label_0": pair.label_0}
-        if pairs.scores is not None:
-            row["score_0"], row["score_1"] = pairs.scores[i]
-        rows.append((row, pair.image_0, pair.image_1))
-    if path.suffix == ".parquet":
-        import pyarrow as pa
-        import pyarrow.parquet as pq
-
-        records = [{**row, "jpg_0": _png(a), "jpg_1": _png(b)} for row, a, b in rows]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        pq.write_table(pa.Table.from_pylist(records), path)
-        return path
-    (path / "images").mkdir(parents=True, exist_ok=True)
-    with open(path / MANIFEST, "w") as f:
-        for i, (row, a, b) in enumerate(rows):
-            for column, image in zip(PICKAPIC_IMAGE_COLUMNS, (a, b)):
-                name = f"images/{i:06d}_{column[-1]}.png"
-                (path / name).write_bytes(_png(image))
-                row[column] = name
-            f.write(json.dumps(row) + "\n")
-    return path
+def collate_pairs(items: Sequence[PreferencePair]) -> dict[str, Any]:
+    """A `DataLoader` batch of pairs of one size (set `resolution`): `captions`, `images_0` and `images_1`
+    (`[B, 3, H, W]`), `labels` (`[B]`) and `rows`."""
+    return {
+        "captions": [p.caption for p in items],
+        "images_0": torch.stack([p.image_0 for p in items]),
+        "images_1": torch.stack([p.image_1 for p in items]),
+        "labels": torch.tensor([p.label_0 for p in items]),
+        "rows": [p.row for p in items],
+    }
 
 
 class IndexSampler:
@@ -543,8 +466,8 @@ def _read_records(path: Path, columns: list[str]) -> tuple[Path, list[dict[str, 
 def _read_rows(path: Path, columns: list[str]) -> tuple[Path, list[tuple[str, dict[str, Any]]]]:
     """`(root, [(where, row), ...])` as `_read_records`, with `where` naming each row and its file for messages."""
     if path.is_dir():
-        shards = sorted(path.glob("*.parquet"))
-        if not (path / MANIFEST).exists() and shards:
+        shards = [] if (path / MANIFEST).exists() else find_shards(path, "train")
+        if shards:
             return path.resolve(), [row for shard in shards for row in _read_parquet(shard, columns)]
         path = path / MANIFEST
         if not path.exists():
@@ -603,26 +526,16 @@ def _source(value: Any, root: Path, where: str) -> bytes | Path:
     return full
 
 
-def _open(source: bytes | Path, where: str) -> Image.Image:
+def _open(source: bytes | Path | StoredCell, where: str) -> Image.Image:
     """Decode an image fully (so truncated files fail here), as RGB."""
+    if isinstance(source, StoredCell):
+        source = _source(source.value(), source.root, where)
     try:
         data = source.read_bytes() if isinstance(source, Path) else source
         with Image.open(io.BytesIO(data)) as image:
             return image.convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError) as e:
         raise BadRow(f"{where}: the image cannot be decoded ({type(e).__name__}: {e})", "corrupt") from None
-
-
-def _check_distinct(pair: tuple[bytes | Path, bytes | Path], record: dict, where: str, decode: bool) -> None:
-    if record.get("are_different") is False:
-        raise BadRow(f"{where}: the two images are identical (are_different is false)", "identical")
-    data = [s.read_bytes() if isinstance(s, Path) else s for s in pair]
-    if data[0] == data[1]:
-        raise BadRow(f"{where}: the two images are identical (equal bytes)", "identical")
-    if decode:
-        a, b = (np.asarray(_open(s, f"{where}: {c}")) for s, c in zip(pair, PICKAPIC_IMAGE_COLUMNS))
-        if a.shape == b.shape and np.array_equal(a, b):
-            raise BadRow(f"{where}: the two images are identical (equal pixels)", "identical")
 
 
 def _check_label(value: Any, where: str, column: str = "label_0") -> float:

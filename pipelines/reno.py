@@ -589,13 +589,16 @@ DTYPES = ("float32", "float16", "bfloat16")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """`visalign reno --model PATH_OR_ID --prompt TEXT [--reward NAME=WEIGHT ...] --out DIR [ReNOConfig flags]`."""
+    """`visalign reno --model NAME [--lora DIR] --prompt TEXT [--reward NAME=WEIGHT ...] --out DIR [ReNOConfig
+    flags]`; NAME is `world:sd`, `world:sd3`, a pipeline folder or a hub id (`visalign.loading.load_generator`)."""
     parser.add_argument(
         "--model",
         required=True,
         help="a diffusers pipeline folder or hub id, or world:sd / world:sd3 for the shipped shapes-world models "
         "(not distilled: use them with --num-inference-steps 4 --guidance-scale 3)",
     )
+    parser.add_argument("--lora", default=None, help="a trained LoRA folder loaded into --model (output_dir/final)")
+    parser.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora adapter")
     parser.add_argument("--prompt", required=True, help="the prompt whose image is optimized")
     parser.add_argument(
         "--reward",
@@ -634,6 +637,7 @@ def run(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
+    from visalign.preflight import check_reno
     from visalign.reward_models.score import parse_options, parse_rewards
     from visalign.rewards import load_reward
 
@@ -647,13 +651,15 @@ def run(args: argparse.Namespace) -> int:
     else:
         weights = parse_rewards(args.reward)
         options = parse_options(args.pretrained, args.option, set(weights))
+    check_reno(args, {name: options.get(name, {}) for name in weights})
     parts = []
     for name, weight in weights.items():
         opts = dict(options.get(name, {}))
         reward = load_reward(name, opts.pop("pretrained", None), device=device, dtype=dtype, **opts)
         parts.append(RewardPart(reward, weight, name=name))
-    pipe, pipeline_kwargs = load_generator(args.model, device=device, dtype=dtype)
-    pipe.set_progress_bar_config(disable=True)
+    pipe, pipeline_kwargs = load_generator(
+        args.model, device=device, dtype=dtype, lora=args.lora, lora_scale=args.lora_scale
+    )
     reno = ReNO(pipe, parts, config, pipeline_kwargs)
 
     start = time.time()
@@ -670,6 +676,8 @@ def run(args: argparse.Namespace) -> int:
     result: dict[str, Any] = {
         "command": "visalign " + " ".join(sys.argv[1:]),
         "model": args.model,
+        "lora": args.lora,
+        "lora_scale": args.lora_scale if args.lora else None,
         "prompt": args.prompt,
         "seed": args.seed,
         "config": dataclasses.asdict(config),
@@ -699,41 +707,17 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_generator(model: str, *, device: str, dtype: torch.dtype) -> tuple[Any, dict[str, Any]]:
-    """A pipeline from a folder, hub id or `world:sd` / `world:sd3`, and the extra call arguments it needs.
+def load_generator(
+    model: str, *, device: str, dtype: torch.dtype, lora: str | None = None, lora_scale: float = 1.0
+) -> tuple[Any, dict[str, Any]]:
+    """A pipeline from `visalign.loading.load_generator` (a folder, hub id, `world:sd` / `world:sd3`, with an
+    optional LoRA), and the extra call arguments it needs: the model's `max_sequence_length` when it has one (the
+    shapes-world SD3 model was trained with 16 zero T5 tokens). ReNO sets steps and guidance itself."""
+    from visalign.loading import load_generator as load
 
-    Components saved as absent (`[null, null]` in `model_index.json`, e.g. SD3 without T5) load as None; a
-    shapes-world folder's `visalign_world.json` supplies `max_sequence_length`.
-    """
-    import json
-    from pathlib import Path
-
-    from diffusers import DiffusionPipeline
-
-    from visalign.world.models import default_model_dir, generation_kwargs
-
-    if model.startswith("world:"):
-        family = model.partition(":")[2]
-        if family not in ("sd", "sd3"):
-            raise ValueError(f"--model {model!r}: the shipped world generators are world:sd and world:sd3")
-        folder = default_model_dir(family)
-    else:
-        folder = Path(model)
-    options: dict[str, Any] = {}
-    kwargs: dict[str, Any] = {}
-    if (folder / "model_index.json").exists():
-        index = json.loads((folder / "model_index.json").read_text())
-        options = {k: None for k, v in index.items() if isinstance(v, list) and v[0] is None}
-        generation = generation_kwargs(folder)
-        if "max_sequence_length" in generation:
-            kwargs["max_sequence_length"] = generation["max_sequence_length"]
-        source = str(folder)
-    elif model.startswith("world:"):
-        raise FileNotFoundError(f"--model {model}: no shipped world model at {folder} (train it first)")
-    else:
-        source = model
-    pipe = DiffusionPipeline.from_pretrained(source, dtype=dtype, **options)
-    return pipe.to(device), kwargs
+    pipe, defaults = load(model, lora=lora, lora_scale=lora_scale, device=device, dtype=dtype)
+    kwargs = {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}
+    return pipe, kwargs
 
 
 def save_image(image: Tensor, path: Any) -> None:

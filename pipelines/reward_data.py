@@ -1,9 +1,10 @@
 """Reward-model training data: preference pairs, ranked images expanded to pairs, labelled images, world pairs.
 
 Pairs (`RewardPairs`: a `PreferencePairs` plus optional per-aspect labels):
-- Pick-a-Pic (Kirstain et al. 2023): `load_pickapic` reads the schema through `preference_data.load_pairs` (parquet,
-  jsonl, or a folder with `manifest.jsonl`; `caption`, `jpg_0`, `jpg_1`, `label_0`), ties kept by default. When a
-  row has `label_1`, `label_0 + label_1` must be 1: a one-sided tie (`label_0 = 0.5, label_1 = 1`) is a bad row.
+- Pick-a-Pic (Kirstain et al. 2023): `load_pickapic` reads the schema through `pickapic.load_pairs` (parquet, one
+  split of a folder of shards or a hub dataset, jsonl, or a folder with `manifest.jsonl`; `caption`, `jpg_0`, `jpg_1`,
+  `label_0`), ties kept by default. When a row has `label_1`, `label_0 + label_1` must be 1: a one-sided tie
+  (`label_0 = 0.5, label_1 = 1`) is a bad row.
   Per-aspect preferences are an optional `aspect_labels` object per row, `{"alignment": 1, "aesthetic": 0.5}`
   (the probability that image 0 is preferred on that aspect; an absent aspect is unlabelled).
 - HPDv2 (Wu et al. 2023, `xswu/HPDv2`): `load_hpdv2` reads the json list of the release: `train.json` entries
@@ -50,10 +51,9 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from visalign.pipelines.pickapic import TIES, load_pairs, read_columns
 from visalign.pipelines.preference_data import (
-    MANIFEST,
     ON_ERROR,
-    TIES,
     BadRow,
     PreferencePairs,
     _open,
@@ -62,7 +62,6 @@ from visalign.pipelines.preference_data import (
     _resize_center_crop,
     _source,
     _to_tensor,
-    load_pairs,
     sample_groups,
 )
 from visalign.world.scenes import COLORS, NUMBERS, RELATIONS, SHAPES, Obj, Prompt, prompt_split, render_prompt
@@ -229,54 +228,44 @@ def _number(value: Any, where: str) -> float:
     return float(value)
 
 
-def _extra_columns(path: Path, columns: Sequence[str]) -> list[dict[str, Any]] | None:
-    """The `columns` of every row of a pair file, absent ones omitted; None when the file has none of them."""
-    if path.is_dir():
-        path = path / MANIFEST
-    if path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        names = [c for c in columns if c in pq.read_schema(path).names]
-        return pq.read_table(path, columns=names).to_pylist() if names else None
-    return [{c: r[c] for c in columns if c in r} for r in _read_records(path, [])[1]]
-
-
 def load_pickapic(
     path: str | Path,
     *,
+    split: str = "train",
     aspects: Sequence[str] = (),
     ties: str = "keep",
     on_error: str = "raise",
     resolution: int | None = None,
 ) -> RewardPairs:
-    """Pick-a-Pic-schema pairs (see the module docstring) with the per-aspect labels of `aspects`."""
+    """Pick-a-Pic-schema pairs (see the module docstring) of `split` (of parquet shards or a hub dataset) with the
+    per-aspect labels of `aspects`."""
     if on_error not in ON_ERROR:
         raise ValueError(f"`on_error` must be one of {ON_ERROR}, got {on_error!r}")
     path = Path(path)
-    extra = _extra_columns(path, ["label_0", "label_1", "aspect_labels"]) or []
+    extra = read_columns(path, ["label_0", "label_1", "aspect_labels"], split=split)
     counts: Counter = Counter()
     bad: set[int] = set()
     aspect_rows: dict[int, list[float]] = {}
-    for i, row in enumerate(extra):
+    for i, (where, row) in enumerate(extra):
         try:
             if row.get("label_1") is not None and row.get("label_0") is not None:
-                l0, l1 = row["label_0"], _label(row["label_1"], f"row {i} of {path}: `label_1`")
+                l0, l1 = row["label_0"], _label(row["label_1"], f"{where}: `label_1`")
                 if isinstance(l0, (int, float)) and l0 + l1 != 1:
                     kind = "a one-sided tie" if 0.5 in (l0, l1) else "inconsistent labels"
-                    raise BadRow(f"row {i} of {path}: {kind}: label_0={l0} and label_1={l1} must sum to 1", "label")
+                    raise BadRow(f"{where}: {kind}: label_0={l0} and label_1={l1} must sum to 1", "label")
             labels = row.get("aspect_labels") or {}
             if not isinstance(labels, dict):
-                raise BadRow(f"row {i} of {path}: `aspect_labels` must be an object, got {labels!r}", "label")
-            where = f"row {i} of {path}: aspect_labels"
+                raise BadRow(f"{where}: `aspect_labels` must be an object, got {labels!r}", "label")
             aspect_rows[i] = [
-                _label(labels[a], f"{where}[{a!r}]") if labels.get(a) is not None else math.nan for a in aspects
+                _label(labels[a], f"{where}: aspect_labels[{a!r}]") if labels.get(a) is not None else math.nan
+                for a in aspects
             ]
         except BadRow as e:
             _raise_or_count(e, on_error, counts)
             bad.add(i)
             if ties == "drop" and row.get("label_0") == 0.5:
                 counts["tie"] -= 1  # load_pairs counts this row as a dropped tie; it is counted as bad instead
-    pairs = load_pairs(path, ties=ties, on_error=on_error, resolution=resolution)
+    pairs = load_pairs(path, split=split, ties=ties, on_error=on_error, resolution=resolution)
     keep = [k for k, row in enumerate(pairs.rows) if row not in bad]
     skipped = Counter(pairs.skipped) + counts
     pairs = PreferencePairs(
@@ -568,9 +557,10 @@ def world_pairs(
     return RewardPairs(pairs, kinds=[found[r][5] for r in pairs.rows])
 
 
-def load_reward_data(spec: str, config: Any, *, pipe: Any = None) -> RewardPairs | ScoredImages:
+def load_reward_data(spec: str, config: Any, *, split: str = "train", pipe: Any = None) -> RewardPairs | ScoredImages:
     """The data a `RewardConfig` names: `world:pairs` (noisy, the train split), `world:heldout-pairs` (clean, no
-    ties, the test split), a `.json` HPDv2 file, labelled images (`data_format: scores`) or Pick-a-Pic pairs."""
+    ties, the test split), a `.json` HPDv2 file, labelled images (`data_format: scores`) or Pick-a-Pic pairs (of
+    `split`, for parquet shards and hub datasets)."""
     if spec in (WORLD_TRAIN, WORLD_HELDOUT):
         from visalign.world.evaluate import default_generation
 
@@ -610,5 +600,10 @@ def load_reward_data(spec: str, config: Any, *, pipe: Any = None) -> RewardPairs
             resolution=config.resolution,
         )
     return load_pickapic(
-        spec, aspects=config.aspects, ties=config.ties, on_error=config.on_error, resolution=config.resolution
+        spec,
+        split=split,
+        aspects=config.aspects,
+        ties=config.ties,
+        on_error=config.on_error,
+        resolution=config.resolution,
     )

@@ -301,6 +301,12 @@ class RewardConfig(TrainConfig):
         metadata={"help": "Pairs (Pick-a-Pic parquet/jsonl/folder, HPDv2 .json), scored images, or world:pairs."},
     )
     eval_data: str | None = field(default=None, metadata={"help": "Held-out data (same forms, world:heldout-pairs)."})
+    split: str = field(
+        default="train", metadata={"help": "Pick-a-Pic shards or hub dataset: the split of `train_data`."}
+    )
+    eval_split: str = field(
+        default="validation", metadata={"help": "Pick-a-Pic shards or hub dataset: the split of `eval_data`."}
+    )
     data_format: Literal["auto", "pickapic", "hpdv2", "scores"] = field(
         default="auto", metadata={"help": "auto: .json is HPDv2, else Pick-a-Pic pairs; scores: labelled images."}
     )
@@ -428,8 +434,10 @@ class RewardTrainer:
         if config.world_generator is not None and {WORLD_TRAIN, WORLD_HELDOUT} & {config.train_data, config.eval_data}:
             pipe = load_pipeline(config.world_generator)
             pipe.set_progress_bar_config(disable=True)
-        train = load_reward_data(config.train_data, config, pipe=pipe)
-        evaluation = load_reward_data(config.eval_data, config, pipe=pipe) if config.eval_data else None
+        train = load_reward_data(config.train_data, config, split=config.split, pipe=pipe)
+        evaluation = None
+        if config.eval_data:
+            evaluation = load_reward_data(config.eval_data, config, split=config.eval_split, pipe=pipe)
         return cls(config, reward, train, evaluation)
 
     def train(self) -> list[dict[str, float]]:

@@ -19,7 +19,9 @@ sampling for branching and sets the paper's defaults.
 
 Deviations: `num_branch_steps > 0` branches at a random subset of steps per sampling batch (all processes
 alike) to fit CPU budgets (TeleBoost's "sampled_k"); the official run skips sampling in its first two epochs (we
-do not); the KL convention is `exact` (the reference divides by the transition std, `sqrt(|dt|)` included).
+do not); the KL convention is `exact` (the reference divides by the transition std, `sqrt(|dt|)` included). As in
+Flow-GRPO, the update detaches the unconditional CFG branch unless `cfg_backprop_uncond=True` (the official code
+is unreleased; its Flow-GRPO base detaches it).
 """
 
 from __future__ import annotations

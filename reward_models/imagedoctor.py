@@ -8,45 +8,53 @@ tokens it emits (`misalignment_token_id`, `artifact_token_id` in its config) pro
 - the last-layer hidden state that predicts the special token -> `text_hidden_fcs` -> a sparse prompt;
 - the merged visual tokens -> `image_hidden_fcs` -> an image embedding on the merged patch grid (18 x 18 at 504^2);
 - SAM's two-way transformer (depth 2, 8 heads) with a single mask token, a convolutional upsampler x16
-  (`HeatmapPredictor`) and a hypernetwork MLP -> logits -> sigmoid: a heatmap of 288 x 288 at 504^2.
+  (`HeatmapPredictor`) and a hypernetwork MLP -> logits -> sigmoid: a heatmap of 288 x 288 at 504^2
+  (`visalign.reward_models.doctor_head`).
 
-`ImageDoctor` [`imagedoctor`] returns `aspects` `plausibility`, `semantic_alignment`, `aesthetics`, `overall`,
-`score` = `overall`, and, when the checkpoint holds the head, `heatmaps` `misalignment` and `artifact` resized to the
-input resolution (a map whose token was not generated is zeros, counted in `extras["heatmap_missing"]`).
+`ImageDoctor` [`imagedoctor`] returns `aspects` `plausibility`, `semantic_alignment`, `aesthetics`, `overall`, and,
+when the checkpoint holds the head, `heatmaps` `misalignment` and `artifact` resized to the input resolution (a map
+whose token was not generated is zeros, counted in `extras["heatmap_missing"]`).
 
-Parsing is robust and accounted for: the last `<answer>` block (the text without `<think>` when there is none);
-`label score: x`, `x%`, `x/10` forms; values outside [0, 1] are rejected, not clamped. A missing or rejected aspect is
-filled (`fill="mean"`: the mean of the batch's parsed values of that aspect, 0.5 if none; or a number) and counted
-in `extras`: `missing` (`[B, 4]` bool), per-aspect `missing_counts` / `out_of_range_counts`, `parse_failures`
-(samples with any aspect filled) and the judge's `texts`.
+Official by default (EthanG97/ImageDoctor, commit f541579):
+- prompt: `build_messages` of inference.py (the released model's inference script), verbatim in `DOCTOR_PROMPT`
+  (its f-string placeholder `{task_prompt}` written `{prompt}`, typos and the `\\”` kept); `"official-reward"` is
+  `DoctorScorer_hp.task` of modify/flow_grpo/flow_grpo/doctor_hp.py (the RL reward's shorter prompt, no reasoning
+  asked); `"visalign"` is our earlier wording.
+- parsing: `extract_scores` (doctor_hp.py): the first `<answer>...</answer>` block (else the whole text), the first
+  `<label> score: x` per aspect with labels `semantic alignment`, `aesthetic`, `plausibility`, `overall impression`;
+  values clamped to [0, 1], a missing one filled with 0. `parsing="visalign"` is our earlier stricter reading (the
+  last `<answer>` block, also `x%` and `x/y`, out-of-range values rejected and filled).
+- `score`: the RL reward of `combine_scores` (doctor_hp.py), `0.8 semantic_alignment + 0.1 aesthetics +
+  0.1 plausibility`; `score_weights="overall"` gives the overall impression alone.
+- Accounting in `extras`: `missing` (`[B, 4]` bool), per-aspect `missing_counts` / `out_of_range_counts`,
+  `parse_failures` (samples with any aspect missing or out of range) and the judge's `texts`.
 
-Deviations: the prompt wording is ours (same structure and answer format; pass `prompt_template` for the
-checkpoint's training prompt); images are resized straight to `image_size` squared in torch (the reference resizes
-with PIL to 512 x 512, then the processor to 504 x 504); the reference clamps out-of-range scores to [0, 1] and
-fills missing ones with 0; the heatmap uses the first occurrence of each special token, including one at the first
-generated position (the reference skips that position); generation is batched with left padding (the reference
-decodes one image at a time).
+Deviations, and why: images are resized straight to `image_size` squared in torch, as the reward scorer
+(doctor_hp.py resizes to 512 x 512 with PIL, then the processor to 504 x 504); inference.py keeps the aspect ratio at
+an area of 512^2, but its heatmap reshape to 18 x 18 holds only for square inputs. Captions are used as given, as in
+inference.py (doctor_hp.py strips trailing punctuation). Decoding is greedy and batched with left padding (the
+references decode one image at a time with the checkpoint's generation config), for speed and determinism;
+`max_new_tokens` is 2048 as in doctor_hp.py (inference.py allows 20000). The heatmap uses the first occurrence of
+each special token, including one at the first generated position (the reference skips that position).
 """
 
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
-from safetensors import safe_open
-from torch import Tensor, nn
+from torch import Tensor
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers.conversion_mapping import get_checkpoint_conversion_mapping, register_checkpoint_conversion_mapping
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from visalign.reward_models.loading import load_mapped_state_dict, resolve_folder
-from visalign.reward_models.pairwise import answer_block, check_template, format_prompt
+from visalign.reward_models.doctor_head import HEAD_PREFIXES, DoctorHeatmapHead, load_doctor_head
+from visalign.reward_models.loading import resolve_folder
+from visalign.reward_models.pairwise import answer_block
 from visalign.reward_models.vlm import (
     VLM_FILES,
     VisionPatches,
@@ -61,13 +69,49 @@ from visalign.types import RewardOutput
 IMAGEDOCTOR = "GYX97/ImageDoctor"
 ASPECTS = ("plausibility", "semantic_alignment", "aesthetics", "overall")
 HEATMAPS = ("misalignment", "artifact")
-HEAD_PREFIXES = ("heatmap.", "text_hidden_fcs.", "image_hidden_fcs.", "prompt_encoder.")
-UNUSED_PROMPT_ENCODER = (
-    "prompt_encoder.point_embeddings.",
-    "prompt_encoder.not_a_point_embed.",
-    "prompt_encoder.mask_",
-)
 DOCTOR_PROMPT = (
+    "Given a caption and an image generated based on this caption, please analyze the provided image in detail. "
+    "Evaluate it on various dimensions including Semantic Alignment (How well the image content corresponds to "
+    "the caption), Aesthetics (composition, color usage, and overall artistic quality), Plausibility (realism and "
+    "attention to detail), and Overall Impression (General subjective assessment of the image's quality). For "
+    "each evaluation dimension, provide a score between 0-1 and provide a concise rationale for the score. Use a "
+    "chain-of-thought process to detail your reasoning steps, and enclose all potential important areas and "
+    "detailed reasoning within <think> and </think> tags. The important areas are represented in following "
+    "format: \\” I need to focus on the bounding box area. Proposed regions (xyxy): ..., which is an enumerated "
+    "list in the exact format:1.[x1,y1,x2,y2];\n"
+    "2.[x1,y1,x2,y2];\n"
+    "3.[x1,y1,x2,y2]… Here, x1,y1 is the top-left corner, and x2,y2 is the bottom-right corner. Then, within the "
+    '<answer> and </answer> tags, summarize your assessment in the following format: "Semantic Alignment score: '
+    "... \n"
+    "Misalignment Locations: ...\n"
+    "Aesthetic score: ...\n"
+    "Plausibility score: ... nArtifact Locations: ...\n"
+    'Overall Impression score: ...". No additional text is allowed in the answer section.\n'
+    "\n"
+    " Your actual evaluation should be based on the quality of the provided image.**\n"
+    "\n"
+    "Your task is provided as follows:\n"
+    "Text Caption: [{prompt}]"
+)
+DOCTOR_REWARD_PROMPT = (
+    "Given a caption and an image generated based on this caption, please analyze the provided image in detail. "
+    "Evaluate it on various dimensions including Semantic Alignment (How well the image content corresponds to "
+    "the caption), Aesthetics (composition, color usage, and overall artistic quality), Plausibility (realism and "
+    "attention to detail), and Overall Impression (General subjective assessment of the image's quality). For "
+    "each evaluation dimension, provide a score between 0-1. Within the <answer> and </answer> tags, summarize "
+    'your assessment in the following format: "Semantic Alignment score: ...\n'
+    "Misalignment Locations: ...\n"
+    "Aesthetic score: ...\n"
+    "Plausibility score: ...\n"
+    "Artifact Locations: ...\n"
+    'Overall Impression score: ...". No additional text is allowed in the answer section.\n'
+    "\n"
+    " Your actual evaluation should be based on the quality of the provided image.**\n"
+    "\n"
+    "Your task is provided as follows:\n"
+    "Text Caption: [{prompt}]"
+)
+VISALIGN_DOCTOR_PROMPT = (
     "Here is a caption and an image generated from it. Examine the image closely and rate it on four dimensions, "
     "each with a score between 0 and 1: Semantic Alignment (how faithfully the image shows what the caption "
     "describes), Aesthetics (composition, use of color, artistic quality), Plausibility (realism, absence of "
@@ -78,30 +122,59 @@ DOCTOR_PROMPT = (
     "Artifact Locations: ...\nOverall Impression score: ...\n"
     "Text Caption: [{prompt}]"
 )
+DOCTOR_PROMPTS = {
+    "official": DOCTOR_PROMPT,
+    "official-reward": DOCTOR_REWARD_PROMPT,
+    "visalign": VISALIGN_DOCTOR_PROMPT,
+}
+REWARD_WEIGHTS = {"semantic_alignment": 0.8, "aesthetics": 0.1, "plausibility": 0.1}  # doctor_hp.py combine_scores
+SCORE_WEIGHTS = {"reward": REWARD_WEIGHTS, "overall": {"overall": 1.0}}
+PARSINGS = ("official", "visalign")
+
+
+def _score_patterns(labels: dict[str, str], tail: str) -> dict[str, re.Pattern[str]]:
+    """Per aspect, `<label> score` followed by `tail` (which captures the number), case-insensitive."""
+    return {name: re.compile(rf"{label}\s*score{tail}", re.IGNORECASE) for name, label in labels.items()}
+
+
+# extract_scores (doctor_hp.py): its labels, `:` and number pattern
+_OFFICIAL_SCORES = _score_patterns(
+    {"plausibility": "plausibility", "semantic_alignment": r"semantic\s*alignment"}
+    | {"aesthetics": "aesthetic", "overall": r"overall\s*impression"},
+    r"\s*:\s*([-+]?\d*\.?\d+(?:[eE][-+]?\d+)?)",
+)
+_OFFICIAL_ANSWER = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
+# our earlier reading: more label forms, markdown bold, `=`, `x%` and `x/y`
 _NUMBER = r"([-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?)"
-_LABELS = {
-    "plausibility": r"plausibility",
-    "semantic_alignment": r"semantic\s*alignment",
-    "aesthetics": r"aesthetics?",
-    "overall": r"overall(?:\s*impression)?",
-}
-_SCORES = {
-    name: re.compile(rf"{label}\s*score\s*\**\s*[:=]\s*\**\s*{_NUMBER}(\s*%|\s*/\s*{_NUMBER})?", re.IGNORECASE)
-    for name, label in _LABELS.items()
-}
+_SCORES = _score_patterns(
+    {"plausibility": "plausibility", "semantic_alignment": r"semantic\s*alignment"}
+    | {"aesthetics": "aesthetics?", "overall": r"overall(?:\s*impression)?"},
+    rf"\s*\**\s*[:=]\s*\**\s*{_NUMBER}(\s*%|\s*/\s*{_NUMBER})?",
+)
 
 
-def parse_doctor_answer(text: str | None) -> dict[str, float | str]:
-    """Each aspect's score in [0, 1] from an ImageDoctor answer, or `"missing"` / `"out_of_range"`.
+def parse_doctor_answer(text: str | None, parsing: Literal["official", "visalign"] = "official") -> dict[str, float]:
+    """Each aspect's number as read from an ImageDoctor answer (not yet clamped), NaN when there is none.
 
-    The last match of `"<aspect> score: x"` in the answer block decides; `x%` and `x/y` are read as fractions.
+    `"official"` (`extract_scores`, doctor_hp.py): the first `<answer>...</answer>` block, else the whole text; the
+    first `<label> score: x`. `"visalign"`: the last `<answer>` block (the text without `<think>` when there is
+    none), the last match, `x%` and `x/y` read as fractions (`x/0` is NaN).
     """
-    block = answer_block(text) if isinstance(text, str) else ""
-    result: dict[str, float | str] = {}
+    if parsing not in PARSINGS:
+        raise ValueError(f"`parsing` must be one of {PARSINGS}, got {parsing!r}")
+    text = text if isinstance(text, str) else ""
+    result = {}
+    if parsing == "official":
+        block = m.group(1).strip() if (m := _OFFICIAL_ANSWER.search(text)) else text
+        for name, pattern in _OFFICIAL_SCORES.items():
+            m = pattern.search(block)
+            result[name] = float(m.group(1)) if m else math.nan
+        return result
+    block = answer_block(text)
     for name, pattern in _SCORES.items():
         matches = pattern.findall(block)
         if not matches:
-            result[name] = "missing"
+            result[name] = math.nan
             continue
         number, suffix, denominator = matches[-1]
         value = float(number)
@@ -109,298 +182,47 @@ def parse_doctor_answer(text: str | None) -> dict[str, float | str]:
             value /= 100
         elif denominator:
             value = value / float(denominator) if float(denominator) > 0 else math.nan
-        result[name] = value if math.isfinite(value) and 0.0 <= value <= 1.0 else "out_of_range"
+        result[name] = value
     return result
 
 
 def collect_aspects(
-    texts: Sequence[str | None], fill: Literal["mean"] | float = "mean", device: torch.device | None = None
+    texts: Sequence[str | None],
+    parsing: Literal["official", "visalign"] = "official",
+    fill: Literal["mean"] | float = 0.0,
+    device: torch.device | None = None,
 ) -> tuple[dict[str, Tensor], dict[str, Any]]:
-    """Aspect tensors `[B]` (float32) from B answers, missing values filled, and the parse accounting."""
-    parsed = [parse_doctor_answer(t) for t in texts]
+    """Aspect tensors `[B]` (float32) from B answers, and the parse accounting.
+
+    A value outside [0, 1] is clamped (`"official"`, as `extract_scores`) or treated as missing (`"visalign"`); a
+    missing value becomes `fill`: a number (official: 0) or `"mean"`, the batch's mean of that aspect's valid values
+    (0.5 if none).
+    """
+    parsed = [parse_doctor_answer(t, parsing) for t in texts]
     aspects, missing_counts, out_of_range = {}, {}, {}
-    missing = torch.zeros(len(texts), len(ASPECTS), dtype=torch.bool)
+    filled = torch.zeros(len(texts), len(ASPECTS), dtype=torch.bool)
+    outside = torch.zeros(len(texts), len(ASPECTS), dtype=torch.bool)
     for k, name in enumerate(ASPECTS):
-        values = [p[name] for p in parsed]
-        ok = [v for v in values if isinstance(v, float)]
+        read = [p[name] for p in parsed]
+        outside[:, k] = torch.tensor([not math.isnan(v) and not 0.0 <= v <= 1.0 for v in read])
+        if parsing == "official":
+            values = [min(max(v, 0.0), 1.0) for v in read]  # NaN (absent) stays NaN
+        else:
+            values = [math.nan if bad else v for v, bad in zip(read, outside[:, k].tolist())]
+        ok = [v for v in values if not math.isnan(v)]
         default = (sum(ok) / len(ok) if ok else 0.5) if fill == "mean" else float(fill)
-        aspects[name] = torch.tensor([v if isinstance(v, float) else default for v in values], device=device)
-        missing[:, k] = torch.tensor([not isinstance(v, float) for v in values])
-        missing_counts[name] = sum(v == "missing" for v in values)
-        out_of_range[name] = sum(v == "out_of_range" for v in values)
+        aspects[name] = torch.tensor([default if math.isnan(v) else v for v in values], device=device)
+        filled[:, k] = torch.tensor([math.isnan(v) for v in values])
+        missing_counts[name] = sum(math.isnan(v) for v in read)
+        out_of_range[name] = int(outside[:, k].sum())
     extras = {
         "texts": list(texts),
-        "missing": missing,
+        "missing": filled,
         "missing_counts": missing_counts,
         "out_of_range_counts": out_of_range,
-        "parse_failures": int(missing.any(dim=1).sum()),
+        "parse_failures": int((filled | outside).any(dim=1).sum()),
     }
     return aspects, extras
-
-
-# ---------------------------------------------------------------- the heatmap head (SAM mask decoder, ImageDoctor's)
-
-
-class Attention(nn.Module):
-    """SAM's attention with an optional downscaled internal width."""
-
-    def __init__(self, dim: int, num_heads: int, downsample_rate: int = 1) -> None:
-        super().__init__()
-        inner = dim // downsample_rate
-        if inner % num_heads:
-            raise ValueError(f"`num_heads`={num_heads} must divide the attention width {inner}")
-        self.num_heads = num_heads
-        self.q_proj, self.k_proj, self.v_proj = nn.Linear(dim, inner), nn.Linear(dim, inner), nn.Linear(dim, inner)
-        self.out_proj = nn.Linear(inner, dim)
-
-    def forward(self, q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-        def heads(x: Tensor) -> Tensor:
-            return x.view(x.shape[0], x.shape[1], self.num_heads, -1).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(self.q_proj(q)), heads(self.k_proj(k)), heads(self.v_proj(v)))
-        return self.out_proj(out.transpose(1, 2).flatten(2))
-
-
-class MLPBlock(nn.Module):
-    def __init__(self, dim: int, hidden: int) -> None:
-        super().__init__()
-        self.lin1, self.lin2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.lin2(F.relu(self.lin1(x)))
-
-
-class TwoWayAttentionBlock(nn.Module):
-    """Tokens attend to themselves and to the image, then the image attends to the tokens (SAM)."""
-
-    def __init__(self, dim: int, num_heads: int, mlp_dim: int, skip_first_layer_pe: bool) -> None:
-        super().__init__()
-        self.self_attn = Attention(dim, num_heads)
-        self.norm1 = nn.LayerNorm(dim)
-        self.cross_attn_token_to_image = Attention(dim, num_heads, downsample_rate=2)
-        self.norm2 = nn.LayerNorm(dim)
-        self.mlp = MLPBlock(dim, mlp_dim)
-        self.norm3 = nn.LayerNorm(dim)
-        self.norm4 = nn.LayerNorm(dim)
-        self.cross_attn_image_to_token = Attention(dim, num_heads, downsample_rate=2)
-        self.skip_first_layer_pe = skip_first_layer_pe
-
-    def forward(self, queries: Tensor, keys: Tensor, query_pe: Tensor, key_pe: Tensor) -> tuple[Tensor, Tensor]:
-        if self.skip_first_layer_pe:
-            queries = self.self_attn(queries, queries, queries)
-        else:
-            q = queries + query_pe
-            queries = queries + self.self_attn(q, q, queries)
-        queries = self.norm1(queries)
-        queries = self.norm2(queries + self.cross_attn_token_to_image(queries + query_pe, keys + key_pe, keys))
-        queries = self.norm3(queries + self.mlp(queries))
-        keys = self.norm4(keys + self.cross_attn_image_to_token(keys + key_pe, queries + query_pe, queries))
-        return queries, keys
-
-
-class TwoWayTransformer(nn.Module):
-    def __init__(self, depth: int, dim: int, num_heads: int, mlp_dim: int) -> None:
-        super().__init__()
-        self.layers = nn.ModuleList(TwoWayAttentionBlock(dim, num_heads, mlp_dim, i == 0) for i in range(depth))
-        self.final_attn_token_to_image = Attention(dim, num_heads, downsample_rate=2)
-        self.norm_final_attn = nn.LayerNorm(dim)
-
-    def forward(self, image: Tensor, image_pe: Tensor, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        """`image`, `image_pe` `[K, C, h, w]`, `tokens` `[K, N, C]` -> (tokens `[K, N, C]`, image `[K, h w, C]`)."""
-        keys, key_pe = image.flatten(2).transpose(1, 2), image_pe.flatten(2).transpose(1, 2)
-        queries = tokens
-        for layer in self.layers:
-            queries, keys = layer(queries, keys, tokens, key_pe)
-        queries = queries + self.final_attn_token_to_image(queries + tokens, keys + key_pe, keys)
-        return self.norm_final_attn(queries), keys
-
-
-class ChannelRMSNorm(nn.Module):
-    """T5-style norm over channels `[K, C, h, w]`, no mean subtraction (ImageDoctor's `LayerNorm`)."""
-
-    def __init__(self, channels: int) -> None:
-        super().__init__()
-        self.scale = nn.Parameter(torch.ones(channels, 1, 1))
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x * (x.square().mean(dim=1, keepdim=True) + 1e-8).rsqrt() * self.scale
-
-
-class HeatmapPredictor(nn.Module):
-    """ImageDoctor's upsampler: two 3x3 convs, then 4 x (stride-2 transposed conv + residual conv pair): x16."""
-
-    def __init__(self, channels: int, stem: tuple[int, int], widths: tuple[int, ...]) -> None:
-        super().__init__()
-        c0, c1 = stem
-        self.conv_layers = nn.Sequential(
-            nn.Conv2d(channels, c0, 3, padding="same"),
-            nn.ReLU(),
-            ChannelRMSNorm(c0),
-            nn.Conv2d(c0, c1, 3, padding="same"),
-            nn.ReLU(),
-            ChannelRMSNorm(c1),
-        )
-        self.deconv_layers, self.conv_layers2 = nn.ModuleList(), nn.ModuleList()
-        for c_in, c_out in zip((c1, *widths[:-1]), widths):
-            up = nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1)
-            self.deconv_layers.append(nn.Sequential(up, ChannelRMSNorm(c_out), nn.ReLU()))
-            self.conv_layers2.append(
-                nn.Sequential(
-                    nn.Conv2d(c_out, c_out, 3, padding="same"),
-                    ChannelRMSNorm(c_out),
-                    nn.ReLU(),
-                    nn.Conv2d(c_out, c_out, 3, padding="same"),
-                    ChannelRMSNorm(c_out),
-                )
-            )
-        self.last_conv1 = nn.Conv2d(widths[-1], widths[-1], 3, padding="same")
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.conv_layers(x)
-        for deconv, conv in zip(self.deconv_layers, self.conv_layers2):
-            x = deconv(x)
-            x = F.relu(conv(x) + x)
-        return F.relu(self.last_conv1(x))
-
-
-class HypernetworkMLP(nn.Module):
-    def __init__(self, dim: int, out: int, num_layers: int = 3) -> None:
-        super().__init__()
-        sizes = [dim] * num_layers + [out]
-        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(sizes[:-1], sizes[1:]))
-
-    def forward(self, x: Tensor) -> Tensor:
-        for i, layer in enumerate(self.layers):
-            x = layer(x) if i == len(self.layers) - 1 else F.relu(layer(x))
-        return x
-
-
-class MaskDecoder(nn.Module):
-    """SAM's mask decoder with one mask token and ImageDoctor's upsampler (the checkpoint's `heatmap`)."""
-
-    def __init__(self, dim: int, depth: int, num_heads: int, mlp_dim: int, stem: tuple[int, int], widths: tuple):
-        super().__init__()
-        self.transformer = TwoWayTransformer(depth, dim, num_heads, mlp_dim)
-        self.mask_tokens = nn.Embedding(1, dim)
-        self.output_upscaling = HeatmapPredictor(dim, stem, widths)
-        self.output_hypernetworks_mlps = nn.ModuleList([HypernetworkMLP(dim, widths[-1])])
-
-    def forward(self, image: Tensor, image_pe: Tensor, sparse: Tensor, dense: Tensor) -> Tensor:
-        """`image`, `dense` `[K, C, h, w]`, `image_pe` `[1, C, h, w]`, `sparse` `[K, N, C]` -> logits `[K, s h, s w]`
-        (`s = 2 ** len(widths)`)."""
-        tokens = torch.cat([self.mask_tokens.weight.expand(sparse.shape[0], -1, -1), sparse], dim=1)
-        k, c, h, w = image.shape
-        hs, src = self.transformer(image + dense, image_pe.expand(k, -1, -1, -1), tokens)
-        upscaled = self.output_upscaling(src.transpose(1, 2).reshape(k, c, h, w))
-        hyper = self.output_hypernetworks_mlps[0](hs[:, 0])  # [K, C_up]
-        return torch.einsum("kc,kchw->khw", hyper, upscaled)
-
-
-class PositionEmbeddingRandom(nn.Module):
-    """SAM's positional encoding with random spatial frequencies."""
-
-    def __init__(self, num_pos_feats: int) -> None:
-        super().__init__()
-        self.register_buffer("positional_encoding_gaussian_matrix", torch.randn(2, num_pos_feats))
-
-    def forward(self, size: tuple[int, int]) -> Tensor:
-        """`[C, h, w]` for a `size` = `(h, w)` grid, at the centers of its cells."""
-        h, w = size
-        gaussian = self.positional_encoding_gaussian_matrix
-        y = (torch.arange(h, device=gaussian.device, dtype=gaussian.dtype) + 0.5) / h
-        x = (torch.arange(w, device=gaussian.device, dtype=gaussian.dtype) + 0.5) / w
-        coords = torch.stack(torch.meshgrid(x, y, indexing="xy"), dim=-1)  # [h, w, (x, y)]
-        angles = 2 * math.pi * ((2 * coords - 1) @ gaussian)
-        return torch.cat([angles.sin(), angles.cos()], dim=-1).permute(2, 0, 1)
-
-
-class PromptEncoder(nn.Module):
-    """What ImageDoctor uses of SAM's prompt encoder: the positional encoding and the no-mask embedding."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__()
-        self.pe_layer = PositionEmbeddingRandom(dim // 2)
-        self.no_mask_embed = nn.Embedding(1, dim)
-
-
-@dataclass(frozen=True)
-class HeadConfig:
-    """Sizes of ImageDoctor's head (the released one: 2048, 2048, 768, depth 2, 8 heads, mlp 2048, stem (768, 384),
-    widths (768, 384, 384, 192))."""
-
-    text_size: int
-    vision_size: int
-    dim: int
-    depth: int
-    num_heads: int
-    mlp_dim: int
-    stem: tuple[int, int]
-    widths: tuple[int, ...]
-
-    @classmethod
-    def from_state_dict(cls, state: dict[str, Tensor], num_heads: int) -> HeadConfig:
-        """Sizes read off the checkpoint's tensors (the number of heads is not in them)."""
-        depth = len({k.split(".")[3] for k in state if k.startswith("heatmap.transformer.layers.")})
-        ups = "heatmap.output_upscaling"
-        n_up = len({k.split(".")[3] for k in state if k.startswith(f"{ups}.deconv_layers.")})
-        return cls(
-            text_size=state["text_hidden_fcs.0.0.weight"].shape[1],
-            vision_size=state["image_hidden_fcs.0.0.weight"].shape[1],
-            dim=state["text_hidden_fcs.0.2.weight"].shape[0],
-            depth=depth,
-            num_heads=num_heads,
-            mlp_dim=state["heatmap.transformer.layers.0.mlp.lin1.weight"].shape[0],
-            stem=(state[f"{ups}.conv_layers.0.weight"].shape[0], state[f"{ups}.conv_layers.3.weight"].shape[0]),
-            widths=tuple(state[f"{ups}.deconv_layers.{i}.0.weight"].shape[1] for i in range(n_up)),
-        )
-
-
-def _projection(size_in: int, size_out: int) -> nn.ModuleList:
-    return nn.ModuleList([nn.Sequential(nn.Linear(size_in, size_in), nn.ReLU(), nn.Linear(size_in, size_out))])
-
-
-class DoctorHeatmapHead(nn.Module):
-    """Token hidden states + visual tokens -> heatmaps in [0, 1]; module names are the checkpoint's."""
-
-    def __init__(self, config: HeadConfig) -> None:
-        super().__init__()
-        self.config = config
-        self.text_hidden_fcs = _projection(config.text_size, config.dim)
-        self.image_hidden_fcs = _projection(config.vision_size, config.dim)
-        self.prompt_encoder = PromptEncoder(config.dim)
-        self.heatmap = MaskDecoder(
-            config.dim, config.depth, config.num_heads, config.mlp_dim, config.stem, config.widths
-        )
-
-    def forward(self, states: Tensor, image_tokens: Tensor, grid: tuple[int, int]) -> Tensor:
-        """Heatmaps `[K, s h, s w]` in [0, 1] (`s = 2 ** len(widths)`, 16 in the release) for K token states
-        `[K, D_text]` with their images' merged visual tokens `[K, h w, D_vision]` on the `grid` `(h, w)`."""
-        k, (h, w) = states.shape[0], grid
-        sparse = self.text_hidden_fcs[0](states.float())[:, None]
-        image = self.image_hidden_fcs[0](image_tokens.float()).transpose(1, 2).reshape(k, -1, h, w)
-        dense = self.prompt_encoder.no_mask_embed.weight.view(1, -1, 1, 1).expand(k, -1, h, w)
-        image_pe = self.prompt_encoder.pe_layer((h, w))[None]
-        return torch.sigmoid(self.heatmap(image, image_pe, sparse, dense))
-
-
-def load_doctor_head(folder: Path, num_heads: int, *, what: str) -> DoctorHeatmapHead | None:
-    """The heatmap head from the checkpoint's `*.safetensors` in `folder`, or None when they hold none of its keys."""
-    state = {}
-    for path in sorted(folder.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as f:
-            state |= {k: f.get_tensor(k) for k in f.keys() if k.startswith(HEAD_PREFIXES)}
-    if not state:
-        return None
-    try:
-        head = DoctorHeatmapHead(HeadConfig.from_state_dict(state, num_heads))
-    except (KeyError, IndexError) as e:
-        raise ValueError(f"{what}: the heatmap head in {folder} is incomplete (no {e})") from e
-
-    def key_map(key: str) -> str | None:  # SAM's point, box and mask prompts are never used: dropped on purpose
-        return None if key.startswith(UNUSED_PROMPT_ENCODER) else key
-
-    load_mapped_state_dict(head, state, key_map, what=what, source=str(folder))
-    return head.eval().requires_grad_(False)
 
 
 class ImageDoctorQwen2_5_VL(Qwen2_5_VLForConditionalGeneration):
@@ -419,18 +241,22 @@ register_checkpoint_conversion_mapping(
 
 
 class ImageDoctor(RewardModel):
-    """ImageDoctor's four aspect scores (and heatmaps when the head is given); `score` = `overall`.
+    """ImageDoctor's four aspect scores (and heatmaps when the head is given); `score` is the paper's RL reward.
 
     Args:
         model: a `Qwen2_5_VLForConditionalGeneration` (the checkpoint's VLM).
         processor: its processor.
         head: the heatmap head, or None (no heatmaps).
         misalignment_token_id, artifact_token_id: the special tokens that prompt the head (required with `head`).
-        prompt_template: the question, with `{prompt}` for the caption.
+        prompt_template: `"official"` (inference.py), `"official-reward"` (doctor_hp.py), `"visalign"` (ours), or a
+            question with `{prompt}` for the caption.
         image_size: images are resized to `image_size` x `image_size` (then to the processor's multiple of 28).
         max_new_tokens: generation length (the answer comes after the reasoning).
         batch_size: images per generation batch.
-        fill: `"mean"` or a number, for aspects the answer lacks (see the module docstring).
+        parsing: `"official"` (clamp to [0, 1]) or `"visalign"` (reject out-of-range values); see the module docstring.
+        fill: the value of a missing aspect: a number in [0, 1] (official: 0) or `"mean"` (the batch's mean).
+        score_weights: `"reward"` (`0.8 semantic_alignment + 0.1 aesthetics + 0.1 plausibility`), `"overall"`, or
+            a mapping from aspect names to weights.
     """
 
     name = "imagedoctor"
@@ -445,11 +271,13 @@ class ImageDoctor(RewardModel):
         *,
         misalignment_token_id: int | None = None,
         artifact_token_id: int | None = None,
-        prompt_template: str = DOCTOR_PROMPT,
+        prompt_template: str = "official",
         image_size: int = 512,
-        max_new_tokens: int = 1024,
+        max_new_tokens: int = 2048,
         batch_size: int = 4,
-        fill: Literal["mean"] | float = "mean",
+        parsing: Literal["official", "visalign"] = "official",
+        fill: Literal["mean"] | float = 0.0,
+        score_weights: str | Mapping[str, float] = "reward",
     ) -> None:
         super().__init__()
         check_qwen_vl(model, processor)
@@ -464,17 +292,38 @@ class ImageDoctor(RewardModel):
                 raise ValueError(f"`{arg}` must be a positive int, got {value!r}")
         if fill != "mean" and not (isinstance(fill, (int, float)) and 0 <= fill <= 1):
             raise ValueError(f"`fill` must be 'mean' or a number in [0, 1], got {fill!r}")
+        if parsing not in PARSINGS:
+            raise ValueError(f"`parsing` must be one of {PARSINGS}, got {parsing!r}")
+        weights = SCORE_WEIGHTS.get(score_weights, score_weights) if isinstance(score_weights, str) else score_weights
+        if (
+            not isinstance(weights, Mapping)
+            or not weights
+            or not set(weights) <= set(ASPECTS)
+            or not all(isinstance(w, (int, float)) and math.isfinite(w) for w in weights.values())
+        ):
+            raise ValueError(
+                f"`score_weights` must be one of {sorted(SCORE_WEIGHTS)} or a mapping from aspects {ASPECTS} to "
+                f"finite weights, got {score_weights!r}"
+            )
         self.model = model
         self.processor = processor
         self.head = head
         self.special_tokens = dict(zip(HEATMAPS, (misalignment_token_id, artifact_token_id)))
         self.heatmap_names = HEATMAPS if head is not None else ()
-        self.prompt_template = check_template(prompt_template)
+        template = DOCTOR_PROMPTS.get(prompt_template, prompt_template) if isinstance(prompt_template, str) else None
+        if template is None or "{prompt}" not in template:
+            raise ValueError(
+                f"`prompt_template` must be one of {sorted(DOCTOR_PROMPTS)} or a string with the placeholder "
+                f"{{prompt}}, got {prompt_template!r}"
+            )
+        self.prompt_template = template
         self.vision = VisionPatches.from_processor(processor)
         self.size = self.vision.size_for(image_size, image_size)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
+        self.parsing = parsing
         self.fill = fill
+        self.score_weights = {name: float(w) for name, w in weights.items()}
 
     @classmethod
     def from_pretrained(
@@ -493,7 +342,7 @@ class ImageDoctor(RewardModel):
         return cls(model, processor, head, **ids, **options).eval()
 
     def conversation(self, prompt: str) -> list[dict[str, Any]]:
-        question = format_prompt(self.prompt_template, prompt)
+        question = self.prompt_template.replace("{prompt}", prompt)  # not str.format: captions may hold braces
         return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
 
     @torch.no_grad()
@@ -515,11 +364,12 @@ class ImageDoctor(RewardModel):
                 for name, (heat, found) in self.heatmaps(inputs, pixel_values, grid, new_ids).items():
                     maps[name].append(F.interpolate(heat[:, None], size=pixels.shape[-2:], mode="bilinear")[:, 0])
                     absent[name] += int((~found).sum())
-        aspects, extras = collect_aspects(texts, self.fill, device=pixels.device)
+        aspects, extras = collect_aspects(texts, self.parsing, self.fill, device=pixels.device)
         heatmaps = {name: torch.cat(m).clamp(0, 1).to(pixels.device) for name, m in maps.items()}
         if self.head is not None:
             extras["heatmap_missing"] = absent
-        return RewardOutput(aspects["overall"], aspects, heatmaps, extras)
+        score = sum(w * aspects[name] for name, w in self.score_weights.items())  # doctor_hp.py combine_scores
+        return RewardOutput(score, aspects, heatmaps, extras)
 
     def heatmaps(
         self, inputs: dict[str, Tensor], pixel_values: Tensor, grid: Tensor, new_ids: Tensor

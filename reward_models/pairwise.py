@@ -21,33 +21,53 @@ group: a judge sees two images of the same caption and says which is better, and
   gets 0.5, counted in `extras["singletons"]`; one with at most `opponents` samples is judged on all pairs), so
   that a judge plugs in wherever a reward does.
 - accounting in `extras`: `calls`, `failures` (no verdict, counted as 0.5), `request_errors`, `parse_failures`,
-  the judge's `texts`, the preference matrix `prefs` `[G, G]` (unjudged pairs 0.5) and the scheduled `pairs`.
+  the judge's `texts`, the cause of each error verdict `errors` (None where there was a verdict), the preference
+  matrix `prefs` `[G, G]` (unjudged pairs 0.5) and the scheduled `pairs`.
+
+Questions and answer rules: `prompt_template` names a preset of `visalign.reward_models.unifiedreward.PAIR_PROMPTS`
+(the official prompts, quoted verbatim there with their sources) or is a template with `{prompt}`:
+- `"unifiedreward"` (default): UnifiedReward's pair-ranking prompt, read by its substring rule (`rank_verdict`);
+- `"unifiedreward-think"`: UnifiedReward-Think-qwen3vl's prompt, which Pref-GRPO judges with; reasoning in
+  `<think>`, verdict in `<answer>`, read by Pref-GRPO's rule (`think_verdict`); `"unifiedreward-think-qwen2.5"`:
+  the Qwen2.5-VL Think checkpoint's prompt, same rule;
+- `"visalign"`: our own wording, read by `parse_pair_answer` (case-insensitive, last verdict, 2.0's relative scores).
+`answer_rule` overrides the rule (a custom template gets `"unifiedreward"`). An answer with no verdict under the rule,
+or cut at the token limit, is an error verdict: scored 0.5 (the reference's value), counted in `failures`, its cause
+in `extras["errors"]`.
 
 Judges:
 
-- `UnifiedRewardPairwise` [`unifiedreward-pairwise`]: a Qwen2-VL-class judge through transformers (default
-  `CodeGoat24/UnifiedReward-qwen-7b`), asked with UnifiedReward's structure (two images, then the criteria and the
-  caption; verdicts "Image 1 is better." / "Image 2 is better." / "Both images are equally good."). With
-  `answer="probs"` (default) the verdict is read from token probabilities in one forward pass per pair, the answer
-  prefix teacher-forced: `P(1 > 2) = (1 - t) r + t / 2` with `t = P(tie | verdict)` from the first answer token and
+- `UnifiedRewardPairwise` [`unifiedreward-pairwise`]: a Qwen2-VL, Qwen2.5-VL or Qwen3-VL judge through transformers
+  (default `CodeGoat24/UnifiedReward-qwen-7b`; `CodeGoat24/UnifiedReward-Think-qwen3vl-8b` with
+  `prompt_template="unifiedreward-think"`). With `answer="probs"` (default for ranking prompts) the verdict is read
+  from token probabilities in one forward pass per pair, the answer prefix teacher-forced:
+  `P(1 > 2) = (1 - t) r + t / 2` with `t = P(tie | verdict)` from the first answer token and
   `r = P("1") / (P("1") + P("2"))` at the digit; each image goes through the vision tower once per group, not once
-  per pair. `answer="generate"` decodes greedily and parses the text (Think-style judges).
+  per pair. `answer="generate"` (default, and the only mode, for Think prompts) decodes greedily (`max_new_tokens`:
+  512 as the official scripts, 4096 for Think as the official vLLM clients) and reads the text with the rule.
 - `HTTPPairwiseJudge` [`pairwise-http`]: the same question to an OpenAI-compatible server (vLLM, sglang), requests
-  in parallel threads, with timeouts and retries; a request that still fails, or an answer without a verdict,
-  becomes 0.5 and is counted, never an exception in a training step.
+  in parallel threads, with timeouts and retries; a request that still fails, an answer without a verdict, or one
+  cut at `max_tokens` (`finish_reason` "length") becomes 0.5 and is counted, never an exception in a training step.
+  Defaults follow the official vLLM clients (UnifiedReward `vllm_qwen/vllm_request.py`, Pref-GRPO
+  `vllm_utils/vllm_request.py`): images as JPEG quality 95, `max_tokens` 4096, no temperature sent (the server's
+  generation config decides; the clients' `"do_sample": False` is not an OpenAI field), all overridable.
 - `BradleyTerryWinRate`: a pointwise reward seen pairwise, `P(i > j) = sigmoid((s_i - s_j) / temperature)`, from
   one forward pass per image.
 
-Deviations: the prompt wording is ours (same structure and verdict sentences; pass `prompt_template` to use a
-checkpoint's own training prompt verbatim); Pref-GRPO rounds win rates to 3 decimals (we do not); reading the
-verdict from token probabilities is not in the reference, which parses generated text.
+Deviations: Pref-GRPO rounds win rates to 3 decimals (we do not); reading the verdict from token probabilities (the
+in-process default for ranking prompts: one forward pass per pair instead of a decoded answer, and a soft verdict) is
+not in the reference, which parses generated text: pass `answer="generate"` for the reference's reading; in-process
+decoding is greedy (`do_sample=False`) where the official scripts keep the checkpoint's generation config; the
+in-process judge takes pixels resized within the processor's pixel budget as float tensors, where the official
+scripts pass PIL images and the HTTP clients JPEG files; an answer cut at the token limit is an error verdict even
+when it already holds a verdict sentence (the reference reads whatever text came back), since a cut reasoning is not
+the judgment the checkpoint was trained to give.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 import urllib.error
 from collections.abc import Callable
@@ -57,10 +77,22 @@ from typing import Any, Literal
 
 import torch
 from torch import Tensor
-from transformers.modeling_outputs import BaseModelOutputWithPooling
+from transformers.models.qwen3_vl.modeling_qwen3_vl import BaseModelOutputWithDeepstackFeatures
+from transformers.utils import ModelOutput
 
 from visalign.pipelines.grpo import win_rates
+from visalign.reward_models.unifiedreward import (
+    PAIR_RANK_PROMPT,
+    THINK_RULES,
+    format_prompt,
+    read_verdict,
+    resolve_prompt,
+)
+from visalign.reward_models.unifiedreward import answer_block as answer_block  # re-exported: used by ImageDoctor
+from visalign.reward_models.unifiedreward import check_template as check_template
+from visalign.reward_models.unifiedreward import parse_pair_answer as parse_pair_answer
 from visalign.reward_models.vlm import (
+    JUDGE_VL_CLASSES,
     QwenVL,
     VisionPatches,
     chat_body,
@@ -69,7 +101,7 @@ from visalign.reward_models.vlm import (
     generate_texts,
     image_data_url,
     load_qwen_vl,
-    post_chat,
+    post_chat_choice,
 )
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput, check_pixels, check_prompts
@@ -77,61 +109,9 @@ from visalign.types import RewardOutput, check_pixels, check_prompts
 logger = logging.getLogger(__name__)
 
 UNIFIEDREWARD = "CodeGoat24/UnifiedReward-qwen-7b"
+UNIFIEDREWARD_THINK = "CodeGoat24/UnifiedReward-Think-qwen3vl-8b"  # Pref-GRPO's judge (its vLLM server script)
 ANSWERS = ("Image 1 is better.", "Image 2 is better.", "Both images are equally good.")
-PAIR_PROMPT = (
-    "You will see a text caption and two images generated from it, Image 1 and Image 2. Compare them on two "
-    "criteria:\n"
-    "1. Caption alignment: how faithfully each image shows the objects, attributes and relations the caption "
-    "describes.\n"
-    "2. Image quality: sharpness, preserved detail, natural colors and overall visual appeal.\n"
-    "Decide which image follows the caption better while also looking better, and end with exactly one of these "
-    'sentences: "Image 1 is better.", "Image 2 is better." or "Both images are equally good."\n'
-    "Text Caption: [{prompt}]"
-)
-_VERDICT = re.compile(r"image\s*([12])\s+is\s+(?:the\s+)?better|both\s+images\s+are\s+equally\s+good", re.IGNORECASE)
-_NUMBER = r"([0-9]*\.?[0-9]+(?:[eE][-+]?[0-9]+)?)"
-_SCORE_PAIR = re.compile(rf"image\s*1\s*[:=]\s*{_NUMBER}\s*[\r\n,;]+\s*image\s*2\s*[:=]\s*{_NUMBER}", re.IGNORECASE)
-
-
-def answer_block(text: str) -> str:
-    """The part of a judge's answer that holds the verdict: the last `<answer>` block (to the end when the tag is left
-    open), else the text without its `<think>...</think>` reasoning (an unclosed `<think>` runs to the end)."""
-    blocks = re.split(r"<answer>", text, flags=re.IGNORECASE)
-    if len(blocks) > 1:
-        return re.split(r"</answer>", blocks[-1], flags=re.IGNORECASE)[0]
-    return re.sub(r"<think>.*?(?:</think>|$)", " ", text, flags=re.DOTALL | re.IGNORECASE)
-
-
-def parse_pair_answer(text: str | None) -> float | None:
-    """P(image 1 better) from a judge's text, or None when it holds no verdict.
-
-    The last verdict sentence of the answer block decides ("Image 1 is better" -> 1, "Image 2 ..." -> 0, "Both images
-    are equally good" -> 0.5; negations such as "is not better" are not verdicts). Without one, UnifiedReward-2.0's
-    relative scores (`Image 1: x` then `Image 2: y`, one pair per dimension) give `sum x / (sum x + sum y)`.
-    """
-    if not isinstance(text, str) or not text.strip():
-        return None
-    block = answer_block(text)
-    verdicts = list(_VERDICT.finditer(block))
-    if verdicts:
-        digit = verdicts[-1].group(1)
-        return {"1": 1.0, "2": 0.0, None: 0.5}[digit]
-    pairs = [(float(a), float(b)) for a, b in _SCORE_PAIR.findall(block)]
-    total = sum(a + b for a, b in pairs)
-    if not pairs or not math.isfinite(total) or total <= 0:
-        return None
-    return sum(a for a, _ in pairs) / total
-
-
-def format_prompt(template: str, prompt: str) -> str:
-    """`template` with `{prompt}` replaced by the caption (no `str.format`: captions and templates may hold braces)."""
-    return template.replace("{prompt}", prompt)
-
-
-def check_template(template: Any) -> str:
-    if not isinstance(template, str) or "{prompt}" not in template:
-        raise ValueError("`prompt_template` must be a string containing the placeholder {prompt}")
-    return template
+PAIR_PROMPT = PAIR_RANK_PROMPT  # the default question: UnifiedReward's official pair-ranking prompt
 
 
 @dataclass
@@ -143,12 +123,14 @@ class Judgments:
         texts (`list`): the judge's text per pair (None for probability read-outs and failed requests).
         request_errors (`int`): pairs whose request failed (timeouts, HTTP errors, malformed responses).
         answer_mass (`Tensor` `[P]` or None): probability the judge put on the valid verdicts (probability mode).
+        errors (`list` or None): per pair, the cause of an error verdict (None where the judge gave a verdict).
     """
 
     probs: Tensor
     texts: list[str | None]
     request_errors: int = 0
     answer_mass: Tensor | None = None
+    errors: list[str | None] | None = None
 
 
 def regular_schedule(g: int, opponents: int | None, generator: torch.Generator) -> Tensor:
@@ -240,6 +222,7 @@ class PairwiseJudge(RewardModel):
             "request_errors": result.request_errors,
             "parse_failures": int(failed.sum()) - result.request_errors,
             "texts": result.texts,
+            "errors": result.errors if result.errors is not None else [None] * len(ordered),
         }
         if result.answer_mass is not None:
             stats["answer_mass"] = result.answer_mass
@@ -249,8 +232,13 @@ class PairwiseJudge(RewardModel):
             stats["position_bias"] = float((forward + backward - 1)[valid].mean()) if valid.any() else float("nan")
             probs = (forward + 1 - backward) / 2
         if stats["failures"]:
+            causes = sorted({e for e in stats["errors"] if e is not None})
             logger.warning(
-                "%s: %d of %d judgments failed and count as ties", self.name, stats["failures"], len(ordered)
+                "%s: %d of %d judgments failed and count as ties (%s)",
+                self.name,
+                stats["failures"],
+                len(ordered),
+                "; ".join(causes) or "no cause given",
             )
         return probs, stats
 
@@ -308,16 +296,19 @@ def _answer_tokens(tokenizer: Any) -> tuple[list[int], tuple[int, int, int]]:
 
 
 class UnifiedRewardPairwise(PairwiseJudge):
-    """A Qwen2-VL-class pairwise judge (UnifiedReward-qwen checkpoints) run through transformers.
+    """A Qwen2-VL, Qwen2.5-VL or Qwen3-VL pairwise judge (UnifiedReward(-Think) checkpoints) run through transformers.
 
     Args:
-        model: a `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration`.
+        model: a `Qwen2VLForConditionalGeneration`, `Qwen2_5_VLForConditionalGeneration` or
+            `Qwen3VLForConditionalGeneration`.
         processor: its processor (tokenizer, image processor, chat template).
+        prompt_template: a preset of `PAIR_PROMPTS` (default `"unifiedreward"`, the official pair-ranking prompt) or
+            a question with `{prompt}` for the caption.
+        answer_rule: how answers are read (`ANSWER_RULES`); default the preset's.
         answer: `"probs"` (verdict from token probabilities, one forward pass per pair) or `"generate"` (greedy
-            decoding and `parse_pair_answer`).
-        prompt_template: the question, with `{prompt}` for the caption (default `PAIR_PROMPT`).
+            decoding and the answer rule); default `"generate"` for Think rules (which only decode), else `"probs"`.
         max_pixels: pixel budget per image (default: the processor's).
-        max_new_tokens: generation length in `"generate"` mode.
+        max_new_tokens: generation length in `"generate"` mode; default 4096 for Think rules, else 512.
         batch_size: pairs per forward pass.
         both_orders, opponents, seed: see `PairwiseJudge`.
     """
@@ -329,41 +320,57 @@ class UnifiedRewardPairwise(PairwiseJudge):
         model: QwenVL,
         processor: Any,
         *,
-        answer: Literal["probs", "generate"] = "probs",
-        prompt_template: str = PAIR_PROMPT,
+        prompt_template: str = "unifiedreward",
+        answer_rule: str | None = None,
+        answer: Literal["probs", "generate"] | None = None,
         max_pixels: int | None = None,
-        max_new_tokens: int = 512,
+        max_new_tokens: int | None = None,
         batch_size: int = 8,
         both_orders: bool = False,
         opponents: int | None = None,
         seed: int = 0,
     ) -> None:
         super().__init__(both_orders=both_orders, opponents=opponents, seed=seed)
-        check_qwen_vl(model, processor)
+        check_qwen_vl(model, processor, JUDGE_VL_CLASSES)
+        self.prompt_template, self.answer_rule = resolve_prompt(prompt_template, answer_rule)
+        think = self.answer_rule in THINK_RULES
+        answer = answer if answer is not None else ("generate" if think else "probs")
         if answer not in ("probs", "generate"):
             raise ValueError(f"`answer` must be 'probs' or 'generate', got {answer!r}")
+        if answer == "probs" and think:
+            raise ValueError(
+                f"`answer`='probs' reads the first answer tokens, but the {self.answer_rule!r} rule's verdict follows "
+                f"a reasoning: use answer='generate'"
+            )
+        max_new_tokens = max_new_tokens if max_new_tokens is not None else (4096 if think else 512)
         for arg, value in (("max_new_tokens", max_new_tokens), ("batch_size", batch_size)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"`{arg}` must be a positive int, got {value!r}")
         self.model = model
         self.processor = processor
         self.answer = answer
-        self.prompt_template = check_template(prompt_template)
         self.vision = VisionPatches.from_processor(processor, max_pixels=max_pixels)
         self.max_new_tokens = max_new_tokens
         self.batch_size = batch_size
-        self.prefix, self.verdict_tokens = _answer_tokens(processor.tokenizer)
+        if answer == "probs":
+            self.prefix, self.verdict_tokens = _answer_tokens(processor.tokenizer)
 
     @classmethod
     def from_pretrained(
         cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None, **options: Any
     ) -> UnifiedRewardPairwise:
-        """Load a Qwen2-VL-class judge from a folder or Hub repo (default `CodeGoat24/UnifiedReward-qwen-7b`)."""
-        model, processor = load_qwen_vl(pretrained or UNIFIEDREWARD, dtype, what="UnifiedReward pairwise judge")
+        """Load a Qwen2/2.5/3-VL judge from a folder or Hub repo (default `CodeGoat24/UnifiedReward-qwen-7b`, or
+        `CodeGoat24/UnifiedReward-Think-qwen3vl-8b` for `prompt_template="unifiedreward-think"`)."""
+        if pretrained is None:
+            think = options.get("prompt_template") == "unifiedreward-think"
+            pretrained = UNIFIEDREWARD_THINK if think else UNIFIEDREWARD
+        model, processor = load_qwen_vl(
+            pretrained, dtype, what="UnifiedReward pairwise judge", classes=JUDGE_VL_CLASSES
+        )
         return cls(model, processor, **options).eval()
 
     def conversation(self, prompt: str) -> list[dict[str, Any]]:
-        """The chat of one comparison: Image 1, Image 2, then the question."""
+        """The chat of one comparison: Image 1, Image 2, then the question (the official message layout)."""
         question = format_prompt(self.prompt_template, prompt)
         return [
             {"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": question}]}
@@ -374,10 +381,10 @@ class UnifiedRewardPairwise(PairwiseJudge):
         device = self.device
         pixel_values, grid = self.vision(images.to(device)[:, None])  # every image once
         if self.answer == "probs":
-            features = self.model.get_image_features(pixel_values, grid).pooler_output
+            features = self.model.get_image_features(pixel_values, grid)
         else:
             per_image = pixel_values.split(grid.prod(-1).tolist())
-        probs, masses, texts = [], [], []
+        probs, masses, texts, errors = [], [], [], []
         pairs = pairs.tolist()
         for start in range(0, len(pairs), self.batch_size):
             chunk = pairs[start : start + self.batch_size]
@@ -390,25 +397,36 @@ class UnifiedRewardPairwise(PairwiseJudge):
                 device=device,
             )
             if self.answer == "probs":
-                encoded = BaseModelOutputWithPooling(pooler_output=tuple(features[k] for k in order))
                 logits = self.model(
                     **inputs,
                     image_grid_thw=grid[order],
-                    mm_encoder_outputs={"image": encoded},
+                    mm_encoder_outputs={"image": select_images(features, order)},
                     logits_to_keep=len(self.prefix) + 1,
                 ).logits
                 p, mass = self.verdict_probability(logits)
                 probs.append(p)
                 masses.append(mass)
                 texts += [None] * len(chunk)
+                errors += [None] * len(chunk)
             else:
                 inputs |= {"pixel_values": torch.cat([per_image[k] for k in order]), "image_grid_thw": grid[order]}
-                answers, _ = generate_texts(self.model, self.processor, inputs, self.max_new_tokens)
-                parsed = [parse_pair_answer(t) for t in answers]
-                probs.append(torch.tensor([math.nan if v is None else v for v in parsed], device=device))
+                answers, new = generate_texts(self.model, self.processor, inputs, self.max_new_tokens)
+                verdicts = [read_verdict(t, self.answer_rule, cut) for t, cut in zip(answers, self.truncated(new))]
+                probs.append(torch.tensor([p for p, _ in verdicts], device=device))
+                errors += [cause for _, cause in verdicts]
                 texts += answers
         mass = torch.cat(masses) if masses else None
-        return Judgments(torch.cat(probs).float(), texts, answer_mass=mass)
+        return Judgments(torch.cat(probs).float(), texts, answer_mass=mass, errors=errors)
+
+    def truncated(self, new: Tensor) -> list[bool]:
+        """Per row of generated ids `[B, T_new]`: whether decoding stopped at `max_new_tokens` before an end token
+        (finished rows are padded with the pad or end token)."""
+        config = self.model.generation_config
+        ends = config.eos_token_id if isinstance(config.eos_token_id, list) else [config.eos_token_id]
+        stops = torch.tensor([t for t in [*ends, config.pad_token_id] if t is not None], device=new.device)
+        if new.shape[1] < self.max_new_tokens:
+            return [False] * new.shape[0]
+        return (~torch.isin(new, stops).any(dim=1)).tolist()
 
     def verdict_probability(self, logits: Tensor) -> tuple[Tensor, Tensor]:
         """`P(image 1 better)` `[N]` and the probability mass on valid verdicts `[N]` from the kept logits
@@ -426,24 +444,37 @@ class UnifiedRewardPairwise(PairwiseJudge):
         return (1 - tie_given_verdict) * r + 0.5 * tie_given_verdict, (first[:, tie].exp() + first[:, start].exp())
 
 
+def select_images(features: ModelOutput, order: list[int]) -> ModelOutput:
+    """The vision tower's output (`get_image_features`, split per image) for the images `order`, in that order: the
+    merged embeddings and, for Qwen3-VL, the deepstack features injected into the first decoder layers."""
+    fields = {"pooler_output": tuple(features.pooler_output[k] for k in order)}
+    if isinstance(features, BaseModelOutputWithDeepstackFeatures):
+        fields["deepstack_features"] = [tuple(layer[k] for k in order) for layer in features.deepstack_features]
+    return type(features)(**fields)
+
+
 class HTTPPairwiseJudge(PairwiseJudge):
     """A pairwise judge behind an OpenAI-compatible chat-completions server (vLLM, sglang, ...).
 
-    Each comparison is one `POST {base_url}/chat/completions` with both images as PNG data URLs followed by the
-    question; requests run in `max_workers` threads. A request is retried `max_retries` times with exponential
-    backoff on connection errors, timeouts, HTTP 429 and 5xx and malformed responses (other 4xx are final). What
-    still fails counts as a tie (`extras["request_errors"]`); answers without a verdict too (`parse_failures`).
+    Each comparison is one `POST {base_url}/chat/completions` with both images as data URLs followed by the question
+    (the official clients' message layout); requests run in `max_workers` threads. A request is retried
+    `max_retries` times with exponential backoff on connection errors, timeouts, HTTP 429 and 5xx and malformed
+    responses (other 4xx are final). What still fails counts as a tie (`extras["request_errors"]`); answers without a
+    verdict or cut at `max_tokens` too (`parse_failures`), each with its cause in `extras["errors"]`.
 
     Args:
         base_url: the server's API root, e.g. `"http://localhost:8000/v1"`.
-        model: the served model name.
+        model: the served model name (the official scripts serve as `UnifiedReward`).
         api_key: sent as a bearer token when given.
-        prompt_template: the question, with `{prompt}` for the caption.
+        prompt_template, answer_rule: see `UnifiedRewardPairwise` (`"unifiedreward-think"` for Pref-GRPO's judge).
+        image_format: `"JPEG"` (default, as the official clients) or `"PNG"` (lossless).
+        jpeg_quality: JPEG quality (official: 95).
         timeout: seconds per request.
         max_retries: retries after the first attempt.
         backoff: seconds before the first retry, doubled each time (capped at 30).
         max_workers: concurrent requests.
-        max_tokens, temperature: generation settings sent with each request.
+        max_tokens: the answer's token limit (official: 4096; a reasoning cut short is an error verdict).
+        temperature: sent only when given (default: the server's generation config decides, as in the reference).
         both_orders, opponents, seed: see `PairwiseJudge`.
     """
 
@@ -455,13 +486,16 @@ class HTTPPairwiseJudge(PairwiseJudge):
         model: str = "UnifiedReward",
         *,
         api_key: str | None = None,
-        prompt_template: str = PAIR_PROMPT,
+        prompt_template: str = "unifiedreward",
+        answer_rule: str | None = None,
+        image_format: str = "JPEG",
+        jpeg_quality: int = 95,
         timeout: float = 60.0,
         max_retries: int = 3,
         backoff: float = 1.0,
         max_workers: int = 8,
-        max_tokens: int = 1024,
-        temperature: float = 0.0,
+        max_tokens: int = 4096,
+        temperature: float | None = None,
         both_orders: bool = False,
         opponents: int | None = None,
         seed: int = 0,
@@ -470,21 +504,26 @@ class HTTPPairwiseJudge(PairwiseJudge):
         if not isinstance(base_url, str) or not base_url.startswith(("http://", "https://")):
             raise ValueError(f"`base_url` must be an http(s) URL such as http://localhost:8000/v1, got {base_url!r}")
         for arg, value in (("timeout", timeout), ("backoff", backoff), ("temperature", temperature)):
+            if arg == "temperature" and value is None:
+                continue
             if not isinstance(value, (int, float)) or not value >= 0 or (arg == "timeout" and not value > 0):
                 raise ValueError(f"`{arg}` must be a number {'> 0' if arg == 'timeout' else '>= 0'}, got {value!r}")
         for arg, value in (("max_retries", max_retries), ("max_workers", max_workers), ("max_tokens", max_tokens)):
             if not isinstance(value, int) or value < (0 if arg == "max_retries" else 1):
                 raise ValueError(f"`{arg}` must be an int >= {0 if arg == 'max_retries' else 1}, got {value!r}")
+        image_data_url(torch.zeros(3, 1, 1), image_format, jpeg_quality)  # validates the format and the quality
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model_name = model
         self.api_key = api_key
-        self.prompt_template = check_template(prompt_template)
+        self.prompt_template, self.answer_rule = resolve_prompt(prompt_template, answer_rule)
+        self.image_format = image_format
+        self.jpeg_quality = jpeg_quality
         self.timeout = float(timeout)
         self.max_retries = max_retries
         self.backoff = float(backoff)
         self.max_workers = max_workers
         self.max_tokens = max_tokens
-        self.temperature = float(temperature)
+        self.temperature = None if temperature is None else float(temperature)
 
     @classmethod
     def from_pretrained(
@@ -498,23 +537,31 @@ class HTTPPairwiseJudge(PairwiseJudge):
         return cls(pretrained, **options)
 
     def judge(self, images: Tensor, pairs: Tensor, prompts: list[str]) -> Judgments:
-        urls = [image_data_url(image) for image in images]  # every image encoded once
-        settings = {"max_tokens": self.max_tokens, "temperature": self.temperature}
+        urls = [image_data_url(image, self.image_format, self.jpeg_quality) for image in images]  # each once
+        settings: dict[str, Any] = {"max_tokens": self.max_tokens}
+        if self.temperature is not None:
+            settings["temperature"] = self.temperature
         bodies = [
             chat_body(self.model_name, [urls[i], urls[j]], format_prompt(self.prompt_template, prompt), **settings)
             for (i, j), prompt in zip(pairs.tolist(), prompts)
         ]
         with ThreadPoolExecutor(max_workers=self.max_workers) as pool:
-            texts = list(pool.map(self.ask, bodies))
-        parsed = [parse_pair_answer(t) for t in texts]
-        probs = torch.tensor([math.nan if p is None else p for p in parsed], dtype=torch.float32)
-        return Judgments(probs, texts, request_errors=sum(t is None for t in texts))
+            answers = list(pool.map(self.ask, bodies))
+        texts = [text for text, _ in answers]
+        verdicts = [  # `extra` is the finish_reason of an answer, the error of a failed request
+            read_verdict(text, self.answer_rule, extra == "length") if text is not None else (math.nan, extra)
+            for text, extra in answers
+        ]
+        probs = torch.tensor([p for p, _ in verdicts], dtype=torch.float32)
+        errors = [cause for _, cause in verdicts]
+        return Judgments(probs, texts, request_errors=sum(t is None for t in texts), errors=errors)
 
-    def ask(self, body: dict[str, Any]) -> str | None:
-        """The answer text of one request, or None once the retries are spent (never raises)."""
+    def ask(self, body: dict[str, Any]) -> tuple[str | None, str | None]:
+        """`(answer text, finish_reason)` of one request, or `(None, error)` once the retries are spent (never
+        raises)."""
         for attempt in range(self.max_retries + 1):
             try:
-                return post_chat(self.url, body, timeout=self.timeout, api_key=self.api_key)
+                return post_chat_choice(self.url, body, timeout=self.timeout, api_key=self.api_key)
             except urllib.error.HTTPError as e:
                 final = 400 <= e.code < 500 and e.code != 429
                 error = f"HTTP {e.code}"
@@ -524,7 +571,7 @@ class HTTPPairwiseJudge(PairwiseJudge):
                 logger.warning(
                     "pairwise-http: request to %s failed after %d attempts (%s)", self.url, attempt + 1, error
                 )
-                return None
+                return None, f"request failed after {attempt + 1} attempts: {error}"
             time.sleep(min(self.backoff * 2**attempt, 30.0))
 
 

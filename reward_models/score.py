@@ -3,9 +3,11 @@
     visalign score --reward pickscore=0.5 --reward hpsv2.1 --images outputs/ --prompts prompts.txt \\
         --output scores.json --output scores.csv
 
-Images are a folder (its image files sorted by name) or a list of files; `--prompts` is a text file with one prompt
-per image, in the same order. Several rewards are combined by `CompositeReward` (`--mode`); with
-`weighted_advantage` the per-prompt normalization runs over all images of a prompt, not batch by batch.
+Images are a folder (its image files sorted by name) or a list of files; `--prompts` is a UTF-8 text file with one
+prompt per image, in the same order. An image that cannot be read (truncated, damaged) gets a row with the error and
+no score, and the others are scored (`--errors abort` stops instead). Several rewards are combined by
+`CompositeReward` (`--mode`); with `weighted_advantage` the per-prompt normalization runs over all images of a
+prompt, not batch by batch.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -51,6 +54,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=DTYPES, default=None, help="backbone precision (heads stay float32)")
     parser.add_argument(
         "--output", action="append", default=[], metavar="PATH", help="write .json or .csv; repeatable"
+    )
+    parser.add_argument(
+        "--errors",
+        choices=("report", "abort"),
+        default="report",
+        help="an image that cannot be read: report it (a row naming the file, no score) or abort the run",
     )
 
 
@@ -105,7 +114,9 @@ def image_files(items: list[str]) -> list[Path]:
 
 
 def read_prompts(path: str, count: int) -> list[str]:
-    lines = Path(path).read_text(encoding="utf-8").splitlines()
+    from visalign.files import read_text
+
+    lines = read_text(path, "--prompts file").splitlines()
     while lines and not lines[-1].strip():
         lines.pop()
     if len(lines) != count:
@@ -114,22 +125,21 @@ def read_prompts(path: str, count: int) -> list[str]:
 
 
 def load_pixels(path: Path):
-    """`[3, H, W]` float in [0, 1]."""
-    import numpy as np
-    import torch
-    from PIL import Image
+    """`[3, H, W]` float in [0, 1]; `visalign.files.BadFileError` naming the file when it cannot be decoded."""
+    from visalign.files import load_image
 
-    with Image.open(path) as image:
-        array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
-    return torch.from_numpy(array).permute(2, 0, 1)
+    return load_image(path)
 
 
-def print_table(files: list[Path], prompts: list[str], columns: dict[str, list[float]]) -> None:
+def print_table(
+    files: list[Path], prompts: list[str], columns: dict[str, list[float]], errors: dict[int, str]
+) -> None:
     width = max(len(f.name) for f in files)
     print(f"{'image':<{width}}  " + "  ".join(f"{c:>12}" for c in columns) + "  prompt")
     for i, f in enumerate(files):
         prompt = prompts[i] if len(prompts[i]) <= 50 else prompts[i][:47] + "..."
-        print(f"{f.name:<{width}}  " + "  ".join(f"{v[i]:>12.4f}" for v in columns.values()) + f"  {prompt}")
+        cells = "  ".join(f"{'error':>12}" if i in errors else f"{v[i]:>12.4f}" for v in columns.values())
+        print(f"{f.name:<{width}}  {cells}  {prompt}")
 
 
 def write_outputs(outputs: list[str], report: dict[str, Any], columns: dict[str, list[float]]) -> None:
@@ -141,9 +151,10 @@ def write_outputs(outputs: list[str], report: dict[str, Any], columns: dict[str,
         else:
             with path.open("w", newline="") as f:
                 writer = csv.writer(f)
-                writer.writerow(["image", "prompt", *columns])
+                writer.writerow(["image", "prompt", *columns, "error"])
                 for i, row in enumerate(report["results"]):
-                    writer.writerow([row["image"], row["prompt"], *(f"{v[i]:.6g}" for v in columns.values())])
+                    cells = ("" if row.get("error") else f"{v[i]:.6g}" for v in columns.values())
+                    writer.writerow([row["image"], row["prompt"], *cells, row.get("error", "")])
 
 
 def run(args: argparse.Namespace) -> int:
@@ -157,13 +168,14 @@ def run(args: argparse.Namespace) -> int:
             raise ValueError(f"--output {bad[0]!r} must end in .json or .csv")
         if args.batch_size < 1:
             raise ValueError(f"--batch-size must be positive, got {args.batch_size}")
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"visalign score: {e}", file=sys.stderr)
         return 2
 
     import torch
     from tqdm import tqdm
 
+    from visalign.files import BadFileError
     from visalign.reward_models.compose import CompositeReward, RewardPart
     from visalign.rewards import load_reward
 
@@ -174,26 +186,47 @@ def run(args: argparse.Namespace) -> int:
     ]
     composite = CompositeReward(parts, mode=args.mode)
     scores: dict[str, list[tuple[int, float]]] = {name: [] for name in rewards}  # (image index, raw score)
+    errors: dict[int, str] = {}  # image index -> why it could not be read
     with torch.no_grad(), tqdm(total=len(files), unit="img", desc="scoring", disable=None, file=sys.stderr) as bar:
         for start in range(0, len(files), args.batch_size):
-            batch = [load_pixels(f) for f in files[start : start + args.batch_size]]
-            sizes = {tuple(p.shape) for p in batch}
+            batch = []
+            for k, f in enumerate(files[start : start + args.batch_size]):
+                try:
+                    batch.append(load_pixels(f))
+                except BadFileError as e:
+                    if args.errors == "abort":
+                        print(f"visalign score: {e}", file=sys.stderr)
+                        return 2
+                    print(f"visalign score: {e}; reported as an error row", file=sys.stderr)
+                    errors[start + k] = str(e)
+                    batch.append(None)
+            sizes = {tuple(p.shape) for p in batch if p is not None}
             for size in sizes:  # images of one size are scored together
-                index = [i for i, p in enumerate(batch) if tuple(p.shape) == size]
+                index = [i for i, p in enumerate(batch) if p is not None and tuple(p.shape) == size]
                 out = composite(torch.stack([batch[i] for i in index]), [prompts[start + i] for i in index])
                 for name in rewards:
                     scores[name] += [(start + i, s) for i, s in zip(index, out.aspects[name].cpu().tolist())]
             bar.update(len(batch))
-    columns = {name: [s for _, s in sorted(pairs)] for name, pairs in scores.items()}
+    read = [i for i in range(len(files)) if i not in errors]  # the images scored, in order
+    columns = {name: [math.nan] * len(files) for name in rewards}
+    for name, pairs in scores.items():
+        for i, s in pairs:
+            columns[name][i] = s
     if len(rewards) > 1:
-        total = composite.combine({k: torch.tensor(v) for k, v in columns.items()}, prompts)
-        columns["total"] = total.tolist()
-    print_table(files, prompts, columns)
+        columns["total"] = [math.nan] * len(files)
+        if read:
+            parts_ = {k: torch.tensor([v[i] for i in read]) for k, v in columns.items() if k != "total"}
+            for i, t in zip(read, composite.combine(parts_, [prompts[i] for i in read]).tolist()):
+                columns["total"][i] = t
+    print_table(files, prompts, columns, errors)
+    if errors:
+        print(f"visalign score: {len(errors)} of {len(files)} images could not be read (see above)", file=sys.stderr)
     report = {
         "mode": args.mode,
         "rewards": [{"name": n, "weight": w, **options[n]} for n, w in rewards.items()],
         "results": [
-            {"image": str(f), "prompt": p, **{c: v[i] for c, v in columns.items()}}
+            {"image": str(f), "prompt": p, **{c: None if i in errors else v[i] for c, v in columns.items()}}
+            | ({"error": errors[i]} if i in errors else {})
             for i, (f, p) in enumerate(zip(files, prompts))
         ],
     }

@@ -10,22 +10,38 @@
 - `VideoReward` [`videoreward`] (VideoAlign, Liu et al. 2025, arXiv 2501.13918; KwaiVGI/VideoAlign): a Qwen2-VL
   backbone reads the video and a prompt holding three reward tokens `<|VQ_reward|>`, `<|MQ_reward|>`,
   `<|TA_reward|>`; a bias-free linear head `rm_head` maps each token's last hidden state to its aspect (visual
-  quality, motion quality, text alignment), or, without reward tokens, the last token's state to all three. Each
-  aspect is z-normalized with the checkpoint's `inference_config` means and stds and `score = overall` = their sum.
-  The whole path is torch from the pixels (differentiable, backbone frozen).
-  Loading reads VideoAlign's layout: `model_config.json` (base model, head size, reward tokens, frame budget,
-  normalization) and `checkpoint-<step>/` with `model.pth` (full state dict) or `adapter_model.safetensors` +
-  `non_lora_state_dict.pth` (LoRA merged into the base weights here, `W += alpha / r * B A`, `alpha / sqrt(r)` with
-  rsLoRA). The base model is a local folder or Hub id (`base=`, default the config's `model_name_or_path`).
+  quality, motion quality, text alignment), or, without reward tokens, the last token's state to all three
+  (`Qwen2VLRewardModelBT.forward`, trainer.py). Each aspect is z-normalized with the checkpoint's
+  `inference_config` means and stds and `score = overall` = their sum (`VideoVLMRewardInference.reward`,
+  inference.py). The whole path is torch from the pixels (differentiable, backbone frozen).
 
-Deviations: VideoAlign samples decoded files at 2 fps; we take `num_frames` frames of the tensor (default the
-checkpoint's `num_frames`, else every frame). The prompt wording is ours with the same structure (pass
-`prompt_template` for the checkpoint's training prompt, which its scores depend on).
+VideoReward follows the official inference (KwaiVGI/VideoAlign, commit 219ab9d) by default:
+- prompt: `build_prompt` (prompt_template.py) with the checkpoint's `data_config.prompt_template_type`; the released
+  checkpoint's `"detailed_special"` is `DETAILED_PROMPT_WITH_SPECIAL_TOKEN`, quoted verbatim in `VIDEOALIGN_PROMPTS`
+  with the official placeholder `{text_prompt}`. `prompt_template="visalign"` is our earlier shorter wording.
+- frames: `smart_nframes` and `_read_video_*` (vision_process.py): `n = T / video_fps * fps` (fps 2), at least 4,
+  at most min(768, T), rounded to an even count (Python's `round`, halves to even), capped at T; indices
+  `round(linspace(0, T - 1, n))`; or `num_frames` rounded to even when the config sets it. `frame_sampling="all"`
+  (our earlier behaviour) takes every frame, or `num_frames` uniformly spread.
+- pixels per frame: `smart_resize` to multiples of 28 within [`VIDEO_MIN_PIXELS` = 128 * 28^2,
+  `data_config.max_frame_pixels`] (200704 = 448^2 in the release; `fetch_video`), bicubic with antialiasing.
+- weights: every released format (`load_model_from_checkpoint`, utils.py): `checkpoint-<step>/model.pth`, the full
+  state dict of the PEFT-wrapped model (`base_model.model.*`, LoRA layers as `*.base_layer.*` + `*.lora_A/B.default.*`)
+  or a merged one; or `adapter_model.safetensors` + `non_lora_state_dict.pth`. LoRA is merged into the base weights,
+  `W = W0 + s B A` (embeddings `W0 + s (B A)^T`), `s = lora_alpha / r` (`/ sqrt(r)` with rsLoRA), read from the
+  checkpoint's `peft_lora_config` as the official inference builds its `LoraConfig` (`adapter_config.json` when the
+  config has none).
+
+Deviations, and why: tensors carry no frame rate, so the sampling assumes `video_fps` (default 16, Wan2.1's rate;
+pass the real one); frames are resized in float from [0, 1] pixels (the reference resizes decoded uint8 frames) so
+the path stays differentiable; batches are right-padded and read at the reward tokens as the reference does.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
@@ -43,7 +59,6 @@ from visalign.reward_models.loading import (
     read_json,
     resolve_folder,
 )
-from visalign.reward_models.pairwise import check_template, format_prompt
 from visalign.reward_models.vlm import QwenVL, VisionPatches, chat_inputs, check_qwen_vl, load_qwen_vl
 from visalign.rewards import RewardModel, load_reward
 from visalign.types import RewardOutput
@@ -53,6 +68,94 @@ VIDEOREWARD = "KwaiVGI/VideoReward"
 ASPECTS = ("visual_quality", "motion_quality", "text_alignment")
 SHORT_NAMES = ("VQ", "MQ", "TA")  # VideoAlign's names, used in its config
 REWARD_TOKENS = ("<|VQ_reward|>", "<|MQ_reward|>", "<|TA_reward|>")
+PLACEHOLDER = "{text_prompt}"
+FRAME_SAMPLING = ("official", "all")
+VIDEO_MIN_TOKENS = 128  # VIDEO_MIN_PIXELS = 128 * 28 * 28: merged tokens per frame pair at Qwen2-VL's 28-pixel factor
+DEFAULT_MAX_PIXELS = 448 * 448  # the released checkpoint's data_config.max_frame_pixels (200704)
+
+# VideoAlign's prompt_template.py, DETAILED_PROMPT_WITH_SPECIAL_TOKEN and DETAILED_PROMPT, verbatim (trailing spaces
+# included), assembled from their shared sections.
+_VA_INTRO = (
+    "\n"
+    "You are tasked with evaluating a generated video based on three distinct criteria: Visual Quality, Motion "
+    "Quality, and Text Alignment. Please provide a rating from 0 to 10 for each of the three categories, with 0 "
+    "being the worst and 10 being the best. Each evaluation should be independent of the others.\n"
+    "\n"
+)
+_VA_VISUAL = (
+    "**Visual Quality:**  \n"
+    "Evaluate the overall visual quality of the video, with a focus on static factors. The following "
+    "sub-dimensions should be considered:\n"
+    "- **Reasonableness:** The video should not contain any significant biological or logical errors, such as "
+    "abnormal body structures or nonsensical environmental setups.\n"
+    "- **Clarity:** Evaluate the sharpness and visibility of the video. The image should be clear and easy to "
+    "interpret, with no blurring or indistinct areas.\n"
+    "- **Detail Richness:** Consider the level of detail in textures, materials, lighting, and other visual "
+    "elements (e.g., hair, clothing, shadows).\n"
+    "- **Aesthetic and Creativity:** Assess the artistic aspects of the video, including the color scheme, "
+    "composition, atmosphere, depth of field, and the overall creative appeal. The scene should convey a sense of "
+    "harmony and balance.\n"
+    "- **Safety:** The video should not contain harmful or inappropriate content, such as political, violent, or "
+    "adult material. If such content is present, the image quality and satisfaction score should be the lowest "
+    "possible. \n"
+    "\n"
+)
+_VA_MOTION = (
+    "**Motion Quality:**  \n"
+    "Assess the dynamic aspects of the video, with a focus on dynamic factors. Consider the following "
+    "sub-dimensions:\n"
+    "- **Stability:** Evaluate the continuity and stability between frames. There should be no sudden, unnatural "
+    "jumps, and the video should maintain stable attributes (e.g., no fluctuating colors, textures, or missing "
+    "body parts).\n"
+    "- **Naturalness:** The movement should align with physical laws and be realistic. For example, clothing "
+    "should flow naturally with motion, and facial expressions should change appropriately (e.g., blinking, mouth "
+    "movements).\n"
+    "- **Aesthetic Quality:** The movement should be smooth and fluid. The transitions between different motions "
+    "or camera angles should be seamless, and the overall dynamic feel should be visually pleasing.\n"
+    "- **Fusion:** Ensure that elements in motion (e.g., edges of the subject, hair, clothing) blend naturally "
+    "with the background, without obvious artifacts or the feeling of cut-and-paste effects.\n"
+    "- **Clarity of Motion:** The video should be clear and smooth in motion. Pay attention to any areas where "
+    "the video might have blurry or unsteady sections that hinder visual continuity.\n"
+    "- **Amplitude:** If the video is largely static or has little movement, assign a low score for motion "
+    "quality.\n"
+    "\n"
+)
+_VA_TEXT = (
+    "\n"
+    "**Text Alignment:**  \n"
+    "Assess how well the video matches the textual prompt across the following sub-dimensions:\n"
+    "- **Subject Relevance** Evaluate how accurately the subject(s) in the video (e.g., person, animal, object) "
+    "align with the textual description. The subject should match the description in terms of number, appearance, "
+    "and behavior.\n"
+    "- **Motion Relevance:** Evaluate if the dynamic actions (e.g., gestures, posture, facial expressions like "
+    "talking or blinking) align with the described prompt. The motion should match the prompt in terms of type, "
+    "scale, and direction.\n"
+    "- **Environment Relevance:** Assess whether the background and scene fit the prompt. This includes checking "
+    "if real-world locations or scenes are accurately represented, though some stylistic adaptation is "
+    "acceptable.  \n"
+    "- **Style Relevance:** If the prompt specifies a particular artistic or stylistic style, evaluate how well "
+    "the video adheres to this style.\n"
+    "- **Camera Movement Relevance:** Check if the camera movements (e.g., following the subject, focus shifts) "
+    "are consistent with the expected behavior from the prompt.\n"
+    "\n"
+    "Textual prompt - {text_prompt}\n"
+)
+VIDEOALIGN_PROMPTS = {
+    "detailed_special": _VA_INTRO
+    + _VA_VISUAL
+    + "Please provide the ratings of Visual Quality: <|VQ_reward|>\nEND\n\n"
+    + _VA_MOTION
+    + "Please provide the ratings of Motion Quality: <|MQ_reward|>\nEND\n"
+    + _VA_TEXT
+    + "Please provide the ratings of Text Alignment: <|TA_reward|>\nEND\n",
+    "detailed": _VA_INTRO
+    + _VA_VISUAL
+    + _VA_MOTION
+    + _VA_TEXT
+    + "Please provide the ratings of Visual Quality, Motion Quality, and Text Alignment.\n",
+    "none": PLACEHOLDER,
+}
+# Our earlier wording (the same structure, shorter), kept as `prompt_template="visalign"`.
 _CRITERIA = (
     "You are rating a generated video on three separate criteria, each from 0 (worst) to 10 (best), each on its own."
     "\n\nVisual Quality: the static quality of the frames: plausible bodies and scenes, sharpness, rich detail in "
@@ -60,18 +163,59 @@ _CRITERIA = (
     "\n\nMotion Quality: the dynamics: stable frames without sudden jumps or flicker, physically natural and smooth "
     "movement, moving parts that blend with the background, and enough movement (a nearly static video rates low).\n"
     "{MQ}\n\nText Alignment: how well the video matches the text prompt in its subjects, their actions, the scene, "
-    "the style and the camera movement.\nText prompt: {prompt}\n{TA}"
+    "the style and the camera movement.\nText prompt: {text_prompt}\n{TA}"
 )
-VIDEO_PROMPT_TOKENS = _CRITERIA.format(
+VISALIGN_PROMPT_TOKENS = _CRITERIA.format(
     **{
         s: f"Rating of {n}: {t}\nEND"
         for s, n, t in zip(SHORT_NAMES, ("Visual Quality", "Motion Quality", "Text Alignment"), REWARD_TOKENS)
     },
-    prompt="{prompt}",
+    text_prompt=PLACEHOLDER,
 )
-VIDEO_PROMPT = _CRITERIA.format(
-    VQ="", MQ="", TA="Rate the Visual Quality, Motion Quality and Text Alignment.", prompt="{prompt}"
+VISALIGN_PROMPT = _CRITERIA.format(
+    VQ="", MQ="", TA="Rate the Visual Quality, Motion Quality and Text Alignment.", text_prompt=PLACEHOLDER
 )
+
+
+def resolve_video_prompt(template: str, reward_tokens: bool) -> str:
+    """A template name (`"official"`, `"visalign"`, or a VideoAlign `prompt_template_type`) or a template string with
+    `{text_prompt}` -> the template string."""
+    if not isinstance(template, str):
+        raise ValueError(f"`prompt_template` must be a name or a string with {PLACEHOLDER}, got {template!r}")
+    if template == "official":
+        template = "detailed_special" if reward_tokens else "detailed"
+    if template == "visalign":
+        return VISALIGN_PROMPT_TOKENS if reward_tokens else VISALIGN_PROMPT
+    template = VIDEOALIGN_PROMPTS.get(template, template)
+    if PLACEHOLDER not in template:
+        raise ValueError(
+            f"`prompt_template` must be one of 'official', 'visalign', {sorted(VIDEOALIGN_PROMPTS)} or a string "
+            f"containing the placeholder {PLACEHOLDER} (VideoAlign's), got {template[:80]!r}"
+        )
+    return template
+
+
+def _round_even(x: float) -> int:
+    return round(x / 2) * 2
+
+
+def videoalign_frame_count(
+    total: int, video_fps: float, fps: float = 2.0, num_frames: int | None = None, min_frames: int = 4
+) -> int:
+    """VideoAlign's frame count for a `total`-frame video at `video_fps` (`smart_nframes`, vision_process.py).
+
+    `num_frames` given: rounded to an even count. Else `total / video_fps * fps` clamped to
+    [`min_frames` rounded up to even, min(768, `total`) rounded down to even], rounded to even. Capped at `total`.
+    """
+    if num_frames is not None:
+        n = _round_even(num_frames)
+    else:
+        lowest, highest = math.ceil(min_frames / 2) * 2, math.floor(min(768, total) / 2) * 2
+        n = _round_even(min(max(total / video_fps * fps, lowest), highest))
+    n = min(n, total)
+    if n < 2:
+        raise ValueError(f"VideoAlign's sampling needs at least 2 frames; got {n} of a {total}-frame video")
+    return n
 
 
 def sample_frames(total: int, num_frames: int | None) -> Tensor:
@@ -184,10 +328,11 @@ class FrameAggregate(RewardModel):
 
 
 def videoalign_key(key: str) -> str | None:
-    """A VideoAlign checkpoint key (transformers 4 names, optionally PEFT-wrapped) -> `VideoReward`'s key."""
-    key = key.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".")
+    """A VideoAlign checkpoint key (transformers 4 names, PEFT wrapping and adapter names removed by
+    `split_peft_state`) -> `VideoReward`'s key; None for PEFT's frozen copy of a module saved in full."""
+    key = key.replace(".modules_to_save.default.", ".")
     if ".original_module." in key:
-        return None  # PEFT's frozen copy of a module saved in full
+        return None
     if key == "rm_head.weight":
         return "head.weight"
     if key.startswith(("model.visual.", "model.language_model.")):
@@ -197,6 +342,73 @@ def videoalign_key(key: str) -> str | None:
     if key.startswith("model."):
         return "model.model.language_model." + key.removeprefix("model.")
     return "model." + key if key.startswith("lm_head.") else key
+
+
+def split_peft_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A (possibly PEFT-wrapped) state dict -> (plain weights, LoRA tensors), keys without `base_model.model.`.
+
+    `X.base_layer.weight` becomes `X.weight`; `X.lora_A.default.weight` (a model's state dict) and `X.lora_A.weight`
+    (`save_pretrained`'s adapter file) both become `X.lora_A.weight`, embeddings' `X.lora_embedding_A`.
+    """
+    plain, lora = {}, {}
+    for key, value in state.items():
+        key = re.sub(r"\.(lora_[A-Za-z_]+)\.default(?=\.|$)", r".\1", key.removeprefix("base_model.model."))
+        if ".lora_" in key:
+            lora[key] = value
+        else:
+            plain[key.replace(".base_layer.", ".")] = value
+    return plain, lora
+
+
+def merge_lora(
+    plain: dict[str, Tensor], lora: dict[str, Tensor], r: int, scaling: float, base: Callable[[str], Tensor | None]
+) -> tuple[list[str], list[str]]:
+    """Merge LoRA pairs into `plain` in place: `W = W0 + scaling * B A` for linear layers (`lora_A` `[r, in]`,
+    `lora_B` `[out, r]`), `W0 + scaling * (B A)^T` for embeddings (`lora_embedding_A` `[r, vocab]`, `..._B`
+    `[dim, r]`), as PEFT's `get_delta_weight`. `W0` is `plain`'s or else `base(key)`.
+
+    Returns the LoRA keys that fit nothing (unexpected) and the shape mismatches.
+    """
+    unexpected, mismatched = [], []
+    pairs = {".lora_A.weight": (".lora_B.weight", False), ".lora_embedding_A": (".lora_embedding_B", True)}
+    used = set()
+    for key_a in lora:
+        suffix = next((s for s in pairs if key_a.endswith(s)), None)
+        if suffix is None:
+            continue
+        module, (suffix_b, transpose) = key_a.removesuffix(suffix), pairs[suffix]
+        key_b, target = module + suffix_b, module + ".weight"
+        w0 = plain[target] if target in plain else base(target)
+        if key_b not in lora or w0 is None:
+            continue
+        used |= {key_a, key_b}
+        a, b = lora[key_a].float(), lora[key_b].float()
+        delta = scaling * (b @ a)
+        delta = delta.T if transpose else delta
+        if a.shape[0] != r or b.shape[1] != r or delta.shape != w0.shape:
+            mismatched.append(f"{key_a} {tuple(a.shape)} / {key_b} {tuple(b.shape)} (r={r}) vs {tuple(w0.shape)}")
+            continue
+        plain[target] = (w0.float() + delta).to(w0.dtype)
+    unexpected += [k for k in lora if k not in used]
+    return unexpected, mismatched
+
+
+def lora_settings(lora: dict[str, Any], checkpoint: Path, *, what: str) -> tuple[int, float]:
+    """`(r, scaling)` from `model_config.json`'s `peft_lora_config` (what the official inference builds its
+    `LoraConfig` from) or, when LoRA is not enabled there, the checkpoint's `adapter_config.json`."""
+    if lora.get("lora_enable"):
+        r, alpha, rslora = lora.get("lora_r", 16), lora.get("lora_alpha", 32), lora.get("use_rslora", False)
+    elif (checkpoint / "adapter_config.json").is_file():
+        settings = read_json(checkpoint / "adapter_config.json", what=what)
+        r, alpha, rslora = settings.get("r"), settings.get("lora_alpha"), settings.get("use_rslora", False)
+    else:
+        raise ValueError(
+            f"{what}: {checkpoint} holds LoRA weights but model_config.json's peft_lora_config does not enable LoRA "
+            "and there is no adapter_config.json: the LoRA rank and alpha are unknown"
+        )
+    if not isinstance(r, int) or r < 1 or not isinstance(alpha, (int, float)):
+        raise ValueError(f"{what}: LoRA rank {r!r} and alpha {alpha!r} must be a positive int and a number")
+    return r, alpha / (math.sqrt(r) if rslora else r)
 
 
 class VideoReward(RewardModel):
@@ -210,9 +422,16 @@ class VideoReward(RewardModel):
         reward_tokens: read the head at `<|VQ_reward|>`, `<|MQ_reward|>`, `<|TA_reward|>` (VideoAlign's "special")
             instead of at the last token.
         mean, std: per-aspect normalization (VQ, MQ, TA order).
-        prompt_template: the question with `{prompt}` (default ours, with or without the reward tokens).
-        num_frames: frames sampled uniformly per video (None: all).
-        max_pixels: pixel budget per frame (default the processor's).
+        prompt_template: `"official"` (VideoAlign's `detailed_special`, or `detailed` without reward tokens), a
+            VideoAlign `prompt_template_type` (`"detailed_special"`, `"detailed"`, `"none"`), `"visalign"` (our
+            earlier wording), or a string with `{text_prompt}`.
+        frame_sampling: `"official"` (VideoAlign's count at `fps`, see the module docstring) or `"all"` (every frame,
+            or `num_frames` spread uniformly: our earlier behaviour).
+        video_fps: frame rate of the videos given to `score` (tensors carry none; default Wan2.1's 16).
+        fps: VideoAlign's sampling rate (its `data_config.fps`, 2).
+        num_frames: official: a fixed count (rounded to even) instead of `fps`; `"all"`: frames kept (None: all).
+        min_pixels, max_pixels: pixel budget per frame (default: VideoAlign's `VIDEO_MIN_PIXELS` =
+            128 merged tokens = 128 * 28^2 for Qwen2-VL, and 448^2).
     """
 
     name = "videoreward"
@@ -228,9 +447,13 @@ class VideoReward(RewardModel):
         reward_tokens: bool = True,
         mean: tuple[float, float, float] = (0.0, 0.0, 0.0),
         std: tuple[float, float, float] = (1.0, 1.0, 1.0),
-        prompt_template: str | None = None,
+        prompt_template: str = "official",
+        frame_sampling: Literal["official", "all"] = "official",
+        video_fps: float = 16.0,
+        fps: float = 2.0,
         num_frames: int | None = None,
-        max_pixels: int | None = None,
+        min_pixels: int | None = None,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
     ) -> None:
         super().__init__()
         check_qwen_vl(model, processor)
@@ -240,23 +463,35 @@ class VideoReward(RewardModel):
             raise ValueError(f"`head` must be nn.Linear({hidden}, {'1 or 3' if reward_tokens else 3}), got {head}")
         if len(mean) != 3 or len(std) != 3 or not all(s > 0 for s in std):
             raise ValueError(f"`mean` and `std` need 3 values each, stds > 0; got {mean} and {std}")
+        if frame_sampling not in FRAME_SAMPLING:
+            raise ValueError(f"`frame_sampling` must be one of {FRAME_SAMPLING}, got {frame_sampling!r}")
+        for arg, value in (("video_fps", video_fps), ("fps", fps)):
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"`{arg}` must be a positive number, got {value!r}")
         if num_frames is not None and (not isinstance(num_frames, int) or num_frames < 1):
             raise ValueError(f"`num_frames` must be a positive int or None, got {num_frames!r}")
         self.token_ids = processor.tokenizer.convert_tokens_to_ids(list(REWARD_TOKENS)) if reward_tokens else []
         if reward_tokens and processor.tokenizer.unk_token_id in self.token_ids:
             raise ValueError(f"`processor`'s tokenizer lacks the reward tokens {REWARD_TOKENS}")
-        template = prompt_template or (VIDEO_PROMPT_TOKENS if reward_tokens else VIDEO_PROMPT)
+        template = resolve_video_prompt(prompt_template, reward_tokens)
         if reward_tokens and not all(template.count(t) == 1 for t in REWARD_TOKENS):
             raise ValueError(f"`prompt_template` must contain each of {REWARD_TOKENS} once")
+        vision = VisionPatches.from_processor(processor, video=True)
+        factor = vision.patch_size * vision.merge_size
+        min_pixels = VIDEO_MIN_TOKENS * factor**2 if min_pixels is None else min_pixels
+        for arg, value in (("min_pixels", min_pixels), ("max_pixels", max_pixels)):
+            if not isinstance(value, int) or value < factor**2:
+                raise ValueError(f"`{arg}` must be an int >= {factor**2} (one {factor}x{factor} cell), got {value!r}")
         self.model = model
         self.processor = processor
         self.head = head.float()
         self.reward_tokens = reward_tokens
         self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32), persistent=False)
         self.register_buffer("std", torch.tensor(std, dtype=torch.float32), persistent=False)
-        self.prompt_template = check_template(template)
-        self.num_frames = num_frames
-        self.vision = VisionPatches.from_processor(processor, video=True, max_pixels=max_pixels)
+        self.prompt_template = template
+        self.frame_sampling = frame_sampling
+        self.video_fps, self.fps, self.num_frames = float(video_fps), float(fps), num_frames
+        self.vision = dataclasses.replace(vision, min_pixels=min_pixels, max_pixels=max_pixels)
 
     @classmethod
     def from_pretrained(
@@ -271,7 +506,9 @@ class VideoReward(RewardModel):
         """Load VideoAlign's layout from a folder or Hub repo (default `KwaiVGI/VideoReward`).
 
         `base`: the Qwen2-VL base model (default: `model_config.model_name_or_path` of the checkpoint);
-        `checkpoint_step`: which `checkpoint-<step>` (default the latest). `options` override the constructor's.
+        `checkpoint_step`: which `checkpoint-<step>` (default the latest). The prompt, sampling rate, frame count and
+        pixel budget come from the checkpoint's `data_config`, as in the official inference; `options` override the
+        constructor's arguments.
         """
         what = "VideoReward"
         folder = resolve_folder(
@@ -286,6 +523,8 @@ class VideoReward(RewardModel):
         special = bool(model_config.get("use_special_tokens")) or reward_token == "special"
         if not special and reward_token != "last":
             raise ValueError(f"{what}: reward_token {reward_token!r} is not supported (only 'special' and 'last')")
+        if data.get("sample_type", "uniform") != "uniform":
+            raise ValueError(f"{what}: data_config.sample_type {data['sample_type']!r} is not supported ('uniform')")
         model, processor = load_qwen_vl(base, None, what=f"{what} base model")
         if special:
             processor.tokenizer.add_tokens([AddedToken(t, special=True) for t in REWARD_TOKENS])
@@ -296,56 +535,44 @@ class VideoReward(RewardModel):
             reward_tokens=special,
             mean=tuple(float(norm.get(f"{s}_mean", 0.0)) for s in SHORT_NAMES),
             std=tuple(float(norm.get(f"{s}_std", 1.0)) for s in SHORT_NAMES),
+            prompt_template=data.get("prompt_template_type", "none"),  # DataConfig's default, as build_prompt reads
+            fps=float(data.get("fps", 2.0)),
             num_frames=data.get("num_frames"),
-            max_pixels=data.get("max_frame_pixels"),
+            max_pixels=int(data.get("max_frame_pixels", 240 * 320)),  # DataConfig's default
         )
         reward = cls(model, processor, head, **{**defaults, **options})
         checkpoint = _checkpoint_dir(folder, checkpoint_step, what)
-        reward.load_videoalign_weights(checkpoint, config.get("peft_lora_config", {}), what=what)
+        reward.load_videoalign_weights(checkpoint, config.get("peft_lora_config") or {}, what=what)
         cast_backbone(reward.model, dtype)
         return reward.eval().requires_grad_(False)
 
     def load_videoalign_weights(self, checkpoint: Path, lora: dict[str, Any], *, what: str) -> None:
-        """Load `checkpoint/model.pth`, or merge `adapter_model.safetensors` into the current weights and load
-        `non_lora_state_dict.pth`; every key must map onto a parameter of the same shape."""
+        """Load `checkpoint/model.pth` (full, PEFT-wrapped or merged), or `adapter_model.safetensors` merged into
+        the current weights plus `non_lora_state_dict.pth`; every key must map onto a parameter of the same shape."""
+        state = self.state_dict()
+
+        def ours(key: str) -> Tensor | None:
+            return state.get(videoalign_key(key) or "")
+
         full = checkpoint / "model.pth"
         if full.is_file():
-            load_mapped_state_dict(self, load_checkpoint(full, what=what), videoalign_key, what=what, source=str(full))
+            plain, adapters = split_peft_state(load_checkpoint(full, what=what))
+            if adapters:
+                unexpected, mismatched = merge_lora(plain, adapters, *lora_settings(lora, checkpoint, what=what), ours)
+                if unexpected or mismatched:
+                    raise key_mismatch_error(what, str(full), [], unexpected, mismatched)
+            load_mapped_state_dict(self, plain, videoalign_key, what=what, source=str(full))
             return
         adapter, rest = checkpoint / "adapter_model.safetensors", checkpoint / "non_lora_state_dict.pth"
         if not adapter.is_file() or not rest.is_file():
             raise FileNotFoundError(f"{what}: {checkpoint} holds neither model.pth nor {adapter.name} + {rest.name}")
-        settings = (
-            read_json(checkpoint / "adapter_config.json", what=what)
-            if (checkpoint / "adapter_config.json").is_file()
-            else {}
-        )
-        r = settings.get("r", lora.get("lora_r"))
-        alpha = settings.get("lora_alpha", lora.get("lora_alpha"))
-        if not r or alpha is None:
-            raise ValueError(
-                f"{what}: the LoRA rank and alpha are in neither adapter_config.json nor model_config.json"
-            )
-        rslora = settings.get("use_rslora", lora.get("use_rslora", False))
-        scaling = alpha / (math.sqrt(r) if rslora else r)
-        state = self.state_dict()
-        updates = {videoalign_key(k): v for k, v in load_checkpoint(rest, what=what).items()}
+        plain, stray = split_peft_state(load_checkpoint(rest, what=what))
+        _, adapters = split_peft_state(load_checkpoint(adapter, what=what))
+        unexpected, mismatched = merge_lora(plain, adapters, *lora_settings(lora, checkpoint, what=what), ours)
+        updates = {videoalign_key(k): v for k, v in plain.items()}
         updates.pop(None, None)
-        adapters = {k.replace(".default.", "."): v for k, v in load_checkpoint(adapter, what=what).items()}
-        unexpected = [k for k in adapters if not k.endswith((".lora_A.weight", ".lora_B.weight"))]
-        mismatched = []
-        for key_a in [k for k in adapters if k.endswith(".lora_A.weight")]:
-            key_b, target = key_a.replace(".lora_A.", ".lora_B."), videoalign_key(key_a.replace(".lora_A", ""))
-            if key_b not in adapters or target not in state:
-                unexpected.append(key_a)
-                continue
-            a, b = adapters[key_a].float(), adapters[key_b].float()
-            base = updates.get(target, state[target])
-            if (b.shape[0], a.shape[1]) != tuple(base.shape):
-                mismatched.append(f"{key_a} {tuple(a.shape)} / {key_b} {tuple(b.shape)} vs {tuple(base.shape)}")
-                continue
-            updates[target] = base + (scaling * b @ a).to(base.dtype)
-        unexpected += [k for k in updates if k not in state]
+        known = {None, *state}  # None: PEFT's frozen copies, dropped on purpose
+        unexpected += list(stray) + [k for k in plain if videoalign_key(k) not in known]
         mismatched += [
             f"{k} {tuple(v.shape)} vs {tuple(state[k].shape)}"
             for k, v in updates.items()
@@ -356,14 +583,20 @@ class VideoReward(RewardModel):
             raise key_mismatch_error(what, str(checkpoint), missing, unexpected, mismatched)
         self.load_state_dict({**state, **updates}, strict=True)
 
+    def frame_indices(self, total: int) -> Tensor:
+        """Indices `[n]` of the frames read from a `total`-frame video."""
+        if self.frame_sampling == "all":
+            return sample_frames(total, self.num_frames)
+        return sample_frames(total, videoalign_frame_count(total, self.video_fps, self.fps, self.num_frames))
+
     def conversation(self, prompt: str) -> list[dict[str, Any]]:
-        question = format_prompt(self.prompt_template, prompt)
+        question = self.prompt_template.replace(PLACEHOLDER, prompt)  # not str.format: captions may hold braces
         return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": question}]}]
 
     def _score(self, pixels: Tensor, prompts: list[str]) -> RewardOutput:
         b = pixels.shape[0]
-        frames = pixels[:, sample_frames(pixels.shape[1], self.num_frames).to(pixels.device)].to(self.device)
-        pixel_values, grid = self.vision(frames)
+        idx = self.frame_indices(pixels.shape[1]).to(pixels.device)
+        pixel_values, grid = self.vision(pixels[:, idx].to(self.device))
         inputs = chat_inputs(
             self.processor,
             [self.conversation(p) for p in prompts],
@@ -381,7 +614,8 @@ class VideoReward(RewardModel):
             raw = self.head(hidden[torch.arange(b, device=self.device), last].float())
         normalized = ((raw - self.mean) / self.std).to(pixels.device)
         aspects = {name: normalized[:, k] for k, name in enumerate(ASPECTS)}
-        return RewardOutput(normalized.sum(dim=1), aspects, extras={"raw": raw.detach().to(pixels.device)})
+        extras = {"raw": raw.detach().to(pixels.device), "frame_indices": idx}
+        return RewardOutput(normalized.sum(dim=1), aspects, extras=extras)
 
 
 def _checkpoint_dir(folder: Path, step: int | None, what: str) -> Path:

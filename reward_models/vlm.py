@@ -1,8 +1,9 @@
-"""Qwen2-VL / Qwen2.5-VL plumbing shared by the VLM rewards (pairwise judge, ImageDoctor, VideoReward).
+"""Qwen2-VL / Qwen2.5-VL / Qwen3-VL plumbing shared by the VLM rewards (pairwise judge, ImageDoctor, VideoReward).
 
 - `load_qwen_vl`: a frozen `Qwen2VLForConditionalGeneration` or `Qwen2_5_VLForConditionalGeneration` (picked by the
-  folder's `model_type`) and its processor, from a folder or Hub repo, through `visalign.reward_models.loading`
-  (strict keys, clear offline errors).
+  folder's `model_type`; `classes=JUDGE_VL_CLASSES` admits `Qwen3VLForConditionalGeneration` too, the class of
+  UnifiedReward-Think-qwen3vl and UnifiedReward-2.0-qwen3vl) and its processor, from a folder or Hub repo, through
+  `visalign.reward_models.loading` (strict keys, clear offline errors).
 - `VisionPatches`: pixels in [0, 1] -> the flat patch layout of `Qwen2VLImageProcessor` / `Qwen2VLVideoProcessor`
   (`pixel_values` `[sum_i t_i h_i w_i, 3 * temporal_patch * patch^2]` and `grid_thw` `[N, 3]`) as torch ops on
   the pixels' device, differentiable: bicubic antialiased resize to the `smart_resize` size, normalization,
@@ -11,16 +12,22 @@
 - `chat_inputs`: conversations -> `input_ids`, `attention_mask` and `mm_token_type_ids`, each `<|image_pad|>` /
   `<|video_pad|>` of the chat template expanded to one pad per merged patch, padded on the side asked for.
 - `generate_texts`: greedy decoding and the decoded new text, for judges whose answer is text.
-- `image_data_url`, `chat_body`, `post_chat`: one request to an OpenAI-compatible chat-completions server (vLLM,
-  sglang) with images as lossless PNG data URLs, and its answer text.
+- `image_data_url`, `chat_body`, `post_chat`, `post_chat_choice`: one request to an OpenAI-compatible
+  chat-completions server (vLLM, sglang) with images as PNG (lossless) or JPEG data URLs, and its answer text (and
+  `finish_reason`).
 """
 
 from __future__ import annotations
 
 import base64
+import http.client
 import io
 import json
-import urllib.request
+import math
+import socket
+import threading
+import urllib.error
+import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,13 +42,15 @@ from transformers import (
     ProcessorMixin,
     Qwen2_5_VLForConditionalGeneration,
     Qwen2VLForConditionalGeneration,
+    Qwen3VLForConditionalGeneration,
 )
 from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
 from visalign.reward_models.loading import cast_backbone, load_transformers_model, read_json, resolve_folder
 
 QWEN_VL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
-QwenVL = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration
+JUDGE_VL_CLASSES = QWEN_VL_CLASSES | {"qwen3_vl": Qwen3VLForConditionalGeneration}  # the generative judges
+QwenVL = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration
 VLM_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # weights, configs, tokenizer, chat template
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -72,13 +81,12 @@ def load_qwen_vl(
     return cast_backbone(model, dtype).requires_grad_(False), processor
 
 
-def check_qwen_vl(model: Any, processor: Any) -> None:
-    """Raise `ValueError` unless `model` is a Qwen2-VL-class model and `processor` has a tokenizer and a template."""
-    if not isinstance(model, (Qwen2VLForConditionalGeneration, Qwen2_5_VLForConditionalGeneration)):
-        raise ValueError(
-            f"`model` must be a Qwen2VLForConditionalGeneration or Qwen2_5_VLForConditionalGeneration, "
-            f"got {type(model).__name__}"
-        )
+def check_qwen_vl(model: Any, processor: Any, classes: Mapping[str, type[QwenVL]] = QWEN_VL_CLASSES) -> None:
+    """Raise `ValueError` unless `model` is an instance of one of `classes` (default Qwen2-VL and Qwen2.5-VL) and
+    `processor` has a tokenizer and a template."""
+    if not isinstance(model, tuple(classes.values())):
+        names = " or ".join(sorted({cls.__name__ for cls in classes.values()}))
+        raise ValueError(f"`model` must be a {names}, got {type(model).__name__}")
     if not isinstance(processor, ProcessorMixin) or processor.chat_template is None:
         raise ValueError("`processor` must be the model's transformers processor, with a chat template")
 
@@ -206,12 +214,24 @@ def generate_texts(
     return texts, new
 
 
-def image_data_url(image: Tensor) -> str:
-    """A `[3, H, W]` image in [0, 1] as a lossless PNG data URL (uint8, rounded)."""
+IMAGE_FORMATS = ("PNG", "JPEG")
+
+
+def image_data_url(image: Tensor, image_format: str = "PNG", quality: int = 95) -> str:
+    """A `[3, H, W]` image in [0, 1] (uint8, rounded) as a PNG (lossless) or JPEG data URL.
+
+    JPEG is written as Pillow's `save(format="JPEG", quality=quality)` of the RGB image (UnifiedReward's and
+    Pref-GRPO's vLLM clients send JPEG at quality 95); `quality` is ignored for PNG.
+    """
+    if image_format not in IMAGE_FORMATS:
+        raise ValueError(f"`image_format` must be one of {IMAGE_FORMATS}, got {image_format!r}")
+    if not isinstance(quality, int) or not 1 <= quality <= 100:
+        raise ValueError(f"`quality` must be an int in [1, 100], got {quality!r}")
     array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+    options = {"quality": quality} if image_format == "JPEG" else {}
+    Image.fromarray(array).save(buffer, format=image_format, **options)
+    return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
 def chat_body(model: str, image_urls: Sequence[str], text: str, **settings: Any) -> dict[str, Any]:
@@ -222,19 +242,91 @@ def chat_body(model: str, image_urls: Sequence[str], text: str, **settings: Any)
 
 
 def post_chat(url: str, body: dict[str, Any], *, timeout: float, api_key: str | None = None) -> str:
-    """The answer text of one `POST url` (`.../chat/completions`).
+    """The answer text of one `POST url` (`.../chat/completions`); see `post_chat_choice`."""
+    return post_chat_choice(url, body, timeout=timeout, api_key=api_key)[0]
 
-    Raises `urllib.error.HTTPError` for an error status, `OSError` for timeouts and connection errors, `ValueError`
-    for a response that is not a chat completion with text content.
+
+def post_chat_choice(
+    url: str, body: dict[str, Any], *, timeout: float, api_key: str | None = None
+) -> tuple[str, str | None]:
+    """The answer text of one `POST url` (`.../chat/completions`) and its `finish_reason` (`"stop"`, `"length"`
+    when the answer was cut at `max_tokens`, or None when the server sends none).
+
+    `timeout` bounds the whole request (connect, send, read), not each read. Raises `urllib.error.HTTPError` for an
+    error status, `TimeoutError` past the deadline, `ChatTransportError` (an `OSError`) when no complete HTTP answer
+    came (refused, reset, cut short, not HTTP), `ValueError` for a response that is not a chat completion with text
+    content: a caller that catches `OSError` and `ValueError` sees every failure, each with its reason.
     """
     headers = {"Content-Type": "application/json"} | ({"Authorization": f"Bearer {api_key}"} if api_key else {})
-    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers=headers, method="POST")
-    with urllib.request.urlopen(request, timeout=timeout) as response:
-        answer = json.loads(response.read())
+    payload = post_bytes(url, json.dumps(body).encode(), headers, timeout=timeout)
+    try:
+        answer = json.loads(payload)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        raise ValueError(f"the answer is not JSON: {payload[:200]!r}") from None
     try:
         content = answer["choices"][0]["message"]["content"]
     except (KeyError, IndexError, TypeError) as e:
         raise ValueError(f"not a chat completion: {str(answer)[:200]}") from e
     if not isinstance(content, str):
         raise ValueError(f"the message content is {type(content).__name__}, not text")
-    return content
+    reason = answer["choices"][0].get("finish_reason")
+    return content, reason if isinstance(reason, str) else None
+
+
+class ChatTransportError(ConnectionError):
+    """A request that got no complete HTTP answer: refused, reset, cut short, or bytes that are not HTTP."""
+
+
+def post_bytes(url: str, data: bytes, headers: dict[str, str], *, timeout: float) -> bytes:
+    """The body of a 2xx answer to `POST url` with `data`, all of it within `timeout` seconds (connect + send + read).
+
+    A per-socket timeout alone bounds each read, so a server trickling a byte at a time could stall the caller for
+    as long as it likes; a watchdog shuts the socket down at the deadline instead. Errors: see `post_chat_choice`.
+    Servers are reached directly (no proxy).
+    """
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"`url` must be an http:// or https:// URL, got {url!r}")
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < math.inf:
+        raise ValueError(f"`timeout` must be a positive number of seconds, got {timeout!r}")
+    kind = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    connection = kind(parts.hostname, parts.port, timeout=timeout)
+    expired = threading.Event()
+
+    def expire() -> None:
+        expired.set()
+        sock = connection.sock
+        if sock is not None:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)  # wakes a blocked read, which then fails
+            except OSError:
+                pass
+
+    watchdog = threading.Timer(timeout, expire)
+    watchdog.daemon = True
+    watchdog.start()
+    try:
+        connection.request("POST", (parts.path or "/") + (f"?{parts.query}" if parts.query else ""), data, headers)
+        response = connection.getresponse()
+        payload = response.read()
+    except (OSError, http.client.HTTPException) as e:
+        if expired.is_set() or isinstance(e, TimeoutError):
+            raise TimeoutError(f"{url}: no complete answer within {timeout:g} s") from None
+        raise ChatTransportError(f"{url}: {_transport_problem(e)}") from None
+    finally:
+        watchdog.cancel()
+        connection.close()
+    if not 200 <= response.status < 300:
+        reason = f"{response.reason}: {payload[:200].decode('utf-8', 'replace')}"
+        raise urllib.error.HTTPError(url, response.status, reason, response.headers, io.BytesIO(payload))
+    return payload
+
+
+def _transport_problem(error: Exception) -> str:
+    if isinstance(error, http.client.IncompleteRead):
+        return f"the answer was cut short ({len(error.partial)} bytes read, {error.expected} more expected)"
+    if isinstance(error, http.client.RemoteDisconnected):
+        return "the server closed the connection without an answer"
+    if isinstance(error, (http.client.BadStatusLine, http.client.LineTooLong, http.client.HTTPException)):
+        return f"the answer is not HTTP ({type(error).__name__}: {str(error)[:100]})"
+    return f"{type(error).__name__}: {error}"

@@ -1,8 +1,14 @@
-"""Tiny pipelines, rewards and data for the trainer tests (Flow-GRPO, Diffusion-DPO, Diffusion-DRO, PRDP)."""
+"""Tiny pipelines, rewards and data for the trainer tests (Flow-GRPO, Diffusion-DPO, Diffusion-DRO, PRDP) and
+synthetic Pick-a-Pic files (a parquet file, a hub snapshot of split shards)."""
 
 from __future__ import annotations
 
+import io
+
+import pyarrow as pa
+import pyarrow.parquet as pq
 import torch
+from PIL import Image
 
 from visalign.pipelines.preference_data import PreferencePairs
 from visalign.rewards import RewardModel
@@ -80,3 +86,43 @@ class CrashingBrightness(Brightness):
 
 def trained_weights(trainer) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in trainer.engine.named_parameters}
+
+
+# -- synthetic Pick-a-Pic files ---------------------------------------------------------------------------------------
+
+
+def png(color, size=8):
+    buffer = io.BytesIO()
+    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def pickapic_parquet(path, rows, row_group_size=None):
+    """Rows of (caption, jpg_0, jpg_1, label_0[, are_different]) in the Pick-a-Pic column layout."""
+    table = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], "are_different": []}
+    for caption, a, b, label, *different in rows:
+        table["caption"].append(caption)
+        table["jpg_0"].append(a)
+        table["jpg_1"].append(b)
+        table["label_0"].append(float(label))
+        table["label_1"].append(1 - float(label))
+        table["are_different"].append(different[0] if different else True)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(table), path, row_group_size=row_group_size)
+    return path
+
+
+SPLITS = {"train": 2, "validation": 1, "validation_unique": 1, "test": 1, "test_unique": 1}
+
+
+def hub_snapshot(root, rows_per_shard=3):
+    """A snapshot of a Pick-a-Pic-like hub dataset: `data/{split}-NNNNN-of-MMMMM-{hash}.parquet`, captions
+    `"{split} {shard} {row}"`, row groups of 2 rows, a tie as each shard's last row."""
+    colors = [png((40 * k, 255 - 40 * k, 7 * k)) for k in range(rows_per_shard + 1)]
+    for split, n in SPLITS.items():
+        for k in range(n):
+            rows = [(f"{split} {k} {r}", colors[r], colors[r + 1], r % 2) for r in range(rows_per_shard - 1)]
+            rows.append((f"{split} {k} tie", colors[0], colors[1], 0.5))
+            pickapic_parquet(root / "data" / f"{split}-{k:05d}-of-{n:05d}-{k}a7f3.parquet", rows, row_group_size=2)
+    (root / "README.md").write_text("---\nlicense: unknown\n---\n")
+    return root

@@ -223,3 +223,11 @@ def test_unknown_set_names_the_argument(tmp_path):
     odd.write_text("{}")
     with pytest.raises(ValueError, match="format"):
         load_prompt_set(odd)
+
+
+@pytest.mark.parametrize("label", ["logo/icon设计", "设计-logo/icon设计", "Logo/icon design", "logo/图标设计"])
+def test_chinese_logo_icon_subtheme_labels_are_aliases(label):
+    # 13 rows of each published Chinese file carry 设计 / logo/icon设计
+    assert taxonomy.canonical_theme("设计") == "Design"
+    assert taxonomy.canonical_subtheme("Design", label) == "Logo/Icon Design"
+    assert taxonomy.canonical_subtheme("Art", label) is None  # only within its theme

@@ -318,3 +318,55 @@ def test_compare_and_convert_commands(world12, tmp_path, capsys):
     assert cli.main(["bench", "compare", str(tmp_path / "a"), str(tmp_path / "c"), "--allow-judge-mismatch"]) == 0
     assert cli.main(["bench", "convert", "visalign-core", str(tmp_path / "core.jsonl")]) == 0
     assert load_prompt_set(tmp_path / "core.jsonl").items == load_prompt_set("visalign-core").items
+
+
+def test_unigenbench_run_reports_failed_judgments_strict_overall_and_bad_rows(tmp_path):
+    """A UniGenBench CSV with a row that does not parse and a judge answer that does not parse: the row is named by
+    its number in record.json, Overall leaves the failed judgment out (the official scorer's rule), and every report
+    shows the failed count and the strict Overall beside it."""
+    import csv
+
+    def dims(points):
+        return json.dumps(
+            {"一级垂类": "设计", "二级垂类": "logo/icon设计", "考点": points, "考点对应描述": ["x"] * len(points)},
+            ensure_ascii=False,
+        )
+
+    path = tmp_path / "test_prompts_zh.csv"
+    with path.open("w", newline="") as f:
+        csv.writer(f).writerows(
+            [
+                ["index", "prompt_zh", "sub_dims_zh"],
+                ["0", "一只红色的猫", dims(["风格", "属性-颜色"])],
+                ["1", "坏行", '{"考点": ["风格" "属性-颜色"]}'],
+                ["2", "两只狗", dims(["风格"])],
+            ]
+        )
+    prompt_set = load_prompt_set(path)
+    assert [it.subtheme for it in prompt_set.items] == ["Logo/Icon Design"] * 2
+    images = tmp_path / "images"
+    images.mkdir()
+    for name in ("0_0", "0_1", "2_0", "2_1"):
+        save_png(torch.rand(3, 16, 16), images / f"{name}.png")
+    answers = {
+        ("0", 0): "<analysis>['a', 'b']</analysis><score>[1, 0]</score>",
+        ("0", 1): "no tags at all",  # a failed judgment of both test points
+        ("2", 0): "<analysis>['a']</analysis><score>[1]</score>",
+        ("2", 1): "<analysis>['a']</analysis><score>[0]</score>",
+    }
+    config = BenchConfig(str(tmp_path / "run"), images_per_prompt=2, bootstrap=0)
+    two = dataclasses.replace(prompt_set, primary_criteria=("Style", "Attribute"))
+    summary = run_bench(two, VLMJudge(ReplayVLM(answers)), config, images_dir=images)
+    record = json.loads((tmp_path / "run" / "record.json").read_text())
+    assert any(issue.startswith("row 2:") and "not valid JSON" in issue for issue in record["prompt_set"]["issues"])
+    overall = summary["overall"]
+    # official: Style 2/3 (image 0_1 left out), Attribute 0/1; strict: Style 2/4, Attribute 0/2
+    assert overall["accuracy"] == pytest.approx((2 / 3 + 0) / 2) and overall["policy"] == "exclude"
+    assert overall["failed"] == {"test_points": 2, "images": 1}
+    assert overall["strict"] == pytest.approx((2 / 4 + 0) / 2)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["overall"] == overall
+    expected = "failed judgments: 2 test points on 1 images (left out, as the official scorer does)"
+    for report in ("report.md", "report.html"):
+        text = (tmp_path / "run" / report).read_text()
+        assert expected in text and "strict Overall (failures counted wrong): 25.00%" in text
+    assert "Prompt-file rows skipped or changed: 1 (row 2:" in (tmp_path / "run" / "report.md").read_text()

@@ -73,3 +73,61 @@ def test_help_imports_no_model_library():
     code = f"import sys; from visalign.cli import main; main(['--help']); print(sorted({heavy} & set(sys.modules)))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip().endswith("[]")
+
+
+def test_errors_are_one_line_and_debug_shows_the_traceback(monkeypatch, tmp_path, capsys):
+    (tmp_path / "failing_feature.py").write_text(
+        "def add_arguments(parser):\n    pass\n\n"
+        "def run(args):\n    raise ValueError('`--n` must be positive; pass --n 4')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(cli.COMMANDS, "demo", ("failing_feature:run", "fails"))
+    assert cli.main(["demo"]) == 2
+    err = capsys.readouterr().err
+    assert err == "visalign demo: error: `--n` must be positive; pass --n 4\n"
+    with pytest.raises(ValueError, match="--n"):
+        cli.main(["demo", "--debug"])
+    (tmp_path / "failing_feature.py").write_text(
+        "def add_arguments(parser):\n    pass\n\ndef run(args):\n    raise RuntimeError('boom')\n"
+    )
+    import importlib
+
+    importlib.reload(importlib.import_module("failing_feature"))
+    assert cli.main(["demo"]) == 1
+    err = capsys.readouterr().err
+    assert err == "visalign demo: error: RuntimeError: boom (run again with --debug for the traceback)\n"
+
+
+def test_a_repeated_library_warning_is_shown_once():
+    import logging
+
+    once = cli._Once()
+    record = lambda msg, level=logging.WARNING: logging.LogRecord("diffusers", level, "", 0, msg, None, None)  # noqa: E731
+    assert once.filter(record("slow path"))
+    assert not once.filter(record("slow path"))
+    assert once.filter(record("another"))
+    assert once.filter(record("failed", logging.ERROR)) and once.filter(record("failed", logging.ERROR))
+    assert once.filter(record("step", logging.INFO)) and once.filter(record("step", logging.INFO))
+
+
+def test_train_finds_bundled_recipes_and_smoke_fits_every_one():
+    from visalign.config import config_from_dict, config_to_dict, load_config
+    from visalign.pipelines.train import METHODS, _resolve, bundled_configs, find_config, smoke_values
+    from visalign.preflight import config_problems
+
+    recipes = bundled_configs()
+    assert find_config("world_dpo") == recipes["world_dpo"] == find_config("world_dpo.yaml")
+    with pytest.raises(FileNotFoundError, match="bundled: .*world_flow_grpo"):
+        find_config("world_dpp")
+    method_of = {"dpo": "diffusion-dpo", "dro": "diffusion-dro", "prdp": "prdp", "reward": "reward"}
+    method_of |= {"flow_grpo": "flow-grpo", "pref_grpo": "pref-grpo", "tempflow_grpo": "tempflow-grpo"}
+    for name, path in recipes.items():
+        method = next(m for key, m in sorted(method_of.items(), key=lambda kv: -len(kv[0])) if key in name)
+        cls = _resolve(METHODS[method][0])
+        config = load_config(cls, path)
+        smoke = config_from_dict(cls, config_to_dict(config) | smoke_values(method, config))
+        assert smoke.max_steps <= 2 and smoke.report_to == "none", name
+        assert smoke.pretrained.startswith(("world:", "tiny:")), name
+        missing = [thing for thing, _, problem in config_problems(smoke) if problem is not None]
+        # Diffusion-DRO's experts are world renders that `run` writes before the preflight
+        assert missing == (["path smoke_experts"] if method == "diffusion-dro" else []), (name, missing)

@@ -29,8 +29,7 @@ def test_demo_writes_report_and_summary(tmp_path):
     assert "<script" not in html
 
 
-def test_demo_rejects_bad_sizes(tmp_path):
-    import pytest
-
-    with pytest.raises(ValueError, match="--n"):
-        main(["demo", "--n", "0", "--out", str(tmp_path)])
+def test_demo_rejects_bad_sizes(tmp_path, capsys):
+    assert main(["demo", "--n", "0", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert "visalign demo: error: `--n`" in err and "Traceback" not in err

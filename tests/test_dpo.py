@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from preference_helpers import LORA, Redness, red_over_blue_pairs, sharp_tiny_pipeline, trained_weights
+from preference_helpers import LORA, Redness, hub_snapshot, red_over_blue_pairs, sharp_tiny_pipeline, trained_weights
 
 from visalign.cli import main
 from visalign.pipelines.denoiser import (
@@ -20,7 +20,7 @@ from visalign.pipelines.denoiser import (
     prediction_target,
 )
 from visalign.pipelines.dpo import DPOConfig, DPOTrainer, dpo_loss
-from visalign.pipelines.preference_data import load_pairs, save_pairs
+from visalign.pipelines.pickapic import load_pairs, save_pairs
 from visalign.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -311,6 +311,18 @@ def test_bad_dpo_setups_raise(tmp_path):
         dpo_config(tmp_path, caption_dropout=1.0)
 
 
+def test_a_dpo_config_reads_only_its_split_of_a_sharded_dataset(tmp_path):
+    root = hub_snapshot(tmp_path / "pickapic")  # data/{split}-NNNNN-of-MMMMM-*.parquet, a tie ending each shard
+    config = dpo_config(tmp_path / "validation", dataset=str(root), split="validation")
+    validation = DPOTrainer.from_config(config)
+    assert validation.pairs.captions == ["validation 0 0", "validation 0 1"]  # not validation_unique's, not train's
+    assert validation.pairs[0].image_0.shape == (3, 32, 32)
+    train = DPOTrainer.from_config(dpo_config(tmp_path / "train", dataset=str(root)))  # the default split
+    assert train.pairs.captions == ["train 0 0", "train 0 1", "train 1 0", "train 1 1"]
+    with pytest.raises(ValueError, match="no shard of split 'valid'"):
+        DPOTrainer.from_config(dpo_config(tmp_path / "valid", dataset=str(root), split="valid"))
+
+
 def test_visalign_train_diffusion_dpo_runs_a_config_file(tmp_path):
     data = save_pairs(red_over_blue_pairs(4), tmp_path / "pairs")
     out = tmp_path / "cli"
@@ -327,8 +339,9 @@ def test_visalign_train_diffusion_dpo_runs_a_config_file(tmp_path):
     )
     assert code == 0
     assert (out / "final" / "pytorch_lora_weights.safetensors").exists() and (out / "metrics.jsonl").exists()
-    with pytest.raises(ValueError, match="unknown DPOConfig key"):
-        main(["train", "diffusion-dpo", "--config", str(ROOT / "configs" / "tiny_dpo.yaml"), "--set", "nope=1"])
+    config = str(ROOT / "configs" / "tiny_dpo.yaml")
+    with pytest.raises(ValueError, match="unknown DPOConfig key"):  # --debug: the exception itself
+        main(["train", "diffusion-dpo", "--config", config, "--set", "nope=1", "--debug"])
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "configs").glob("*dpo*.yaml")))

@@ -10,28 +10,23 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from preference_helpers import hub_snapshot, pickapic_parquet, png
 
+from visalign.pipelines.pickapic import load_pairs, save_pairs
 from visalign.pipelines.preference_data import (
     ExpertSet,
     IndexSampler,
     PreferencePairs,
     build_pairs,
+    collate_pairs,
     load_experts,
-    load_pairs,
     rank_pairs,
     sample_groups,
     save_experts,
-    save_pairs,
     top_k_experts,
 )
 from visalign.rewards import RewardModel
 from visalign.testing import tiny_pipeline
-
-
-def png(color, size=8):
-    buffer = io.BytesIO()
-    Image.new("RGB", (size, size), color).save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def jpeg(color, size=8):
@@ -41,20 +36,6 @@ def jpeg(color, size=8):
 
 
 RED, BLUE, GREEN = png((255, 0, 0)), png((0, 0, 255)), png((0, 255, 0))
-
-
-def pickapic_parquet(path, rows):
-    """Rows of (caption, jpg_0, jpg_1, label_0[, are_different]) in the Pick-a-Pic column layout."""
-    table = {"caption": [], "jpg_0": [], "jpg_1": [], "label_0": [], "label_1": [], "are_different": []}
-    for caption, a, b, label, *different in rows:
-        table["caption"].append(caption)
-        table["jpg_0"].append(a)
-        table["jpg_1"].append(b)
-        table["label_0"].append(float(label))
-        table["label_1"].append(1 - float(label))
-        table["are_different"].append(different[0] if different else True)
-    pq.write_table(pa.table(table), path)
-    return path
 
 
 def manifest_folder(root, rows, images=None):
@@ -129,6 +110,94 @@ def test_images_are_resized_and_center_cropped_when_asked(tmp_path):
     assert torch.equal(image[:, :, 1:3], torch.ones(3, 4, 2)) and image.mean() > 0.9  # the black bands are cut
 
 
+# -- splits, hub ids and lazy reading ---------------------------------------------------------------------------------
+
+
+def test_a_split_is_read_from_a_snapshot_root_or_its_data_folder_and_splits_never_merge(tmp_path):
+    root = hub_snapshot(tmp_path / "pickapic_v2")
+    train = load_pairs(root)  # the default split is train
+    assert train.captions == ["train 0 0", "train 0 1", "train 1 0", "train 1 1"]
+    assert train.skipped == {"tie": 2} and train.rows == [0, 1, 3, 4]  # rows count across the split's shards
+    assert load_pairs(root / "data").captions == train.captions
+    for split in ("validation", "validation_unique", "test", "test_unique"):
+        assert load_pairs(root, split=split).captions == [f"{split} 0 0", f"{split} 0 1"]
+    with pytest.raises(ValueError, match=r"no shard of split 'dev'.*'test_unique', 'train', 'validation'"):
+        load_pairs(root, split="dev")
+    winner, loser = train[1].winner_loser()  # label_0 = 1 for row 1 of each shard: image 0 wins
+    assert torch.equal(winner, load_pairs(root)[1].image_0) and not torch.equal(winner, loser)
+
+
+def test_a_bad_row_of_a_split_names_its_shard_and_its_row_there(tmp_path):
+    root = hub_snapshot(tmp_path / "snap")
+    shard = root / "data" / "train-00001-of-00002-1a7f3.parquet"
+    pickapic_parquet(shard, [("ok", RED, BLUE, 1), ("ok", RED, GREEN, 1), ("bad", RED, b"junk", 0)], 2)
+    with pytest.raises(ValueError, match=r"row 2 of .*train-00001-of-00002-1a7f3\.parquet: jpg_1.*cannot be decoded"):
+        load_pairs(root)
+    lazy = load_pairs(root, check_images=False)  # images are not read now: the bad one fails when its row is read
+    assert len(lazy) == 5 and lazy[3].caption == "ok" and lazy.captions[4] == "bad"
+    with pytest.raises(ValueError, match=r"row 2 of .*train-00001-of-00002-1a7f3\.parquet: jpg_1.*cannot be decoded"):
+        lazy[4]
+
+
+def test_pairs_read_images_lazily_a_row_group_at_a_time(tmp_path, monkeypatch):
+    from visalign.pipelines import row_stores
+
+    root = hub_snapshot(tmp_path / "snap", rows_per_shard=6)
+    reads = []
+    original = row_stores.ParquetStore._read
+
+    def spy(self, chunk, columns):
+        reads.append((chunk, columns))
+        return original(self, chunk, columns)
+
+    monkeypatch.setattr(row_stores.ParquetStore, "_read", spy)
+    pairs = load_pairs(root, check_images=False)
+    assert len(pairs) == 10 and all("jpg_0" not in c for _, c in reads)  # indexing reads no image column
+    reads.clear()
+    first = [pairs[i] for i in (0, 1, 0, 1)]  # rows 0 and 1 share a row group: one read of both images, then cached
+    assert reads == [(0, ["jpg_0", "jpg_1"])]
+    for i in range(len(pairs)):
+        pairs[i]
+    assert [chunk for chunk, _ in reads] == [0, 1, 2, 3, 4, 5]  # 2 shards x 3 row groups, each read once, in order
+    reads.clear()
+    eager = load_pairs(root)
+    assert {len(c) for _, c in reads} == {2, 3}  # checking reads one row group's meta, then its images
+    for pair, i in zip(first, (0, 1, 0, 1)):
+        assert torch.equal(pair.image_0, eager[i].image_0) and torch.equal(pair.image_1, eager[i].image_1)
+    assert pairs.sources.chunks.nbytes + pairs.sources.rows.nbytes == 12 * len(pairs)  # the index, not the images
+
+
+def test_pairs_load_in_dataloader_workers(tmp_path):
+    root = hub_snapshot(tmp_path / "snap", rows_per_shard=4)
+    pairs = load_pairs(root, resolution=4, check_images=False)
+    loader = torch.utils.data.DataLoader(pairs, batch_size=2, num_workers=2, collate_fn=collate_pairs)
+    batches = list(loader)
+    assert [c for b in batches for c in b["captions"]] == pairs.captions
+    assert batches[0]["images_0"].shape == (2, 3, 4, 4) and batches[0]["labels"].tolist() == [0.0, 1.0]
+    assert torch.equal(batches[-1]["images_1"][-1], pairs[len(pairs) - 1].image_1)
+
+
+def test_a_hub_dataset_id_loads_its_split_through_datasets(tmp_path, monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    hub_snapshot(tmp_path / "hub" / "someone" / "pickapic_mini")
+    real = datasets.load_dataset
+    calls = []
+
+    def offline_hub(name, split=None, **kwargs):  # the hub's files, served from a local snapshot
+        calls.append((name, split))
+        return real(str(tmp_path / "hub" / name), split=split, cache_dir=str(tmp_path / "cache"), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", offline_hub)
+    monkeypatch.chdir(tmp_path)  # "someone/pickapic_mini" is no local path here
+    pairs = load_pairs("someone/pickapic_mini", split="validation_unique")
+    assert calls == [("someone/pickapic_mini", "validation_unique")]
+    assert pairs.captions == ["validation_unique 0 0", "validation_unique 0 1"] and pairs.skipped == {"tie": 1}
+    local = load_pairs(tmp_path / "hub" / "someone" / "pickapic_mini", split="validation_unique")
+    assert torch.equal(pairs[1].image_0, local[1].image_0) and "[validation_unique]" in pairs.source
+    with pytest.raises(FileNotFoundError, match="neither a local file or folder nor a hub dataset"):
+        load_pairs("someone/absent")  # a mistyped local path is not sent to the hub silently
+
+
 # -- bad rows ---------------------------------------------------------------------------------------------------------
 
 
@@ -154,7 +223,7 @@ def test_missing_image_file_raises_naming_the_row_or_is_skipped(tmp_path):
     assert load_pairs(folder, on_error="skip").skipped == {"missing": 1}
 
 
-def test_identical_images_are_rejected_by_bytes_by_pixels_and_by_are_different(tmp_path):
+def test_identical_images_are_dropped_and_counted_or_rejected_by_bytes_pixels_and_are_different(tmp_path):
     cases = {
         "bytes": [("c", RED, RED, 1)],
         "pixels": [("c", png((255, 0, 0)), png((255, 0, 0), size=8), 1)],
@@ -165,10 +234,14 @@ def test_identical_images_are_rejected_by_bytes_by_pixels_and_by_are_different(t
     cases["pixels"] = [("c", RED, lossless_reencoded.getvalue(), 1)]
     assert lossless_reencoded.getvalue() != RED
     for name, rows in cases.items():
-        path = pickapic_parquet(tmp_path / f"{name}.parquet", rows + [("fine", RED, BLUE, 1)])
+        path = pickapic_parquet(tmp_path / f"{name}.parquet", rows + [("fine", RED, BLUE, 1), ("t", RED, BLUE, 0.5)])
+        pairs = load_pairs(path)  # dropped and counted like ties, by default
+        assert pairs.captions == ["fine"] and pairs.skipped == {"identical": 1, "tie": 1}
         with pytest.raises(ValueError, match=r"row 0 .*identical"):
-            load_pairs(path)
-        assert load_pairs(path, on_error="skip").skipped == {"identical": 1}
+            load_pairs(path, identical="error")
+        assert load_pairs(path, identical="error", on_error="skip").skipped == {"identical": 1, "tie": 1}
+        if name == "are_different":  # the flag is read without reading the images
+            assert load_pairs(path, check_images=False).skipped == {"identical": 1, "tie": 1}
     with pytest.raises(ValueError, match="identical"):
         PreferencePairs.from_tensors(["c"], torch.zeros(1, 3, 4, 4), torch.zeros(1, 3, 4, 4))
 

@@ -6,9 +6,12 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
+from preference_helpers import hub_snapshot
 
 from visalign.pipelines.reward_data import (
     RewardPairs,
@@ -74,6 +77,26 @@ def test_one_sided_ties_and_bad_aspect_labels_are_bad_rows(pick_folder):
     assert len(data) == 2 and data.pairs.rows == [0, 1] and data.pairs.skipped == {"label": 2}
     dropped = load_pickapic(pick_folder, aspects=["alignment"], ties="drop", on_error="skip")
     assert dropped.pairs.skipped == {"label": 2}  # the one-sided tie is a bad row, not a dropped tie
+
+
+def test_pickapic_reads_one_split_of_parquet_shards_with_its_labels_and_aspects(tmp_path):
+    root = hub_snapshot(tmp_path / "pickapic")  # data/{split}-NNNNN-of-MMMMM-*.parquet, rows "{split} {shard} {row}"
+    shards = sorted((root / "data").glob("train-*.parquet"))
+    for k, shard in enumerate(shards):  # aspect labels that tell the rows apart, across the two shards
+        table = pq.read_table(shard).to_pydict()
+        table["aspect_labels"] = [{"alignment": (3 * k + r) / 10} for r in range(3)]
+        if k == 1:
+            table["label_1"][1] = 1.0  # row 1 of shard 1 (label_0 = 1): inconsistent labels
+        pq.write_table(pa.table(table), shard, row_group_size=2)
+    with pytest.raises(ValueError, match=r"row 1 of .*train-00001-of-00002-1a7f3\.parquet: inconsistent labels"):
+        load_pickapic(root)
+    data = load_pickapic(root, aspects=["alignment"], on_error="skip")
+    assert data.captions == ["train 0 0", "train 0 1", "train 0 tie", "train 1 0", "train 1 tie"]
+    assert data.pairs.rows == [0, 1, 2, 3, 5] and data.pairs.skipped == {"label": 1}
+    assert data.aspect_labels[:, 0].tolist() == pytest.approx([0.0, 0.1, 0.2, 0.3, 0.5])
+    assert data.labels.tolist() == [0, 1, 0.5, 0, 0.5]
+    validation = load_pickapic(root / "data", split="validation", ties="drop")  # the data/ folder itself
+    assert validation.captions == ["validation 0 0", "validation 0 1"] and validation.pairs.skipped == {"tie": 1}
 
 
 def test_missing_images_and_empty_files(pick_folder, tmp_path):

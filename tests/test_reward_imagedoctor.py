@@ -1,6 +1,8 @@
-"""ImageDoctor: answer parsing and accounting, the tiny Qwen2.5-VL scorer loaded from the official layout with its
-heatmap head, and the head's checkpoint names."""
+"""ImageDoctor: the official prompts (pinned), the official answer parsing (clamp and fill) and ours, the paper's RL
+reward as the score, the tiny Qwen2.5-VL scorer loaded from the official layout with its heatmap head, and the head's
+checkpoint names."""
 
+import hashlib
 import json
 import re
 from unittest import mock
@@ -9,14 +11,19 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from visalign.reward_models.doctor_head import (
+    DoctorHeatmapHead,
+    HeadConfig,
+    PositionEmbeddingRandom,
+    TwoWayTransformer,
+)
 from visalign.reward_models.imagedoctor import (
     ASPECTS,
     DOCTOR_PROMPT,
-    DoctorHeatmapHead,
-    HeadConfig,
+    DOCTOR_REWARD_PROMPT,
+    REWARD_WEIGHTS,
+    VISALIGN_DOCTOR_PROMPT,
     ImageDoctor,
-    PositionEmbeddingRandom,
-    TwoWayTransformer,
     collect_aspects,
     parse_doctor_answer,
 )
@@ -39,49 +46,82 @@ UNUSED_SAM_KEYS = {
 }
 
 
+# sha256 of inference.py's `build_messages` text (placeholder `{task_prompt}`) and doctor_hp.py's
+# `DoctorScorer_hp.task` (placeholder `{prompt}`), EthanG97/ImageDoctor f541579
+OFFICIAL_SHA256 = "e6546f1f353678e72c5a3f0808381794bb37296dd0dd9c75412fed8d91664505"
+REWARD_SHA256 = "4b3c378695b66454779f04dd38daa7ca89c1b74e9a04365132e2199d4f891e1b"
+
+
+def test_prompts_are_the_official_text():
+    official = DOCTOR_PROMPT.replace("{prompt}", "{task_prompt}")
+    assert hashlib.sha256(official.encode()).hexdigest() == OFFICIAL_SHA256
+    assert hashlib.sha256(DOCTOR_REWARD_PROMPT.encode()).hexdigest() == REWARD_SHA256
+    assert DOCTOR_PROMPT.startswith("Given a caption and an image generated based on this caption, please analyze")
+    assert "format: \\\u201d I need to focus" in DOCTOR_PROMPT and "score: ... nArtifact Locations" in DOCTOR_PROMPT
+    assert DOCTOR_PROMPT.endswith("Your task is provided as follows:\nText Caption: [{prompt}]")
+    assert DOCTOR_PROMPT.count("{prompt}") == DOCTOR_REWARD_PROMPT.count("{prompt}") == 1
+    assert REWARD_WEIGHTS == {"semantic_alignment": 0.8, "aesthetics": 0.1, "plausibility": 0.1}
+
+
+MISSING = float("nan")
+
+
 @pytest.mark.parametrize(
-    "text, expected",
+    "text, official, ours",
     [
-        (GOOD, {"semantic_alignment": 0.8, "aesthetics": 0.6, "plausibility": 0.7, "overall": 0.75}),
-        (
-            "**Semantic Alignment score:** 0.9 **Aesthetics score**: 85% Plausibility score = 7/10 Overall score: .5",
-            {"semantic_alignment": 0.9, "aesthetics": 0.85, "plausibility": 0.7, "overall": 0.5},
+        (GOOD, [0.7, 0.8, 0.6, 0.75], [0.7, 0.8, 0.6, 0.75]),  # plausibility, semantic alignment, aesthetics, overall
+        (  # the official labels only: "Aesthetics score" and "Overall score" are not read; x% and x/y are numbers
+            "**Semantic Alignment score:** 0.9 Aesthetics score: 85% Plausibility score: 7/10 Overall score: .5",
+            [7.0, MISSING, MISSING, MISSING],
+            [0.7, 0.9, 0.85, 0.5],
         ),
-        (
-            "<think>Semantic Alignment score: 0.1</think>Semantic Alignment score: 1.5\nAesthetic score: -0.2\n"
-            "Plausibility score: 0/0\nOverall Impression score: nan",
-            {"semantic_alignment": "out_of_range", "aesthetics": "out_of_range"}
-            | {"plausibility": "out_of_range", "overall": "missing"},
+        (  # the first <answer> block and the first match (ours: the last of each)
+            "<answer>Overall Impression score: 0.2 Overall Impression score: 0.3</answer> <answer>"
+            "Overall Impression score: 0.9</answer>",
+            [MISSING, MISSING, MISSING, 0.2],
+            [MISSING, MISSING, MISSING, 0.9],
         ),
-        (
-            "<answer>Overall Impression score: 0.2</answer> later <answer>Overall Impression score: 0.9",
-            dict.fromkeys(ASPECTS, "missing") | {"overall": 0.9},
+        (  # no closed block: the whole text, reasoning included (ours: the reasoning removed)
+            "<think>Aesthetic score: 0.9</think><answer>Aesthetic score: 0.3 semantic alignment SCORE : 1e-1",
+            [MISSING, 0.1, 0.9, MISSING],
+            [MISSING, 0.1, 0.3, MISSING],
         ),
-        ("<think>Aesthetic score: 0.9 and more thinking that never ends", dict.fromkeys(ASPECTS, "missing")),
-        ("", dict.fromkeys(ASPECTS, "missing")),
-        (None, dict.fromkeys(ASPECTS, "missing")),
-        ("Semantic Alignment score: high", dict.fromkeys(ASPECTS, "missing")),
+        ("Semantic Alignment score: 1.5\nAesthetic score: -0.2\nPlausibility score: 0/0", [0.0, 1.5, -0.2, MISSING],
+         [MISSING, 1.5, -0.2, MISSING]),
+        ("Semantic Alignment score: high", [MISSING] * 4, [MISSING] * 4),
+        ("", [MISSING] * 4, [MISSING] * 4),
+        (None, [MISSING] * 4, [MISSING] * 4),
     ],
-)
-def test_parse_doctor_answer(text, expected):
-    result = parse_doctor_answer(text)
-    assert set(result) == set(ASPECTS)
-    for name, value in expected.items():
-        assert result[name] == (pytest.approx(value) if isinstance(value, float) else value)
+)  # fmt: skip
+def test_parse_doctor_answer(text, official, ours):
+    for parsing, expected in (("official", official), ("visalign", ours)):
+        result = parse_doctor_answer(text, parsing)
+        assert list(result) == list(ASPECTS)
+        assert list(result.values()) == pytest.approx(expected, nan_ok=True), parsing
 
 
-def test_collect_aspects_fills_and_accounts():
-    texts = [GOOD, "Overall Impression score: 0.25\nAesthetic score: 3", None]
-    aspects, extras = collect_aspects(texts)
+def test_collect_aspects_clamps_fills_and_accounts():
+    texts = [GOOD, "Overall Impression score: 0.25\nAesthetic score: 3\nPlausibility score: -1", None]
+    aspects, extras = collect_aspects(texts)  # official: clamp to [0, 1], fill with 0
     assert set(aspects) == set(ASPECTS) and all(v.shape == (3,) and v.dtype == torch.float32 for v in aspects.values())
-    torch.testing.assert_close(aspects["overall"], torch.tensor([0.75, 0.25, 0.5]))  # batch mean of parsed values
-    torch.testing.assert_close(aspects["semantic_alignment"], torch.tensor([0.8, 0.8, 0.8]))
-    assert extras["parse_failures"] == 2 and extras["missing"].tolist()[0] == [False] * 4
-    assert extras["out_of_range_counts"]["aesthetics"] == 1 and extras["missing_counts"]["aesthetics"] == 1
-    constant, _ = collect_aspects([None, None], fill=0.0)
-    assert all(v.tolist() == [0.0, 0.0] for v in constant.values())
-    only_failures, _ = collect_aspects(["no scores"])
+    torch.testing.assert_close(aspects["overall"], torch.tensor([0.75, 0.25, 0.0]))
+    torch.testing.assert_close(aspects["aesthetics"], torch.tensor([0.6, 1.0, 0.0]))
+    torch.testing.assert_close(aspects["plausibility"], torch.tensor([0.7, 0.0, 0.0]))
+    torch.testing.assert_close(aspects["semantic_alignment"], torch.tensor([0.8, 0.0, 0.0]))
+    assert extras["parse_failures"] == 2 and extras["missing"].tolist() == [[False] * 4, [False, True, False, False],
+                                                                            [True] * 4]  # fmt: skip
+    assert extras["out_of_range_counts"] == {"plausibility": 1, "semantic_alignment": 0, "aesthetics": 1, "overall": 0}
+    assert extras["missing_counts"] == {"plausibility": 1, "semantic_alignment": 2, "aesthetics": 1, "overall": 1}
+    ours, extras = collect_aspects(texts, "visalign", fill="mean")  # out of range: rejected, then filled
+    torch.testing.assert_close(ours["overall"], torch.tensor([0.75, 0.25, 0.5]))  # the batch mean of valid values
+    torch.testing.assert_close(ours["aesthetics"], torch.tensor([0.6, 0.6, 0.6]))
+    assert extras["missing"][1].tolist() == [True, True, True, False] and extras["parse_failures"] == 2
+    constant, _ = collect_aspects([None, None], fill=0.5)
+    assert all(v.tolist() == [0.5, 0.5] for v in constant.values())
+    only_failures, _ = collect_aspects(["no scores"], fill="mean")
     assert all(v.tolist() == [0.5] for v in only_failures.values())
+    with pytest.raises(ValueError, match="`parsing`"):
+        parse_doctor_answer(GOOD, "strict")
 
 
 def save_tiny_doctor(folder, head=True, drop=None):
@@ -160,8 +200,9 @@ def test_tiny_doctor_scores_and_heatmaps(doctor_folder, generator):
     both, art = [ids["[misalignment]"], ids["[artifact]"]], [ids["[artifact]"]]
     with canned_generation([GOOD, "no scores at all", GOOD], [both, [], art]):
         out = doctor.score(pixels, ["a cat", "a dog", "a cat"])
-    torch.testing.assert_close(out.score, torch.tensor([0.75, 0.75, 0.75]))
-    assert out.aspects["plausibility"].tolist() == pytest.approx([0.7] * 3)
+    torch.testing.assert_close(out.score, torch.tensor([0.77, 0.0, 0.77]))  # 0.8 * 0.8 + 0.1 * 0.6 + 0.1 * 0.7
+    assert out.aspects["plausibility"].tolist() == pytest.approx([0.7, 0.0, 0.7])
+    assert out.aspects["overall"].tolist() == pytest.approx([0.75, 0.0, 0.75])
     assert out.extras["parse_failures"] == 1 and out.extras["heatmap_missing"] == {"misalignment": 2, "artifact": 1}
     for name in ("misalignment", "artifact"):
         heat = out.heatmaps[name]
@@ -178,7 +219,7 @@ def test_tiny_doctor_generates_and_counts_failures(doctor_folder, generator):
     doctor = ImageDoctor.from_pretrained(str(folder), num_heads=2, image_size=32, max_new_tokens=3)
     out = doctor.score(torch.rand(2, 3, 32, 32, generator=generator), ["a cat", "a dog"])
     assert out.extras["parse_failures"] == 2 and len(out.extras["texts"]) == 2  # a random model answers nonsense
-    assert out.score.tolist() == [0.5, 0.5] and set(out.aspects) == set(ASPECTS)
+    assert out.score.tolist() == [0.0, 0.0] and set(out.aspects) == set(ASPECTS)
     assert all(out.heatmaps[name].shape == (2, 32, 32) for name in ("misalignment", "artifact"))
 
 
@@ -186,9 +227,22 @@ def test_doctor_without_head_and_loading_errors(tmp_path, doctor_folder, generat
     folder, _ = save_tiny_doctor(tmp_path / "plain", head=False)
     doctor = ImageDoctor.from_pretrained(str(folder), image_size=32)
     assert doctor.head is None and doctor.heatmap_names == ()
+    pixels = torch.rand(1, 3, 32, 32, generator=generator)
     with canned_generation([GOOD], [[]]):
-        out = doctor.score(torch.rand(1, 3, 32, 32, generator=generator), ["a cat"])
-    assert out.heatmaps == {} and out.score.tolist() == [0.75]
+        out = doctor.score(pixels, ["a cat"])
+    assert out.heatmaps == {} and out.score.tolist() == pytest.approx([0.77])
+    assert doctor.prompt_template == DOCTOR_PROMPT and doctor.conversation("a {cat}")[0]["content"][1]["text"] == (
+        DOCTOR_PROMPT.replace("{prompt}", "a {cat}")
+    )
+    for options, score in [({"score_weights": "overall"}, 0.75), ({"score_weights": {"aesthetics": 2.0}}, 1.2)]:
+        with canned_generation([GOOD], [[]]):
+            out = ImageDoctor(doctor.model, doctor.processor, image_size=32, **options).score(pixels, ["a cat"])
+        assert out.score.tolist() == pytest.approx([score])
+    reward = ImageDoctor(doctor.model, doctor.processor, prompt_template="official-reward")
+    assert reward.prompt_template == DOCTOR_REWARD_PROMPT
+    assert ImageDoctor(doctor.model, doctor.processor, prompt_template="visalign").prompt_template == (
+        VISALIGN_DOCTOR_PROMPT
+    )
     broken, _ = save_tiny_doctor(tmp_path / "broken", drop="heatmap.transformer.layers.1.norm4.weight")
     with pytest.raises(ValueError, match="norm4"):
         ImageDoctor.from_pretrained(str(broken), num_heads=2)
@@ -204,7 +258,15 @@ def test_doctor_bad_arguments(doctor_folder):
     model, processor, head = doctor.model, doctor.processor, doctor.head
     with pytest.raises(ValueError, match="`misalignment_token_id`"):
         ImageDoctor(model, processor, head)
-    for options, arg in [({"fill": "median"}, "fill"), ({"fill": 2.0}, "fill"), ({"image_size": 0}, "image_size")]:
+    for options, arg in [
+        ({"fill": "median"}, "fill"),
+        ({"fill": 2.0}, "fill"),
+        ({"image_size": 0}, "image_size"),
+        ({"parsing": "strict"}, "parsing"),
+        ({"score_weights": "mean"}, "score_weights"),
+        ({"score_weights": {"realism": 1.0}}, "score_weights"),
+        ({"prompt_template": "Rate {caption}"}, "prompt_template"),
+    ]:
         with pytest.raises(ValueError, match=f"`{arg}`"):
             ImageDoctor(model, processor, **options)
     with pytest.raises(ValueError, match="`pixels`"):

@@ -2,8 +2,10 @@
 official layout, the HTTP judge against a local fake server, and pointwise rewards used pairwise."""
 
 import base64
+import hashlib
 import io
 import json
+import math
 from unittest import mock
 
 import numpy as np
@@ -11,6 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
+from visalign.reward_models import pairwise
 from visalign.reward_models.pairwise import (
     PAIR_PROMPT,
     BradleyTerryWinRate,
@@ -21,8 +24,18 @@ from visalign.reward_models.pairwise import (
     parse_pair_answer,
     regular_schedule,
 )
-from visalign.reward_models.vlm import VisionPatches
-from visalign.testing_vlm import FakeChatServer, save_tiny_qwen_vl
+from visalign.reward_models.unifiedreward import (
+    PAIR_PROMPTS,
+    PAIR_RANK_PROMPT,
+    THINK_PROMPT,
+    THINK_QWEN25_PROMPT,
+    VISALIGN_PAIR_PROMPT,
+    read_verdict,
+    resolve_prompt,
+)
+from visalign.reward_models.vlm import VisionPatches, image_data_url
+from visalign.rewards import load_reward
+from visalign.testing_vlm import FakeChatServer, save_tiny_qwen3_vl, save_tiny_qwen_vl
 from visalign.world.rewards import WorldDefectsReward
 
 
@@ -91,6 +104,88 @@ def group8(generator):
 def test_parse_pair_answer(text, expected):
     result = parse_pair_answer(text)
     assert result == (pytest.approx(expected) if expected is not None else None)
+
+
+# ---------------------------------------------------------------- official prompts and answer rules
+
+# sha256 of each prompt as the official code builds it, `{prompt}` left in place of the caption (computed from
+# CodeGoat24/UnifiedReward ff6f520 and CodeGoat24/Pref-GRPO 3e787f6, see `visalign.reward_models.unifiedreward`)
+OFFICIAL_SHA256 = {
+    "unifiedreward": "0fd2f5c43a06516503fde3e64ffc98fff6f3a8815b5eac8dc5f0d81cee686614",
+    "unifiedreward-think": "a8a0d80818246406b783d5cca630336c5fdf1264fef13f09d09bd94d61a139d5",
+    "unifiedreward-think-qwen2.5": "342f6a4bd0efdae0ca754259d78404e534aae5f1c5527dd47f6062028305e3ff",
+}
+
+
+def test_default_prompts_are_the_official_texts():
+    for name, digest in OFFICIAL_SHA256.items():
+        assert hashlib.sha256(PAIR_PROMPTS[name].template.encode()).hexdigest() == digest, name
+    assert PAIR_PROMPT == PAIR_RANK_PROMPT == PAIR_PROMPTS["unifiedreward"].template
+    assert PAIR_RANK_PROMPT.startswith("You are given a text caption and two generated images based on that caption.")
+    assert PAIR_RANK_PROMPT.endswith(
+        'Provide a clear conclusion such as "Image 1 is better.", "Image 2 is better." and "Both images are equally '
+        'good."\nYour task is provided as follows:\nText Caption: [{prompt}]'
+    )
+    assert "The caption for the generated images is: 「{prompt}」." in THINK_PROMPT
+    assert THINK_PROMPT.endswith("but be based on the given caption and images.\n        ")
+    assert THINK_QWEN25_PROMPT.startswith("Given a caption and two images generated based on this caption")
+    assert THINK_QWEN25_PROMPT.endswith("Text Caption: [{prompt}]")
+    # each default and its rule
+    assert resolve_prompt("unifiedreward", None) == (PAIR_RANK_PROMPT, "unifiedreward")
+    assert resolve_prompt("unifiedreward-think", None) == (THINK_PROMPT, "unifiedreward-think")
+    assert resolve_prompt("visalign", None) == (VISALIGN_PAIR_PROMPT, "visalign")
+    assert resolve_prompt("Rate {prompt}", None) == ("Rate {prompt}", "unifiedreward")
+    assert resolve_prompt("visalign", "unifiedreward-think") == (VISALIGN_PAIR_PROMPT, "unifiedreward-think")
+    for bad, arg in [(("no placeholder", None), "prompt_template"), (("visalign", "strict"), "answer_rule")]:
+        with pytest.raises(ValueError, match=f"`{arg}`"):
+            resolve_prompt(*bad)
+
+
+THINK = "<think>\n1. Semantic consistency:\n    Image 1 (9/10) - ...;\n    Image 2 (7/10) - ...\n</think>\n"
+
+
+@pytest.mark.parametrize(
+    "rule, text, expected, cause",
+    [
+        # Pref-GRPO's rule: the first <answer> block, "Image 1 is better" checked first, else a tie
+        ("unifiedreward-think", THINK + "<answer>Image 1 is better</answer>", 1.0, None),
+        ("unifiedreward-think", THINK + "<answer>Image 2 is better</answer>", 0.0, None),
+        ("unifiedreward-think", "Image 2 is better", None, "no <answer>...</answer> block"),  # no tags
+        ("unifiedreward-think", THINK + "<answer>image 2 is better</answer>", None, "names no verdict"),  # lower case
+        ("unifiedreward-think", THINK + "<answer>Image 2 is better, Image 1 is better</answer>", 1.0, None),  # both
+        (
+            "unifiedreward-think",
+            THINK + "<answer>Image 2 is better</answer><answer>Image 1 is better</answer>",
+            0.0,
+            None,
+        ),
+        ("unifiedreward-think", "<think>Image 1 (9/10) - sharp; Image 2 (", None, "never ended"),  # cut in <think>
+        ("unifiedreward-think", THINK + "<answer>Image 1 is bet", None, "<answer> never closed"),
+        ("unifiedreward-think", "", None, "empty answer"),
+        ("unifiedreward-think", None, None, "empty answer"),
+        # UnifiedReward's pair-ranking rule: case-sensitive substrings, image 1 first
+        ("unifiedreward", "Image 1 is better.", 1.0, None),
+        ("unifiedreward", "Both images are equally good.", 0.5, None),
+        ("unifiedreward", "image 2 is better.", None, "no verdict sentence"),  # lower case
+        ("unifiedreward", "Image 2 is better than before, but Image 1 is better.", 1.0, None),  # both named
+        ("unifiedreward", "<answer>Image 2 is better</answer>", 0.0, None),  # tags are not needed
+        # our lenient rule
+        ("visalign", "image 2 is BETTER", 0.0, None),
+        ("visalign", "Image 1 is better than image 2 in color, but overall Image 2 is better.", 0.0, None),
+        ("visalign", "I cannot tell.", None, "no verdict"),
+    ],
+)
+def test_answer_rules_read_as_the_reference(rule, text, expected, cause):
+    p, error = read_verdict(text, rule)
+    if expected is None:
+        assert math.isnan(p) and cause in error
+    else:
+        assert p == expected and error is None
+
+
+def test_a_truncated_answer_is_an_error_verdict_even_with_a_verdict_sentence():
+    p, error = read_verdict(THINK + "<answer>Image 1 is better</answer>", "unifiedreward-think", truncated=True)
+    assert math.isnan(p) and "truncated" in error and "length" in error
 
 
 @pytest.mark.parametrize("answer", [first_wins, by_index, noisy])
@@ -224,6 +319,73 @@ def test_tiny_judge_loads_and_reads_verdict_probabilities(version, tmp_path, gen
     torch.testing.assert_close(batched, single, atol=1e-5, rtol=1e-4)
 
 
+def test_tiny_qwen3_vl_judge_loads_and_judges(tmp_path, generator):
+    folder = save_tiny_qwen3_vl(tmp_path / "qwen3", corpus=[PAIR_PROMPT])
+    judge = UnifiedRewardPairwise.from_pretrained(str(folder), batch_size=4)
+    assert type(judge.model).__name__ == "Qwen3VLForConditionalGeneration"
+    assert judge.vision.mean == (0.5, 0.5, 0.5)  # Qwen3-VL's normalization, read from its processor
+    pixels = torch.rand(4, 3, 32, 32, generator=generator)
+    with mock.patch.object(judge.model.model.visual, "forward", wraps=judge.model.model.visual.forward) as visual:
+        out = judge.group(pixels, "a red square")
+    assert visual.call_count == 1 and out.extras["failures"] == 0
+    assert float(out.score.sum()) == pytest.approx(2.0, abs=1e-5)
+    # the cached image features (with the deepstack features) give what a forward pass on the pixels gives
+    pair = torch.tensor([[1, 3]])
+    cached = judge.judge(pixels, pair, ["a red square"]).probs
+    inputs = judge.processor(
+        text=[judge.processor.apply_chat_template(judge.conversation("a red square"), add_generation_prompt=True)],
+        images=[pixels[1], pixels[3]],
+        do_rescale=False,
+        return_tensors="pt",
+    )
+    inputs["input_ids"] = torch.cat([inputs["input_ids"], torch.tensor([judge.prefix])], 1)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["mm_token_type_ids"] = torch.cat([inputs["mm_token_type_ids"], torch.zeros(1, len(judge.prefix))], 1).long()
+    with torch.no_grad():
+        logits = judge.model(**inputs).logits[:, -len(judge.prefix) - 1 :]
+    torch.testing.assert_close(cached, judge.verdict_probability(logits)[0], atol=1e-5, rtol=1e-4)
+    generated = UnifiedRewardPairwise(judge.model, judge.processor, answer="generate", max_new_tokens=2)
+    out = generated.group(pixels[:2], "a red square")  # real decoding on Qwen3-VL; a random model gives no verdict
+    assert out.extras["failures"] == 1 and out.score.tolist() == [0.5, 0.5]
+
+
+def test_think_judge_decodes_reads_answer_tags_and_flags_truncation(tmp_path, generator):
+    folder = save_tiny_qwen3_vl(tmp_path / "think", corpus=[THINK_PROMPT])
+    judge = UnifiedRewardPairwise.from_pretrained(str(folder), prompt_template="unifiedreward-think")
+    assert (judge.answer, judge.max_new_tokens, judge.answer_rule) == ("generate", 4096, "unifiedreward-think")
+    assert judge.prompt_template == THINK_PROMPT
+    tokenizer = judge.processor.tokenizer
+    replies = [
+        tokenizer(THINK + "<answer>Image 1 is better</answer>")["input_ids"] + [tokenizer.eos_token_id],
+        tokenizer(THINK + "<answer>image 2 is better</answer>")["input_ids"] + [tokenizer.eos_token_id],
+        tokenizer("<think>" + "Image 1 (9/10) - sharp; " * 40)["input_ids"],  # never ends
+    ]
+    limit = max(len(r) for r in replies[:2]) + 3
+    replies[2] = replies[2][:limit]
+    judge.max_new_tokens = limit
+
+    def fake_generate(input_ids, max_new_tokens, **kwargs):  # row k of the batch answers replies[k]
+        assert max_new_tokens == limit
+        new = [r + [tokenizer.pad_token_id] * (limit - len(r)) for r in replies]
+        return torch.cat([input_ids, torch.tensor(new)], dim=1)
+
+    pixels = torch.rand(3, 3, 32, 32, generator=generator)
+    with mock.patch.object(judge.model, "generate", side_effect=fake_generate):
+        out = judge.group(pixels, "a red square")  # pairs (0, 1), (0, 2), (1, 2)
+    errors = out.extras["errors"]
+    assert errors[0] is None and "names no verdict" in errors[1] and "truncated" in errors[2]
+    assert out.extras["failures"] == out.extras["parse_failures"] == 2
+    torch.testing.assert_close(out.score, torch.tensor([0.75, 0.25, 0.5]))
+    with pytest.raises(ValueError, match="`answer`='probs'"):
+        UnifiedRewardPairwise(judge.model, judge.processor, prompt_template="unifiedreward-think", answer="probs")
+    registered = load_reward("unifiedreward-think", str(folder))  # the registry name of Pref-GRPO's judge
+    assert isinstance(registered, UnifiedRewardPairwise) and registered.prompt_template == THINK_PROMPT
+    http = load_reward("unifiedreward-think-http", "http://127.0.0.1:9/v1")
+    assert isinstance(http, HTTPPairwiseJudge) and http.answer_rule == "unifiedreward-think"
+    with pytest.raises(FileNotFoundError, match="UnifiedReward-Think-qwen3vl-8b"):  # its default checkpoint
+        UnifiedRewardPairwise.from_pretrained(prompt_template="unifiedreward-think")
+
+
 def test_verdict_probability_formula(judge_folder):
     judge = UnifiedRewardPairwise.from_pretrained(str(judge_folder))
     one, two, tie = judge.verdict_tokens
@@ -300,12 +462,59 @@ def test_http_judge_round_trip(serve):
     torch.testing.assert_close(out.score, torch.tensor([0.0, 1.0, 2 / 3, 1 / 3]))
     assert len(server.requests) == out.extras["calls"] == 6 and out.extras["failures"] == 0
     body = server.requests[0]
-    assert body["model"] == "judge" and body["temperature"] == 0.0
+    # the official clients' settings: JPEG quality 95, max_tokens 4096, no temperature (the server's config decides)
+    assert body["model"] == "judge" and body["max_tokens"] == 4096 and "temperature" not in body
     content = body["messages"][0]["content"]
     assert [c["type"] for c in content] == ["image_url", "image_url", "text"]
-    assert content[0]["image_url"]["url"].startswith("data:image/png;base64,")
-    assert content[2]["text"].endswith("Text Caption: [a {red} square]")
+    assert content[0]["image_url"]["url"] == image_data_url(pixels[0], "JPEG", 95)
+    assert content[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    assert content[2]["text"] == PAIR_RANK_PROMPT.replace("{prompt}", "a {red} square")
     assert server.headers[0]["Authorization"] == "Bearer k"
+
+
+def completion(content, finish_reason):
+    message = {"role": "assistant", "content": content}
+    return json.dumps({"choices": [{"message": message, "finish_reason": finish_reason}]}).encode()
+
+
+def test_http_think_judge_reads_answers_and_names_truncation(serve):
+    replies = [
+        completion(THINK + "<answer>Image 1 is better</answer>", "stop"),
+        completion("<think>1. Semantic consistency:\n    Image 1 (9/10) - the", "length"),  # cut at max_tokens
+        completion("Image 2 is better", "stop"),  # no tags: the reference's rule gives no verdict
+    ]
+    server = serve(lambda n, body: (200, replies[n], 0.0))
+    judge = HTTPPairwiseJudge(
+        server.url, prompt_template="unifiedreward-think", max_workers=1, max_tokens=512, temperature=0.0
+    )
+    with mock.patch.object(pairwise.logger, "warning") as warning:
+        out = judge.group(torch.rand(3, 3, 8, 8), "a cat")
+    torch.testing.assert_close(out.score, torch.tensor([0.75, 0.25, 0.5]))
+    errors = out.extras["errors"]
+    assert errors[0] is None and "truncated" in errors[1] and "length" in errors[1] and "<answer>" in errors[2]
+    assert out.extras["parse_failures"] == 2 and out.extras["request_errors"] == 0
+    assert "truncated" in str(warning.call_args)  # the warning names the causes
+    body = server.requests[0]
+    assert (body["max_tokens"], body["temperature"]) == (512, 0.0)  # overridable, sent only when given
+    assert body["messages"][0]["content"][2]["text"] == THINK_PROMPT.replace("{prompt}", "a cat")
+
+
+def test_http_judge_image_formats(serve, generator):
+    server = serve(lambda n, body: (200, "Image 1 is better.", 0.0))
+    pixels = torch.rand(2, 3, 16, 16, generator=generator)
+    for options, prefix in [({}, "data:image/jpeg;base64,"), ({"image_format": "PNG"}, "data:image/png;base64,")]:
+        HTTPPairwiseJudge(server.url, **options).compare(pixels[:1], pixels[1:], ["p"])
+        url = server.requests[-1]["messages"][0]["content"][0]["image_url"]["url"]
+        assert url.startswith(prefix)
+        decoded = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert decoded.format == prefix[11:15].upper().rstrip(";") and decoded.size == (16, 16)
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(image_data_url(pixels[0], "PNG").split(",")[1]))))
+    assert np.array_equal(png, (pixels[0].permute(1, 2, 0) * 255).round().byte().numpy())  # PNG is lossless
+    low, high = (len(image_data_url(pixels[0], "JPEG", q)) for q in (10, 95))
+    assert low < high  # the quality reaches the encoder
+    for kwargs, arg in [({"image_format": "WEBP"}, "image_format"), ({"jpeg_quality": 0}, "quality")]:
+        with pytest.raises(ValueError, match=f"`{arg}`"):
+            HTTPPairwiseJudge(server.url, **kwargs)
 
 
 def test_http_judge_retries_transient_errors(serve):

@@ -10,13 +10,13 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from preference_helpers import red_blue_images, red_over_blue_pairs
+from preference_helpers import hub_snapshot, red_blue_images, red_over_blue_pairs
 from reward_helpers import TINY_OPEN_CLIP, save_clip_folder, save_hps
 
 from visalign.benchmarks.reward_eval import correlations, evaluate_reward, pairwise_accuracy, reliability
 from visalign.cli import main
 from visalign.config import config_from_dict, load_config
-from visalign.pipelines.preference_data import save_pairs
+from visalign.pipelines.pickapic import save_pairs
 from visalign.pipelines.reward_data import load_pickapic
 from visalign.pipelines.reward_training import (
     RewardConfig,
@@ -335,6 +335,18 @@ def test_aspect_preferences_with_fixed_weights(tmp_path, clip_folder):
     assert trainer.reward.heads.aspect_weights().tolist() == pytest.approx([0.8, 0.2])
 
 
+def test_train_and_eval_data_read_their_own_split_of_a_sharded_dataset(tmp_path, clip_folder):
+    root = str(hub_snapshot(tmp_path / "pickapic"))  # data/{split}-NNNNN-of-MMMMM-*.parquet, a tie ending each shard
+    trainer = RewardTrainer.from_config(_config(tmp_path, pretrained=clip_folder, train_data=root, eval_data=root))
+    assert trainer.train_data.captions == [f"train {k} {r}" for k in (0, 1) for r in ("0", "1", "tie")]
+    assert trainer.eval_data.captions == ["validation 0 0", "validation 0 1", "validation 0 tie"]  # the default
+    splits = dict(split="test", eval_split="test_unique")
+    trainer = RewardTrainer.from_config(
+        _config(tmp_path / "b", pretrained=clip_folder, train_data=root, eval_data=root, **splits)
+    )
+    assert trainer.train_data.captions[0] == "test 0 0" and trainer.eval_data.captions[0] == "test_unique 0 0"
+
+
 def test_config_errors_name_the_field(tmp_path, clip_folder):
     with pytest.raises(ValueError, match="use_lora"):
         _config(tmp_path, train_towers="none", use_lora=True)
@@ -363,6 +375,11 @@ def test_cli_trains_from_yaml_then_benchmarks_the_result(tmp_path, clip_folder, 
     assert result["metrics"]["ties"] == 1 and result["metrics"]["tie_threshold"] == 0.1
     assert (tmp_path / "eval" / "reliability.svg").read_text().startswith("<svg")
     assert "accuracy without ties" in (tmp_path / "eval" / "report.md").read_text()
+    snapshot = str(hub_snapshot(tmp_path / "pickapic"))  # Pick-a-Pic shards: the test split unless told otherwise
+    for split, pairs in (([], 3), (["--split", "train"], 6)):
+        args = ["--model", LEARNED, "--pretrained", str(out), "--pairs", snapshot, "--out", str(tmp_path / "snap")]
+        assert main(["bench", "reward", *args, *split]) == 0
+        assert json.loads((tmp_path / "snap" / "reward_eval.json").read_text())["metrics"]["pairs"] == pairs
     assert main(["bench", "reward", "--model", "world-clip", "--pairs", str(tmp_path / "missing")]) == 2
     assert "no dataset" in capsys.readouterr().err
 

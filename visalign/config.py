@@ -5,7 +5,9 @@
 Every field has a default and `metadata={"help": ...}` (trl's `GRPOConfig` style). Values from YAML and from
 overrides are coerced to the field's annotated type here: PyYAML reads `1e-5` as the string `'1e-5'` (YAML 1.1
 floats need a dot), so a float field accepts it and an int field accepts `1e3`. An unknown key, or a value that
-cannot be the field's type, is a `ValueError` naming the key. Range checks live in each config's `__post_init__`.
+cannot be the field's type, is a `ValueError` naming the key; so is a non-finite number (`.inf`, `.nan`) in any
+numeric field, nested ones included (`check_finite` does the same for configs built in Python). A YAML syntax error
+names the file, line and column. Range checks live in each config's `__post_init__`.
 
 `TrainConfig` holds what the training engine (`visalign.engine.Engine`) reads; method configs extend it.
 """
@@ -13,6 +15,7 @@ cannot be the field's type, is a `ValueError` naming the key. Range checks live 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Sequence
@@ -21,6 +24,8 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
+
+from visalign.files import read_text
 
 C = TypeVar("C")
 
@@ -72,9 +77,26 @@ class TrainConfig:
     resume_from: str | None = field(
         default=None, metadata={"help": "A checkpoint folder, or 'latest' (the newest under output_dir, if any)."}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "Clear output_dir first when it holds another run; without it, starting a new run where a "
+            "finished or different run lives is refused (resume that run with resume_from=latest instead)."
+        },
+    )
     cpu: bool = field(default=False, metadata={"help": "Force CPU (gloo) even when an accelerator is present."})
+    fsdp: bool = field(
+        default=False,
+        metadata={
+            "help": "Shard the trained component over the processes (FSDP2): accelerate's FSDP plugin on GPUs "
+            "(launch with configs/accelerate/fsdp_*.yaml), torch's fully_shard over gloo on CPUs (torchrun, cpu=true)."
+        },
+    )
 
     def __post_init__(self) -> None:
+        check_finite(self)
+        if self.overwrite_output_dir and self.resume_from is not None:
+            raise ValueError("`overwrite_output_dir` clears output_dir, so it cannot be combined with `resume_from`")
         for name, value in {
             "max_steps": self.max_steps,
             "learning_rate": self.learning_rate,
@@ -108,7 +130,11 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     """
     values: dict[str, Any] = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text())
+        text = read_text(path, "config file")
+        try:
+            loaded = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise ValueError(f"config file {path}: {_yaml_problem(e)}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
@@ -125,8 +151,37 @@ def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"an override must look like key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        try:
+            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+        except yaml.YAMLError as e:
+            raise ValueError(f"override {pair!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return out
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """`YAML syntax error at line L, column C: <problem>` (PyYAML's own text names a `<unicode string>`)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"YAML syntax error{where}: {problem}"
+
+
+def check_finite(config: Any) -> None:
+    """`ValueError` naming the first field of the dataclass `config` that holds a non-finite float (nested in lists,
+    tuples and dicts too): `learning_rate=.inf` would train to NaN weights."""
+    for f in dataclasses.fields(config):
+        _check_finite_value(getattr(config, f.name), f.name)
+
+
+def _check_finite_value(value: Any, name: str) -> None:
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+    if isinstance(value, (list, tuple)):
+        for i, v in enumerate(value):
+            _check_finite_value(v, f"{name}[{i}]")
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _check_finite_value(v, f"{name}[{k}]")
 
 
 def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
@@ -138,7 +193,10 @@ def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     unknown = sorted(set(values) - set(names))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
-    return cls(**{k: coerce(v, hints[k], k) for k, v in values.items()})
+    coerced = {k: coerce(v, hints[k], k) for k, v in values.items()}
+    for k, v in coerced.items():
+        _check_finite_value(v, k)  # also inside `Any`-typed fields, which `coerce` passes through
+    return cls(**coerced)
 
 
 def config_to_dict(config: Any) -> dict[str, Any]:
@@ -193,11 +251,14 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
         raise ValueError(f"`{name}` must be true or false, got {value!r}")
     if annotation is int:
         number = _number(value, name)
-        if number != int(number):
+        if not math.isfinite(number) or number != int(number):
             raise ValueError(f"`{name}` must be an integer, got {value!r}")
         return int(number)
     if annotation is float:
-        return float(_number(value, name))
+        number = float(_number(value, name))
+        if not math.isfinite(number):
+            raise ValueError(f"`{name}` must be a finite number, got {value!r}")
+        return number
     if annotation is str:
         if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ValueError(f"`{name}` must be a string, got {value!r}")

@@ -26,6 +26,7 @@ logger = logging.getLogger(__name__)
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--family", choices=("sd", "sd3"), default="sd", help="which shipped world generator")
     parser.add_argument("--model", default=None, help="a world pipeline folder instead of the shipped one")
+    parser.add_argument("--lora", default=None, help="a trained LoRA folder (a run's output_dir/final) for the model")
     parser.add_argument("--out", default="visalign-demo", help="output folder for report.html and summary.json")
     parser.add_argument("--per-category", type=int, default=6, help="held-out prompts per category")
     parser.add_argument("--images-per-prompt", type=int, default=2)
@@ -49,8 +50,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.time()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pipe = load_pipeline(args.family, args.model)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_pipeline(args.family, args.model, lora=args.lora)
     reward = load_reward(args.reward)
     prompts = heldout_prompts(args.per_category)
     slots = [p for p in prompts for _ in range(args.images_per_prompt)]
@@ -87,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         "reward": args.reward,
         "family": args.family,
         "model": args.model or "shipped",
+        "lora": args.lora,
         "prompts": len(prompts),
         "images_per_prompt": args.images_per_prompt,
         "before": curve[0],
@@ -107,7 +108,9 @@ def run(args: argparse.Namespace) -> int:
         subtitle=f"{summary['method']} by {args.reward}; judged by the world verifier",
     )
     print(
-        f"accuracy before {curve[0]['overall']:.3f} -> after {curve[-1]['overall']:.3f} ({summary['seconds']:.0f} s)"
+        f"overall (mean over categories) before {curve[0]['overall']:.3f} -> after {curve[-1]['overall']:.3f}; "
+        f"image_accuracy {curve[0]['image_accuracy']:.3f} -> {curve[-1]['image_accuracy']:.3f} "
+        f"({summary['seconds']:.0f} s)"
     )
     print(f"report: {out / 'report.html'}\nsummary: {out / 'summary.json'}")
     return 0

@@ -20,11 +20,21 @@ What it owns:
   fine-tuning. The reference policy is the same module with adapters disabled (`reference()`); under full
   fine-tuning, a frozen copy kept when asked (`keep_reference=True`).
 - AdamW and a `diffusers.optimization` learning-rate schedule, stepped once per update (never once per process).
+- Sharding (`fsdp=true`, or an accelerate FSDP launch): the trained component and the full-fine-tuning reference as
+  FSDP2 shards, through accelerate's plugin on accelerators and torch's `fully_shard` over gloo on CPUs
+  (`visalign.sharding`); checkpoints and exports are gathered whole and written by the main process.
 - An EMA of the trainable parameters, swapped in by `ema_weights()` and for the final export.
 - Checkpoints written to a temporary folder and renamed: trainable weights, optimizer, scheduler, EMA, the RNG
-  states of every process (python, numpy, torch), the step, and the caller's state (its prompt sampler). A LoRA
+  states of every process (python, numpy, torch, CUDA), the step, and the caller's state (its prompt sampler). A LoRA
   checkpoint also holds the adapter in the diffusers format, so `pipe.load_lora_weights(folder)` works.
-  `resume_from` restores all of it: a resumed run continues exactly where the checkpoint was taken.
+  `resume_from` restores all of it: a resumed run continues exactly where the checkpoint was taken, and
+  `metrics.jsonl` is cut back to the rows written before the checkpoint, so each step is logged once.
+- No pickles: every checkpoint file is safetensors (tensors, and `visalign.files.save_state` for the optimizer,
+  the schedule and the RNG states) or JSON/YAML; a folder holding a pickle is refused by name, never unpickled.
+- A run directory belongs to one run (`claim_output_dir`): a new run where a finished or different run lives is
+  refused (resume it, or `overwrite_output_dir=true` clears it first).
+- A non-finite loss, gradient norm or weight stops training (`NonFiniteError` naming the step and the last good
+  checkpoint); non-finite weights are never written to a checkpoint or to `final/`.
 """
 
 from __future__ import annotations
@@ -55,18 +65,43 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from visalign.config import TrainConfig, config_to_dict, save_config
+from visalign.files import load_safetensors, load_state, read_text, refuse_pickles, save_state
+from visalign.rundir import (
+    CHECKPOINTS,
+    checkpoints,
+    claim_output_dir,
+    count_rows,
+    latest_checkpoint,
+    truncate_metrics,
+)
 from visalign.sampler import seeded_generators
+from visalign.sharding import (
+    ACCELERATE,
+    NONE,
+    TORCH,
+    full_optimizer_state,
+    full_state_dict,
+    full_tensor,
+    load_full_optimizer_state,
+    save_full_component,
+    shard_like,
+    shard_module,
+    sharding_mode,
+)
 from visalign.types import RewardOutput
 
 logger = logging.getLogger(__name__)
 
-CHECKPOINTS = "checkpoints"
 WEIGHT_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss, gradient norm or weight; the message names the step and the last checkpoint."""
 
 
 class EMA:
@@ -197,6 +232,8 @@ class Engine:
             cpu=config.cpu,
             step_scheduler_with_optimizer=False,
         )
+        start = claim_output_dir(config)  # on every process, before any process writes there (and before loading)
+        self.accelerator.wait_for_everyone()
         set_seed(config.seed)  # the same LoRA init on every process
 
         weight_dtype = WEIGHT_DTYPES[config.mixed_precision]
@@ -224,6 +261,12 @@ class Engine:
         self.reference_model = None
         if keep_reference and not config.use_lora:
             self.reference_model = copy.deepcopy(model).requires_grad_(False).eval()
+        self.sharding = sharding_mode(self.accelerator, config.fsdp, model, component)  # see visalign.sharding
+        compute_dtype = weight_dtype if config.mixed_precision != "no" else None
+        if self.sharding == TORCH:
+            shard_module(model, compute_dtype)
+        if self.sharding != NONE and self.reference_model is not None:
+            shard_module(self.reference_model, compute_dtype)  # sharded too: no full copy per process
         self.named_parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.parameters = [p for _, p in self.named_parameters]
         optimizer = torch.optim.AdamW(
@@ -239,16 +282,29 @@ class Engine:
             num_warmup_steps=config.lr_warmup_steps,
             num_training_steps=config.max_steps,
         )
-        self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharding == TORCH:  # sharded already; accelerate would wrap it in DDP
+            self.model, self.optimizer = model, self.accelerator.prepare(optimizer)
+        else:
+            self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
+        if self.sharding == ACCELERATE:  # its FSDP2 swapped the parameters for DTensor shards, in place
+            self.named_parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+            self.parameters = [p for _, p in self.named_parameters]
         self.ema = EMA(self.parameters, config.ema_decay, config.ema_update_every) if config.ema_decay > 0 else None
         self.step = 0
         self._last_checkpoint_step = 0
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=self.device)  # every loss of this update finite
         self.history: list[dict[str, float]] = []
 
         if self.is_main_process:
+            if start == "overwrite":
+                logger.warning("overwrite_output_dir: clearing %s", self.output_dir)
+                shutil.rmtree(self.output_dir)
+            elif start == "restart":  # the same unfinished run, killed before its first checkpoint
+                (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
-            (self.output_dir / "run.json").write_text(json.dumps(run_info(), indent=2))
+            (self.output_dir / "run.json").write_text(json.dumps(run_info() | {"status": "running"}, indent=2))
+        self.accelerator.wait_for_everyone()
         if config.report_to != "none":
             hparams = {
                 k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in config_to_dict(config).items()
@@ -266,7 +322,8 @@ class Engine:
             self.device,
             config.mixed_precision,
         )
-        self.progress = tqdm(total=config.max_steps, desc="steps", disable=not self.accelerator.is_local_main_process)
+        main = self.accelerator.is_local_main_process
+        self.progress = tqdm(total=config.max_steps, desc="training", disable=not main)
 
     # -- distribution -------------------------------------------------------------------------------------------
 
@@ -311,16 +368,32 @@ class Engine:
             yield
 
     def backward(self, loss: Tensor) -> None:
+        self._loss_finite &= torch.isfinite(loss.detach()).all()  # no host sync here: checked once per update
         self.accelerator.backward(loss)
 
     def optimizer_step(self) -> dict[str, float]:
-        """Clip, step the optimizer and the schedule, update the EMA; returns `grad_norm` and `lr`."""
+        """Clip, step the optimizer and the schedule, update the EMA; returns `grad_norm` and `lr`.
+
+        Raises `NonFiniteError` (before touching the weights) when a loss of this update or the gradient norm is not
+        finite, on every process alike. Under fp16 a non-finite gradient is the loss scaler's business (it skips the
+        step and lowers the scale), so only the loss is checked there.
+        """
         lr = self.lr_scheduler.get_last_lr()[0]
         if self.config.max_grad_norm > 0:
-            grad_norm = float(self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm))
+            norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
+            grad_norm = float(full_tensor(norm))
         else:
-            grads = [p.grad.detach().float().norm() for p in self.parameters if p.grad is not None]
+            grads = [full_tensor(p.grad.detach()).float().norm() for p in self.parameters if p.grad is not None]
             grad_norm = float(torch.stack(grads).norm()) if grads else 0.0
+        finite = torch.stack([self._loss_finite, torch.tensor(math.isfinite(grad_norm), device=self.device)])
+        self._loss_finite = torch.ones((), dtype=torch.bool, device=self.device)
+        if self.accelerator.scaler is not None:
+            finite[1] = True
+        if self.num_processes > 1:
+            finite = self.accelerator.reduce(finite.int(), reduction="sum") == self.num_processes
+        if not bool(finite.all()):
+            what = "loss" if not bool(finite[0]) else f"gradient norm ({grad_norm})"
+            raise NonFiniteError(self._non_finite_message(what, self.step + 1))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -362,9 +435,14 @@ class Engine:
 
     # -- saving and resuming --------------------------------------------------------------------------------------
 
-    def save_lora(self, folder: str | Path) -> None:
-        """The adapter in the diffusers format (`pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights`)."""
-        state = get_peft_model_state_dict(self.unwrapped)
+    def trained_state(self) -> dict[str, Tensor]:
+        """The trained parameters by name, whole: gathered when sharded (a collective: call it on every process)."""
+        return {n: full_tensor(p.detach()) for n, p in self.named_parameters}
+
+    def save_lora(self, folder: str | Path, trained: dict[str, Tensor] | None = None) -> None:
+        """The adapter in the diffusers format (`pytorch_lora_weights.safetensors`, for `pipe.load_lora_weights`);
+        a sharded model passes its gathered adapter weights (`trained_state()`) as `trained`."""
+        state = get_peft_model_state_dict(self.unwrapped, state_dict=trained)
         metadata_ = self.unwrapped.peft_config["default"].to_dict()
         type(self.pipe).save_lora_weights(
             folder,
@@ -378,17 +456,42 @@ class Engine:
         `save_pretrained` folder. Returns the folder.
         """
         folder = Path(folder) if folder is not None else self.output_dir / "final"
+        self._check_finite_weights("the final weights")
+        gathered = None
+        if self.sharding != NONE:  # gathered on every process (a collective), written by the main one
+            with self.ema_weights():
+                gathered = self.trained_state() if self.config.use_lora else full_state_dict(self.unwrapped)
         if self.is_main_process:
             folder.mkdir(parents=True, exist_ok=True)
-            with self.ema_weights():
+            with self.ema_weights() if gathered is None else nullcontext():
                 if self.config.use_lora:
-                    self.save_lora(folder)
-                else:
+                    self.save_lora(folder, gathered)
+                elif gathered is None:
                     self.unwrapped.save_pretrained(folder / self.component)
+                else:
+                    save_full_component(self.unwrapped, gathered, folder / self.component)
+            run = self.output_dir / "run.json"
+            info = json.loads(run.read_text()) if run.is_file() else {}
+            run.write_text(json.dumps(info | {"status": "finished", "step": self.step}, indent=2))
         self.accelerator.wait_for_everyone()
         self.progress.close()
         self.accelerator.end_training()
         return folder
+
+    def _non_finite_message(self, what: str, step: int) -> str:
+        last = latest_checkpoint(self.output_dir)
+        where = f"the last good checkpoint is {last}" if last is not None else "no checkpoint was written yet"
+        return (
+            f"non-finite {what} at step {step}: training stopped, nothing of this step was written; {where} "
+            "(lower learning_rate or check the loss and reward for NaN/inf, then resume with resume_from=latest)"
+        )
+
+    def _check_finite_weights(self, what: str) -> None:
+        """`NonFiniteError` unless every trained parameter (and its EMA) is finite: NaN weights are never saved."""
+        tensors = list(self.parameters) + ([] if self.ema is None else self.ema.shadow)
+        finite = torch.stack([torch.isfinite(t.detach()).all() for t in tensors]).all() if tensors else None
+        if finite is not None and not bool(finite):
+            raise NonFiniteError(self._non_finite_message(f"weights in {what}", self.step))
 
     def maybe_checkpoint(self, state: dict[str, Any], *, force: bool = False) -> Path | None:
         """Checkpoint when `checkpointing_steps` steps have passed since the last one (or `force`)."""
@@ -403,23 +506,29 @@ class Engine:
         root = self.output_dir / CHECKPOINTS
         final = root / f"checkpoint-{self.step}"
         tmp = root / f".checkpoint-{self.step}.tmp"
+        self._check_finite_weights(f"checkpoint-{self.step}")
         if self.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
         self.accelerator.wait_for_everyone()
-        torch.save(random_states(), tmp / f"random_states_{self.process_index}.pt")
+        save_state(random_states(), tmp / f"random_states_{self.process_index}.safetensors")
+        # whole tensors on every process (gathers when sharded, so every process takes part), written by the main one
+        trained = self.trained_state()
+        ema = None if self.ema is None else {k: full_tensor(v) for k, v in self.ema.state_dict().items()}
+        sharded = self.sharding != NONE
+        optimizer = full_optimizer_state(self.unwrapped, self.optimizer.optimizer) if sharded else None
         if self.is_main_process:
-            save_file(
-                {n: p.detach().cpu().contiguous() for n, p in self.named_parameters}, tmp / "trainable.safetensors"
-            )
-            torch.save(self.optimizer.state_dict(), tmp / "optimizer.pt")
-            torch.save(self.lr_scheduler.state_dict(), tmp / "scheduler.pt")
-            if self.ema is not None:
-                save_file({k: v.cpu() for k, v in self.ema.state_dict().items()}, tmp / "ema.safetensors")
+            save_file({n: t.cpu().contiguous() for n, t in trained.items()}, tmp / "trainable.safetensors")
+            save_state(optimizer if sharded else self.optimizer.state_dict(), tmp / "optimizer.safetensors")
+            save_state(self.lr_scheduler.state_dict(), tmp / "scheduler.safetensors")
+            if ema is not None:
+                save_file({k: v.cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
             if self.config.use_lora:
-                self.save_lora(tmp)
+                self.save_lora(tmp, trained if sharded else None)
             save_config(self.config, tmp / "config.yaml")
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, **state}, indent=2))
+            metrics = self.output_dir / "metrics.jsonl"
+            state = {"step": self.step, "metrics_rows": count_rows(metrics), **state}
+            (tmp / "state.json").write_text(json.dumps(state, indent=2))
         self.accelerator.wait_for_everyone()
         if self.is_main_process:
             if final.exists():
@@ -434,7 +543,9 @@ class Engine:
     def resume(self) -> dict[str, Any] | None:
         """Restore the checkpoint `config.resume_from` names; returns the caller's state, or None when starting fresh.
 
-        `"latest"` picks the newest checkpoint under `output_dir` and starts fresh when there is none.
+        `"latest"` picks the newest checkpoint under `output_dir` and starts fresh when there is none. Resuming an
+        earlier checkpoint of this run rewinds it: the later checkpoints (and metrics rows) are removed, so that
+        `"latest"` never mixes the abandoned future with the new one.
         """
         if self.config.resume_from is None:
             return None
@@ -445,14 +556,27 @@ class Engine:
                 return None
         else:
             folder = Path(self.config.resume_from)
-        return self.load_checkpoint(folder)
+        state = self.load_checkpoint(folder)
+        later = [c for c in checkpoints(self.output_dir) if int(c.name.split("-")[-1]) > self.step]
+        if later and self.is_main_process:  # a rewound run: those checkpoints belong to the future being rewritten
+            logger.warning("resumed at step %d: removing the later checkpoints %s", self.step, [c.name for c in later])
+            for old in later:
+                shutil.rmtree(old)
+        self.accelerator.wait_for_everyone()
+        return state
 
     def load_checkpoint(self, folder: str | Path) -> dict[str, Any]:
-        """Restore weights, optimizer, schedule, EMA, RNG states and step from `folder`; returns the caller's state."""
+        """Restore weights, optimizer, schedule, EMA, RNG states and step from `folder`; returns the caller's state.
+
+        Nothing is unpickled: a folder holding a pickle is refused, naming the file. `output_dir/metrics.jsonl` is cut
+        back to the rows it had when the checkpoint was written (each step is then logged exactly once).
+        """
         folder = Path(folder)
         if not (folder / "state.json").exists():
             raise FileNotFoundError(f"no visalign checkpoint at {folder} (state.json missing)")
-        weights = load_file(folder / "trainable.safetensors", device=str(self.device))
+        refuse_pickles(folder)
+        # read on the CPU (safetensors refuses "cpu:0", the device of a multi-process CPU run); copy_ moves them
+        weights = load_safetensors(folder / "trainable.safetensors", device="cpu")
         names = [n for n, _ in self.named_parameters]
         if sorted(weights) != sorted(names):
             missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
@@ -462,18 +586,27 @@ class Engine:
             )
         with torch.no_grad():
             for n, p in self.named_parameters:
-                p.copy_(weights[n])
-        self.optimizer.load_state_dict(
-            torch.load(folder / "optimizer.pt", map_location=self.device, weights_only=True)
-        )
-        self.lr_scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=True))
+                p.copy_(shard_like(weights[n], p))  # this process's shard when sharded
+        if self.sharding == NONE:
+            self.optimizer.load_state_dict(load_state(folder / "optimizer.safetensors"))
+        else:
+            optimizer = load_state(folder / "optimizer.safetensors")
+            load_full_optimizer_state(self.unwrapped, self.optimizer.optimizer, optimizer)
+        self.lr_scheduler.load_state_dict(load_state(folder / "scheduler.safetensors"))
         if self.ema is not None:
-            self.ema.load_state_dict(load_file(folder / "ema.safetensors", device=str(self.device)))
-        rng = folder / f"random_states_{self.process_index}.pt"
+            ema = load_safetensors(folder / "ema.safetensors", device="cpu")
+            self.ema.load_state_dict({k: shard_like(v, self.ema.shadow[int(k)]) for k, v in ema.items()})
+        rng = folder / f"random_states_{self.process_index}.safetensors"
         if rng.exists():
-            set_random_states(torch.load(rng, weights_only=False))
-        state = json.loads((folder / "state.json").read_text())
-        self.step = self._last_checkpoint_step = int(state.pop("step"))
+            set_random_states(load_state(rng))
+        try:
+            state = json.loads(read_text(folder / "state.json"))
+            step, rows = int(state.pop("step")), state.pop("metrics_rows", None)
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"{folder / 'state.json'} is not a visalign checkpoint state ({e})") from None
+        self.step = self._last_checkpoint_step = step
+        if self.is_main_process:
+            truncate_metrics(self.output_dir / "metrics.jsonl", rows, self.step)
         self.progress.update(self.step)
         logger.info("resumed from %s at step %d", folder, self.step)
         return state
@@ -488,23 +621,11 @@ class Engine:
 
 def load_pipeline(pretrained: str) -> DiffusionPipeline:
     """The pipeline a config names: `tiny:<family>` (`visalign.testing`), `world:<family>` (the shapes world's
-    shipped model), or a diffusers folder or hub id (an SD3 folder saved without T5 loads without it)."""
-    kind, _, name = pretrained.partition(":")
-    if kind == "tiny" and name:
-        from visalign.testing import tiny_pipeline
+    shipped model), or a diffusers folder or hub id (an SD3 folder saved without T5 loads without it): the names
+    every command takes, through the one loader (`visalign.loading.load_generator`)."""
+    from visalign.loading import load_generator
 
-        return tiny_pipeline(name)
-    if kind == "world" and name:
-        from visalign.world.models import load_pipeline as load_world_pipeline
-
-        return load_world_pipeline(name)
-    options = {}
-    index = Path(pretrained) / "model_index.json"
-    if index.exists() and json.loads(index.read_text()).get("text_encoder_3", [None])[0] is None:
-        options = {"text_encoder_3": None, "tokenizer_3": None}
-    pipe = DiffusionPipeline.from_pretrained(pretrained, **options)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return load_generator(pretrained)[0]
 
 
 def load_prompts(spec: str) -> list[str]:
@@ -522,27 +643,14 @@ def load_prompts(spec: str) -> list[str]:
     path = Path(spec)
     if not path.is_file():
         raise FileNotFoundError(f"prompts {spec!r}: not `world:<split>` and no such file")
-    prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
     if not prompts:
         raise ValueError(f"prompt file {path} holds no prompt")
     return prompts
 
 
-def checkpoints(output_dir: str | Path) -> list[Path]:
-    """The complete checkpoints under `output_dir`, oldest first."""
-    root = Path(output_dir) / CHECKPOINTS
-    found = [p for p in root.glob("checkpoint-*") if p.is_dir() and p.name.split("-")[-1].isdigit()]
-    return sorted(found, key=lambda p: int(p.name.split("-")[-1]))
-
-
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
-    """The newest complete checkpoint under `output_dir`, or None."""
-    found = checkpoints(output_dir)
-    return found[-1] if found else None
-
-
 def random_states() -> dict[str, Any]:
-    """python, numpy and torch (CPU and CUDA) RNG states of this process."""
+    """python, numpy and torch (CPU and CUDA) RNG states of this process (stored by `visalign.files.save_state`)."""
     states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         states["cuda"] = torch.cuda.get_rng_state_all()

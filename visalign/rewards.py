@@ -115,9 +115,19 @@ REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "clipscore": "visalign.reward_models.clip:CLIPScore",
     "unifiedreward-pairwise": "visalign.reward_models.pairwise:UnifiedRewardPairwise",
     "pairwise-http": "visalign.reward_models.pairwise:HTTPPairwiseJudge",
+    "unifiedreward-think": (
+        "visalign.reward_models.pairwise:UnifiedRewardPairwise",
+        {"prompt_template": "unifiedreward-think"},
+    ),
+    "unifiedreward-think-http": (
+        "visalign.reward_models.pairwise:HTTPPairwiseJudge",
+        {"prompt_template": "unifiedreward-think"},
+    ),
     "imagedoctor": "visalign.reward_models.imagedoctor:ImageDoctor",
     "frame-aggregate": "visalign.reward_models.video:FrameAggregate",
     "videoreward": "visalign.reward_models.video:VideoReward",
+    "geneval": "visalign.reward_models.geneval:GenEvalReward",
+    "ocr": "visalign.reward_models.ocr:OCRReward",
 }
 
 

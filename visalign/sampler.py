@@ -15,9 +15,12 @@ the online RL methods of Flow-GRPO (Liu et al. 2025, arXiv 2505.05470) and its s
   current transformer, with gradient: the update never re-samples and never recomputes a stored latent.
 
 Classifier-free guidance is in the graph (SD3: negative and positive prompts in one doubled batch,
-`v = v_uncond + w (v_text - v_uncond)`), for sampling and for `log_prob` alike. FLUX.1-dev is guidance-distilled:
-its `guidance_scale` feeds the transformer's guidance embedding and there is no negative pass (FLUX "true CFG" is
-not supported). With noise level 0 the sampler reproduces the pipeline's own output for the same initial noise.
+`v = v_uncond + w (v_text - v_uncond)`), for sampling and for `log_prob` alike; `log_prob(..., detach_uncond=True)`
+stops the gradient of the unconditional branch, as Flow-GRPO's update does (`noise_pred_uncond.detach()` in
+`scripts/train_sd3.py: compute_log_prob`), so that only `v_text` is differentiated (scaled by `w`). FLUX.1-dev is
+guidance-distilled: its `guidance_scale` feeds the transformer's guidance embedding and there is no negative pass
+(FLUX "true CFG" is not supported). With noise level 0 the sampler reproduces the pipeline's own output for the
+same initial noise.
 
 Groups share initial noise when the caller derives their generators from the group (`seeded_generators` keyed by
 group id) rather than from the sample; SDE noise always comes from each sample's own generator.
@@ -305,10 +308,14 @@ class FlowSampler:
         conditioning: Conditioning,
         guidance_scale: float,
         transformer: nn.Module | None = None,
+        *,
+        detach_uncond: bool = False,
     ) -> Tensor:
         """The guided velocity at `latents` (`[B, ...]`) and scalar `timestep` (the scheduler's, 0-1000).
 
         `transformer` defaults to the pipeline's; pass the training wrapper (DDP) to get synchronized gradients.
+        `detach_uncond=True` treats the unconditional CFG prediction as a constant in `v_uncond + w (v_text -
+        v_uncond)` (same value; the gradient is then `w * d v_text` alone). No effect without a negative pass.
         """
         transformer = self.pipe.transformer if transformer is None else transformer
         if len(conditioning) != latents.shape[0]:
@@ -346,6 +353,8 @@ class FlowSampler:
         if not cfg:
             return out
         uncond, text = out.chunk(2)
+        if detach_uncond:
+            uncond = uncond.detach()
         return uncond + guidance_scale * (text - uncond)
 
     @torch.no_grad()
@@ -498,10 +507,19 @@ class FlowSampler:
             images=self.decode(latents_all[:, -1]),
         )
 
-    def log_prob(self, rollout: Rollout, rows: Tensor, step: int, transformer: nn.Module | None = None) -> StepOutput:
+    def log_prob(
+        self,
+        rollout: Rollout,
+        rows: Tensor,
+        step: int,
+        transformer: nn.Module | None = None,
+        *,
+        detach_uncond: bool = False,
+    ) -> StepOutput:
         """The current model's policy at `step` for the samples `rows`, scoring their stored transitions.
 
-        Differentiable in the transformer's parameters. Returns `sde_step`'s `StepOutput`: `log_prob` `[b]`,
+        Differentiable in the transformer's parameters (with `detach_uncond=True`, through the conditional CFG
+        branch only: Flow-GRPO's convention, see `velocity`). Returns `sde_step`'s `StepOutput`: `log_prob` `[b]`,
         `mean`, `std`, and `prev_sample` (the stored `x_{step+1}`). Every row must have been noisy at `step`.
         """
         if not 0 <= step < rollout.num_steps:
@@ -510,7 +528,12 @@ class FlowSampler:
             raise ValueError(f"some rows were deterministic (ODE) at step {step}: they have no log-prob to train")
         x = rollout.latents[rows, step]
         v = self.velocity(
-            x, rollout.timesteps[step], rollout.conditioning.select(rows), rollout.guidance_scale, transformer
+            x,
+            rollout.timesteps[step],
+            rollout.conditioning.select(rows),
+            rollout.guidance_scale,
+            transformer,
+            detach_uncond=detach_uncond,
         )
         return sde_step(
             v,

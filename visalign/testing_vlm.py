@@ -11,6 +11,8 @@ Qwen-style chat template, and random models of a few ten thousand parameters bui
     judge = UnifiedRewardPairwise.from_pretrained(str(folder))
 
 Patches are 4 pixels merged 2x2, so a 32x32 image is an 8x8 patch grid and 16 language-model tokens.
+`save_tiny_qwen3_vl` does the same for `Qwen3VLForConditionalGeneration` (deepstack vision features, interleaved
+M-RoPE) with the real `Qwen3VLProcessor`: the class of the UnifiedReward-Think-qwen3vl judges.
 
 `FakeChatServer` is an OpenAI-compatible chat-completions endpoint on 127.0.0.1 with scripted answers, status codes
 and delays, for the HTTP judge's tests and benchmark.
@@ -39,6 +41,10 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
 
@@ -212,3 +218,69 @@ class FakeChatServer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- Qwen3-VL (UnifiedReward-Think-qwen3vl judges)
+
+
+def qwen3_processor(
+    tokenizer: Qwen2Tokenizer, min_pixels: int = 16 * 16, max_pixels: int = 64 * 64
+) -> Qwen3VLProcessor:
+    """The real `Qwen3VLProcessor` around `tokenizer` (Qwen3-VL's image processor is Qwen2-VL's; its video processor
+    is `Qwen3VLVideoProcessor`), with the same 4-pixel patches merged 2x2 as `qwen_processor`."""
+    sizes = dict(patch_size=PATCH_SIZE, merge_size=MERGE_SIZE, temporal_patch_size=2)
+    pixels = dict(min_pixels=min_pixels, max_pixels=max_pixels)
+    return Qwen3VLProcessor(
+        image_processor=Qwen2VLImageProcessor(**sizes, **pixels, image_mean=[0.5] * 3, image_std=[0.5] * 3),
+        tokenizer=tokenizer,
+        video_processor=Qwen3VLVideoProcessor(**sizes, size={"shortest_edge": min_pixels, "longest_edge": max_pixels}),
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def tiny_qwen3_vl(tokenizer: Qwen2Tokenizer, seed: int = 0, hidden_size: int = 32) -> Qwen3VLForConditionalGeneration:
+    """A random `Qwen3VLForConditionalGeneration` for `tokenizer`'s vocabulary, in eval mode: a 2-block vision tower
+    with learned position embeddings on a 4x4 grid (interpolated to the image's) and one deepstack layer, and a
+    2-layer Qwen3 text model with interleaved M-RoPE."""
+    ids = tokenizer.convert_tokens_to_ids(["<|image_pad|>", "<|video_pad|>", "<|vision_start|>", "<|vision_end|>"])
+    text = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=hidden_size // 2,
+        rope_parameters={
+            "rope_type": "default",
+            "rope_theta": 10000.0,
+            "mrope_section": [2, 3, 3],
+            "mrope_interleaved": True,
+        },
+        pad_token_id=0,
+    )
+    vision = dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        patch_size=PATCH_SIZE,
+        spatial_merge_size=MERGE_SIZE,
+        temporal_patch_size=2,
+        out_hidden_size=hidden_size,
+        num_position_embeddings=16,
+        deepstack_visual_indexes=[0],
+    )
+    torch.manual_seed(seed)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, **_token_ids(ids))
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def save_tiny_qwen3_vl(
+    folder: Path, seed: int = 0, corpus: Sequence[str] = (), extra_special_tokens: Sequence[str] = ()
+) -> Path:
+    """A tiny Qwen3-VL model, tokenizer and processor saved in the official layout in `folder`."""
+    tokenizer = qwen_tokenizer(corpus, extra_special_tokens=extra_special_tokens)
+    tiny_qwen3_vl(tokenizer, seed).save_pretrained(folder)
+    qwen3_processor(tokenizer).save_pretrained(folder)
+    return Path(folder)

@@ -1,7 +1,7 @@
 """`visalign world ...`: train the world's base models and evaluate world generators.
 
 visalign world train-base [--out assets/world] [--stages vae,clip,sd,sd3] [--set key=value ...]
-visalign world eval [--family sd|sd3] [--model PATH] [--images-per-prompt 4] [--json OUT]
+visalign world eval [--family sd|sd3] [--model NAME] [--lora DIR [--lora-scale S]] [--images-per-prompt 4] [--json OUT]
 """
 
 from __future__ import annotations
@@ -23,7 +23,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tb.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainBaseConfig fields")
     ev = sub.add_parser("eval", help="held-out verifier accuracy of a world generator (GenEval protocol)")
     ev.add_argument("--family", choices=("sd", "sd3"), default="sd")
-    ev.add_argument("--model", default=None, help="pipeline folder (default: the shipped model of --family)")
+    ev.add_argument(
+        "--model", default=None, help="world:sd, world:sd3 or a pipeline folder (default: world:FAMILY, shipped)"
+    )
+    ev.add_argument("--lora", default=None, help="a trained LoRA folder (a run's output_dir/final) for --model")
+    ev.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora adapter")
     ev.add_argument("--images-per-prompt", type=int, default=4)
     ev.add_argument("--limit-per-category", type=int, default=None)
     ev.add_argument("--seed", type=int, default=0)
@@ -61,18 +65,24 @@ def run(args: argparse.Namespace) -> int:
         for stage, info in results.items():
             print(stage, json.dumps({k: v for k, v in info.items() if k not in ("curve", "config")}))
         return 0
+    from visalign.loading import load_generator
     from visalign.world.evaluate import evaluate, heldout_prompts
-    from visalign.world.models import load_pipeline
 
-    pipe = load_pipeline(args.family, args.model)
-    pipe.set_progress_bar_config(disable=True)
+    model = args.model or f"world:{args.family}"
+    pipe, defaults = load_generator(model, lora=args.lora, lora_scale=args.lora_scale)
     start = time.time()
     result = evaluate(
-        pipe, heldout_prompts(args.limit_per_category), images_per_prompt=args.images_per_prompt, seed=args.seed
+        pipe,
+        heldout_prompts(args.limit_per_category),
+        images_per_prompt=args.images_per_prompt,
+        seed=args.seed,
+        **defaults,
     )
     result |= {
         "family": args.family,
-        "model": args.model or "shipped",
+        "model": model,
+        "lora": args.lora,
+        "lora_scale": args.lora_scale if args.lora else None,
         "seconds": time.time() - start,
         "command": command,
     }

@@ -17,7 +17,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from visalign.world.models import MAX_SEQUENCE_LENGTH
-from visalign.world.scenes import CATEGORIES, Prompt
+from visalign.world.scenes import CATEGORIES, Prompt, parse_prompt
 from visalign.world.verifier import verify
 
 HELDOUT = "world/heldout.jsonl"
@@ -76,6 +76,35 @@ def accuracy(images: Tensor, prompts: list[Prompt]) -> dict:
         "image_accuracy": float(np.mean([hit for h in hits.values() for hit in h])),
         "images": len(prompts),
     }
+
+
+def category_sums(prompts: list[str], correct: Tensor) -> dict[str, float] | None:
+    """The trainers' evaluation: sums of a world verifier's per-image `correct` ([B]) for each category (every
+    category present, zeros included, so that processes reduce the same keys); None when a prompt is not a
+    shapes-world caption."""
+    try:
+        cats = [parse_prompt(t).category for t in prompts]
+    except ValueError:
+        return None
+    values = correct.double().cpu().tolist()
+    return {c: float(sum(v for v, k in zip(values, cats) if k == c)) for c in CATEGORIES}
+
+
+def add_levels(metrics: dict[str, float], prefix: str, texts: list[str]) -> dict[str, float]:
+    """Name the levels of a world evaluation: `metrics` holds `{prefix}/correct` (the share of correct images) and
+    `{prefix}/correct@{category}` (category sums over all `len(texts)` images, from `category_sums`); returns them
+    as `{prefix}/image_accuracy` (= correct) and `{prefix}/overall` (GenEval's: the mean over categories of each
+    category's accuracy, the README's number), with `{prefix}/overall/{category}`."""
+    keys = [f"{prefix}/correct@{c}" for c in CATEGORIES]
+    if not all(k in metrics for k in keys):
+        return metrics
+    sums = {c: metrics.pop(k) * len(texts) for c, k in zip(CATEGORIES, keys)}
+    counts = {c: sum(parse_prompt(t).category == c for t in texts) for c in CATEGORIES}
+    per = {c: sums[c] / counts[c] for c in CATEGORIES if counts[c]}
+    metrics[f"{prefix}/image_accuracy"] = metrics[f"{prefix}/correct"]
+    metrics[f"{prefix}/overall"] = float(np.mean(list(per.values())))
+    metrics |= {f"{prefix}/overall/{c}": v for c, v in per.items()}
+    return metrics
 
 
 def evaluate(

@@ -208,23 +208,18 @@ def default_model_dir(family: str) -> Path:
     return Path(str(resources.files("visalign.assets"))) / "world" / family
 
 
-def load_pipeline(family: str = "sd", path: str | Path | None = None, *, lora: str | Path | None = None):
-    """Load a world generator (the shipped one by default) through the real diffusers loader, with a trained LoRA
-    folder (`pytorch_lora_weights.safetensors`, as the trainers write it) loaded into it when `lora` names one."""
-    folder = Path(path) if path is not None else default_model_dir(family)
-    if not (folder / "model_index.json").exists():
-        raise FileNotFoundError(
-            f"no diffusers pipeline at {folder} (model_index.json missing); the shipped world models are made by "
-            f"`visalign world train-base`"
-        )
-    if family == "sd":
-        pipe = StableDiffusionPipeline.from_pretrained(folder)
-    elif family == "sd3":
-        pipe = StableDiffusion3Pipeline.from_pretrained(folder, text_encoder_3=None, tokenizer_3=None)
-    else:
+def load_pipeline(
+    family: str = "sd", path: str | Path | None = None, *, lora: str | Path | None = None, lora_scale: float = 1.0
+):
+    """Load a world generator (the shipped one of `family` by default, else the pipeline folder `path`) through
+    `visalign.loading.load_generator`, with a trained LoRA folder (`pytorch_lora_weights.safetensors`, as the
+    trainers write it) loaded at `lora_scale` when `lora` names one. Its generation defaults are registered on its
+    config, so `save_pretrained` keeps them."""
+    from visalign.loading import load_generator
+
+    if family not in FAMILIES:
         raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}")
-    if lora is not None:
-        pipe.load_lora_weights(lora)
+    pipe, _ = load_generator(path if path is not None else f"world:{family}", lora=lora, lora_scale=lora_scale)
     return pipe
 
 

@@ -1,0 +1,1 @@
+"""Bundled YAML recipes (`visalign train METHOD --config NAME` finds them by name)."""

@@ -1,0 +1,252 @@
+"""Preflight: before `train`, `bench run` or `reno` loads anything, check every model, reward, prompt file and
+dataset it names, and report everything missing at once, each with where it comes from.
+
+A missing thing is found without loading weights: local paths must exist (a pipeline folder must hold
+`model_index.json`); a Hub repo must be a valid id and, when the Hub cannot be reached (`HF_HUB_OFFLINE=1`), be in
+the local cache; a gated repo (SD3/SD3.5, FLUX.1-dev) needs a login when it still has to be downloaded. Rewards must be
+registered (`visalign.list_rewards()`), and the Hub repos their default weights come from must be reachable the
+same way. Rewards are named here through import strings, as in the reward registry, so the core imports no upper
+layer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any
+
+HUB = "https://huggingface.co"
+# Hub repos that need an accepted license and a login (a prefix matches every repo it starts).
+GATED = ("stabilityai/stable-diffusion-3", "black-forest-labs/FLUX.1-dev")
+# reward name -> import strings of the Hub repos its default weights come from (when `pretrained` is not given)
+REWARD_SOURCES: dict[str, tuple[str, ...]] = {
+    "pickscore": ("visalign.reward_models.clip:PICKSCORE", "visalign.reward_models.clip:PICKSCORE_PROCESSOR"),
+    "clipscore": ("visalign.reward_models.clip:CLIPSCORE",),
+    "hpsv2": ("visalign.reward_models.hps:HPS_REPO",),
+    "hpsv2.1": ("visalign.reward_models.hps:HPS_REPO",),
+    "imagereward": ("visalign.reward_models.imagereward:IMAGEREWARD_REPO",),
+    "aesthetic": ("visalign.reward_models.aesthetic:CLIP_L14",),
+}
+WORLD_PROMPTS = ("train", "test", "heldout")
+
+
+class PreflightError(ValueError):
+    """Things a run needs are missing; the message lists every one."""
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return bool(constants.HF_HUB_OFFLINE)
+
+
+def _cached(repo_id: str) -> bool:
+    from huggingface_hub import constants
+
+    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
+    return folder.is_dir() and any(folder.iterdir())
+
+
+def hub_problem(repo_id: str) -> str | None:
+    """Why the Hub repo `repo_id` cannot be had here (None when it is cached, or reachable and not gated)."""
+    from huggingface_hub import get_token
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError:
+        return "no such local path, and not a Hub repo id"
+    if _cached(repo_id):
+        return None
+    gated = repo_id.startswith(GATED)
+    login = f"it is gated: accept its license at {HUB}/{repo_id} and log in (`hf auth login`)"
+    if _offline():
+        return (
+            "not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1); "
+            + (f"{login}, then " if gated else "")
+            + f"fetch it with `hf download {repo_id}` where the Hub is reachable"
+        )
+    if gated and get_token() is None:
+        return f"not in the local cache, and {login} so that it can be downloaded"
+    return None
+
+
+def model_problem(model: str, *, pipeline: bool = True) -> str | None:
+    """Why `model` (world:sd, world:sd3, tiny:..., a folder or a Hub id) cannot be loaded; `pipeline` False for a
+    non-pipeline backbone (a transformers folder, `world:clip`)."""
+    kind, _, rest = model.partition(":")
+    if kind == "tiny" and rest:
+        return None
+    if kind == "world" and rest:
+        families = ("sd", "sd3") if pipeline else ("clip",)
+        if rest not in families:
+            return f"the shapes world's models here are {', '.join('world:' + f for f in families)}"
+        from visalign.world.models import default_model_dir
+
+        folder = default_model_dir(rest)
+        return None if folder.is_dir() else f"no shipped world model at {folder} (`visalign world train-base`)"
+    path = Path(model)
+    if path.exists():
+        if pipeline and not (path / "model_index.json").is_file():
+            from visalign.loading import _not_a_pipeline
+
+            return _not_a_pipeline(path)
+        return None
+    return hub_problem(model)
+
+
+def reward_problem(name: str, pretrained: str | None = None) -> str | None:
+    """Why the reward `name` with weights `pretrained` (None: its default) cannot be loaded."""
+    from visalign.rewards import REWARDS
+
+    if name not in REWARDS and ":" not in name:
+        return f"unknown reward; registered rewards: {', '.join(sorted(REWARDS))}"
+    if pretrained is not None:
+        if pretrained.startswith(("http://", "https://")) or Path(pretrained).exists():
+            return None
+        problem = hub_problem(pretrained)
+        return None if problem is None else f"weights {pretrained}: {problem}"
+    problems = []
+    for target in REWARD_SOURCES.get(name, ()):
+        module, _, attr = target.partition(":")
+        repo = getattr(importlib.import_module(module), attr)
+        problem = hub_problem(repo)
+        if problem is not None:
+            problems.append(f"weights {repo}: {problem}")
+    return "; ".join(problems) or None
+
+
+def prompts_problem(spec: str) -> str | None:
+    """Why a prompt spec (`world:train|test|heldout` or a text file, one prompt a line) cannot be read."""
+    kind, _, split = spec.partition(":")
+    if kind == "world" and split:
+        return None if split in WORLD_PROMPTS else "the world's prompt sets are world:train, world:test, world:heldout"
+    return None if Path(spec).is_file() else "no such file (a text file with one prompt a line, or world:train)"
+
+
+def world_words_problem(spec: str) -> str | None:
+    """For a prompt file scored by a world reward: the lines that are not shapes-world captions, if any."""
+    if spec.startswith("world:"):
+        return None
+    from visalign.world.scenes import parse_prompt
+
+    bad = []
+    for n, line in enumerate(Path(spec).read_text().splitlines(), 1):
+        try:
+            if line.strip():
+                parse_prompt(line)
+        except ValueError:
+            bad.append(f"line {n} {line.strip()!r}")
+    if not bad:
+        return None
+    shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+    return f"the world rewards read only shapes-world captions (e.g. 'two red circles'); not one: {shown}"
+
+
+def path_problem(path: str) -> str | None:
+    """Why a dataset path cannot be read (`world:...` datasets are built in memory)."""
+    if path.startswith("world:"):
+        return None
+    return None if Path(path).exists() else "no such file or folder"
+
+
+def check(items: Iterable[tuple[str, str, str | None]]) -> None:
+    """Raise one `PreflightError` listing every `(thing, field, problem)` whose problem is not None."""
+    problems = [(thing, where, p) for thing, where, p in items if p is not None]
+    if not problems:
+        return
+    lines = [f"  - {thing} ({where}): {problem}" for thing, where, problem in problems]
+    noun = "thing this run needs is" if len(problems) == 1 else "things this run needs are"
+    raise PreflightError(f"{len(problems)} {noun} missing or unusable (nothing was loaded):\n" + "\n".join(lines))
+
+
+# config field -> kind; the method configs of `visalign train` use these names
+_CONFIG_FIELDS = {
+    "pretrained": "model",
+    "world_generator": "model",
+    "prompts": "prompts",
+    "eval_prompts": "prompts",
+    "dataset": "path",
+    "experts": "path",
+    "train_data": "path",
+    "eval_data": "path",
+    "image_root": "path",
+}
+_REWARD_FIELDS = (
+    ("reward", "reward_pretrained"),
+    ("external_reward", "external_reward_pretrained"),
+    ("eval_reward", None),
+)
+
+
+def config_problems(config: Any) -> list[tuple[str, str, str | None]]:
+    """`(thing, field, problem)` for every model, reward, prompt file and dataset a method config names."""
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    values = {name: getattr(config, name) for name in fields}
+    backbone = "architecture" in values  # the reward trainer's `pretrained` is a CLIP backbone, not a pipeline
+    out = []
+    for name, kind in _CONFIG_FIELDS.items():
+        value = values.get(name)
+        if not value:
+            continue
+        if kind == "model":
+            problem = model_problem(value, pipeline=not (backbone and name == "pretrained"))
+        elif kind == "prompts":
+            problem = prompts_problem(value)
+            if problem is None and str(values.get("reward", "")).startswith("world-"):
+                problem = world_words_problem(value)
+        else:
+            problem = path_problem(value)
+            if problem is not None:  # the field's help says what the path should hold
+                problem += f"; `{name}`: {fields[name].metadata.get('help', '')}"
+        out.append((f"{kind} {value}", f"`{name}`", problem))
+    for name, weights in _REWARD_FIELDS:
+        if values.get(name):
+            reward = values[name]
+            problem = reward_problem(reward, values.get(weights) if weights else None)
+            out.append((f"reward {reward}", f"`{name}`", problem))
+    return out
+
+
+def check_config(config: Any) -> None:
+    """Raise `PreflightError` listing everything a method config names that is missing."""
+    check(config_problems(config))
+
+
+def judge_problems(spec: str) -> tuple[str, str, str | None]:
+    """`(thing, "--judge", problem)` for one `bench run --judge` spec."""
+    kind, _, rest = spec.partition(":")
+    problem = None
+    if kind == "reward":
+        problem = reward_problem(rest.partition("@")[0])
+    elif kind in ("vlm", "replay"):
+        problem = path_problem(rest) if kind == "replay" else model_problem(rest, pipeline=False)
+    return (f"judge {spec}", "--judge", problem)
+
+
+def check_bench(args: Any) -> None:
+    """`bench run`: the model, the LoRA, the prompt file, the image folder and the judges."""
+    items = []
+    if args.model:
+        items.append((f"model {args.model}", "--model", model_problem(args.model)))
+    if args.lora:
+        items.append((f"LoRA {args.lora}", "--lora", path_problem(args.lora)))
+    if args.images:
+        items.append((f"images {args.images}", "--images", path_problem(args.images)))
+    if "." in Path(args.set).name or "/" in args.set:  # a file; built-in sets are bare names
+        items.append((f"prompt file {args.set}", "--set", path_problem(args.set)))
+    items += [judge_problems(spec) for spec in args.judge]
+    check(items)
+
+
+def check_reno(args: Any, rewards: dict[str, dict]) -> None:
+    """`reno`: the model, the LoRA and each reward (`{name: options}`, options may hold `pretrained`)."""
+    items = [(f"model {args.model}", "--model", model_problem(args.model))]
+    if args.lora:
+        items.append((f"LoRA {args.lora}", "--lora", path_problem(args.lora)))
+    for name, options in rewards.items():
+        items.append((f"reward {name}", "--reward", reward_problem(name, options.get("pretrained"))))
+    check(items)
