@@ -86,16 +86,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     import torch
 
+    from visalign.config import config_from_dict, parse_overrides
     from visalign.pipelines.reno import ReNO, ReNOConfig, load_generator
     from visalign.reward_models.compose import RewardPart
     from visalign.rewards import load_reward
-    from visalign.world.cli import parse_overrides
     from visalign.world.evaluate import accuracy, generate, heldout_prompts
     from visalign.world.verifier import verify
 
     torch.set_num_threads(args.threads)
     defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 32, "width": 32}
-    config = ReNOConfig(**{**defaults, **parse_overrides(ReNOConfig, args.set)})
+    config = config_from_dict(ReNOConfig, defaults | parse_overrides(args.set))
     pipe, pipeline_kwargs = load_generator(args.model or f"world:{args.family}", device="cpu", dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
     clip = load_reward("world-clip", args.clip)

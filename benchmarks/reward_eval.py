@@ -253,8 +253,8 @@ def report_markdown(result: dict[str, Any], title: str) -> str:
 
 
 def reliability_plot(calibration: dict[str, Any], title: str = "Reliability") -> Any:
-    """The reliability diagram (`benchmarks.report.line_plot`): the model's bins against the diagonal."""
-    from visalign.benchmarks.report import line_plot
+    """The reliability diagram (`visalign.html.line_plot`): the model's bins against the diagonal."""
+    from visalign.html import line_plot
 
     points = [(row["mean_prob"], row["frequency"]) for row in calibration["bins"] if row["count"]]
     return line_plot(

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 
+from visalign.prompts import primary_of  # noqa: F401  (the prompt sets' rule, re-exported)
+
 # criterion -> (Chinese name in the ZH files, our definition)
 CRITERIA: dict[str, tuple[str, str]] = {
     "Style": ("风格", "the requested artistic, photographic or design style, or the named artist's manner"),
@@ -144,11 +146,6 @@ _CRITERIA = {_key(alias): name for name, (zh, _) in CRITERIA.items() for alias i
 _THEMES = _table(THEMES)
 _SUBTHEMES = {theme: _table(subs) for theme, subs in SUBTHEMES.items()}
 _SENTENCES = _table({name: ("", aliases) for name, aliases in SENTENCES.items()})
-
-
-def primary_of(criterion: str) -> str:
-    """The primary criterion: the text before `" - "` (stripped), or the criterion itself."""
-    return criterion.split(" - ", 1)[0].strip()
 
 
 def canonical_criterion(label: str) -> str | None:

@@ -41,8 +41,7 @@ from PIL import Image
 from visalign.benchmarks import taxonomy
 from visalign.benchmarks.judges import Judge, JudgeResult, Sample, Verdict
 from visalign.benchmarks.prompts import PromptItem
-from visalign.benchmarks.report import to_pil
-from visalign.files import read_text
+from visalign.files import read_text, to_pil
 from visalign.reward_models.vlm import chat_body, post_chat
 
 logger = logging.getLogger(__name__)

@@ -33,10 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visalign.engine import PromptSampler, load_pipeline, load_prompts
-from visalign.pipelines.denoiser import DenoiserConfig, DenoiserTrainer, check_micro_batches, evaluation_from_config
+from visalign.engine import load_pipeline
+from visalign.pipelines.denoiser_trainer import (
+    DenoiserConfig,
+    DenoiserTrainer,
+    check_micro_batches,
+    evaluation_from_config,
+)
 from visalign.pipelines.pickapic import load_pairs, save_pairs
 from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs
+from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import seeded_generators
 
@@ -248,11 +254,12 @@ class DPOTrainer(DenoiserTrainer):
                 mode=cfg.pair_mode,
                 margin=cfg.pair_margin,
                 seed=cfg.seed * 1_000_003 + engine.step,
+                progress=engine.is_main_process,
                 **self.generation_kwargs(cfg.num_inference_steps, cfg.guidance_scale),
             )
-        path = Path(cfg.output_dir) / "pairs" / f"step-{engine.step}"
+        folder = f"pairs/step-{engine.step}"  # relative to `output_dir`: a copied run folder resumes from its own
         if engine.is_main_process:
-            save_pairs(pairs, path)
+            save_pairs(pairs, Path(cfg.output_dir) / folder)
         engine.accelerator.wait_for_everyone()
         gaps = torch.tensor([won - lost for won, lost in pairs.scores])
         logger.info(
@@ -263,11 +270,14 @@ class DPOTrainer(DenoiserTrainer):
             pairs.skipped.get("no_margin", 0),
         )
         # Train on the saved 8-bit images, as a resumed run will.
-        self._use_pairs(str(path), IndexSampler(len(pairs), cfg.seed + engine.step), engine.step)
+        self._use_pairs(folder, engine.step)
 
-    def _use_pairs(self, path: str, sampler: IndexSampler, built_at: int) -> None:
-        self.pairs = load_pairs(path, resolution=self.denoiser.height)
-        self.pairs_path, self.sampler, self._built_at = path, sampler, built_at
+    def _use_pairs(self, folder: str, built_at: int) -> None:
+        """Read the pairs built at step `built_at` from `output_dir/folder` (an absolute `folder` as is), with a
+        fresh sampler over them: the one state both a fresh build and a resumed run start from."""
+        self.pairs = load_pairs(Path(self.config.output_dir) / folder, resolution=self.denoiser.height)
+        self.sampler = IndexSampler(len(self.pairs), self.config.seed + built_at)
+        self.pairs_path, self._built_at = folder, built_at
 
     def _rebuild_due(self) -> bool:
         if self.reward is None:
@@ -283,7 +293,8 @@ class DPOTrainer(DenoiserTrainer):
         """One optimizer step on `train_batch_size` pairs (rebuilding online pairs first when due)."""
         cfg, engine = self.config, self.engine
         if self._rebuild_due():
-            self.rebuild_pairs()
+            with engine.pause_progress():  # sampling, saving and reading pairs: not training time (the bar's ETA)
+                self.rebuild_pairs()
         indices = self.sampler.draw(cfg.train_batch_size)
         micro = cfg.train_batch_size // cfg.gradient_accumulation_steps
         sums: dict[str, float] = {}
@@ -341,7 +352,7 @@ class DPOTrainer(DenoiserTrainer):
     def load_state_dict(self, state: dict) -> None:
         if self.prompt_sampler is not None:
             self.prompt_sampler.load_state_dict(state["prompt_sampler"])
-        if state["pairs_path"] is not None:
-            self._use_pairs(state["pairs_path"], IndexSampler(1, 0), state["pairs_built_at"])
+        if state["pairs_path"] is not None:  # online pairs: the sampler must span them before its state loads
+            self._use_pairs(state["pairs_path"], state["pairs_built_at"])
         if state["pair_sampler"] is not None:
             self.sampler.load_state_dict(state["pair_sampler"])

@@ -37,20 +37,20 @@ import torch
 from torch import Tensor
 
 from visalign.engine import EMA, load_pipeline
-from visalign.pipelines.denoiser import (
+from visalign.pipelines.denoiser import EpsilonRollout, TextConditioning, per_sample_mse
+from visalign.pipelines.denoiser_trainer import (
     DenoiserConfig,
     DenoiserTrainer,
-    EpsilonRollout,
-    TextConditioning,
     check_micro_batches,
     evaluation_from_config,
-    per_sample_mse,
 )
 from visalign.pipelines.preference_data import ExpertSet, IndexSampler, load_experts
 from visalign.rewards import RewardModel
 from visalign.sampler import seeded_generators
 
 logger = logging.getLogger(__name__)
+
+CONDITIONING_FIELDS = ("embeds", "pooled", "negative_embeds", "negative_pooled")
 
 
 def dro_loss(
@@ -135,6 +135,27 @@ class ReplayBuffer:
         cond = rollout.conditioning
         cond = cond if self.conditioning is None else TextConditioning.cat([self.conditioning, cond])
         self.conditioning = cond.select(torch.arange(len(cond))[-self.size :].to(cond.embeds.device))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """The trajectories as flat tensors (none when empty): a checkpoint keeps them, so that a resumed run trains
+        on the rows the uninterrupted one would."""
+        if self.x0 is None:
+            return {}
+        cond = {f"conditioning.{k}": getattr(self.conditioning, k) for k in CONDITIONING_FIELDS}
+        tensors = dict(x0=self.x0, t=self.t, x_t=self.x_t, predictions=self.predictions, **cond)
+        return {k: v for k, v in tensors.items() if v is not None}
+
+    def load_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Restore `state_dict()`'s output (tensors already on their device)."""
+        if not state:
+            self.x0 = self.conditioning = self.t = self.x_t = self.predictions = None
+            return
+        if len(state["x0"]) > self.size:
+            raise ValueError(
+                f"the saved replay buffer holds {len(state['x0'])} trajectories, `buffer_size` is {self.size}"
+            )
+        self.x0, self.t, self.x_t, self.predictions = state["x0"], state["t"], state["x_t"], state["predictions"]
+        self.conditioning = TextConditioning(*(state.get(f"conditioning.{k}") for k in CONDITIONING_FIELDS))
 
     def sample(self, n: int, generator: torch.Generator) -> BufferRows:
         """`n` rows: trajectories without replacement while `n` <= their count (else with), steps uniform."""
@@ -237,11 +258,6 @@ class DROTrainer(DenoiserTrainer):
         self.expert_sampler = IndexSampler(len(self.experts), config.seed)
         self.buffer = ReplayBuffer(config.buffer_size)
         self.policy = EMA(engine.parameters, decay=0.0, every=config.policy_update_steps)  # the lagged copy
-        if config.buffer_size > config.rollouts_per_micro_step:
-            logger.info(
-                "the replay buffer keeps trajectories across micro-steps: a resumed run refills it fresh, so "
-                "it repeats the uninterrupted run only approximately"
-            )
 
     @classmethod
     def from_config(cls, config: DROConfig) -> DROTrainer:
@@ -325,8 +341,15 @@ class DROTrainer(DenoiserTrainer):
         return loss, stats
 
     def state_dict(self) -> dict[str, Any]:
-        return {"expert_sampler": self.expert_sampler.state_dict()}
+        """The expert sampler and this process's replay buffer (its trajectories outlive a step when `buffer_size`
+        exceeds `rollouts_per_micro_step`; the engine writes tensors per process)."""
+        buffer = {f"buffer.{k}": v for k, v in self.buffer.state_dict().items()}
+        return {"expert_sampler": self.expert_sampler.state_dict(), **buffer}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.expert_sampler.load_state_dict(state["expert_sampler"])
+        device = self.engine.device
+        self.buffer.load_state_dict(
+            {k.removeprefix("buffer."): v.to(device) for k, v in state.items() if k.startswith("buffer.")}
+        )
         self.policy.update(0)  # checkpoints fall on sync steps: the lagged copy equals the restored weights

@@ -4,21 +4,16 @@ Papers: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), DanceGRPO (Xue et al. 202
 (Wang et al. 2025, arXiv 2508.20751), TempFlow-GRPO (He et al. 2025, arXiv 2508.04324), GRPO-Guard (Wang et al.
 2025, arXiv 2510.22319), on PPO's clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, Eq. 7).
 
-The pure math sits at the top of this file; the sampler step and its log-prob are `visalign.sampling.sde_step`.
-- `group_advantages`: `A = (r - mean_group) / (std + eps)`; Flow-GRPO's `PerPromptStatTracker` is
-  `scope="global", unbiased=False, eps=1e-4` (population std of the whole gathered batch), Pref-GRPO and
-  DanceGRPO are `scope="group", unbiased=True, eps=1e-8`, TempFlow-GRPO is `scope="group", unbiased=False` per
-  branch point.
-- `win_rates`: Pref-GRPO's reward, the mean probability of beating the other members of the group.
-- `policy_loss`: the clipped surrogate with clipped advantages, averaged over the batch (Flow-GRPO's loss).
-- `kl_penalty`: the KL to the reference policy in one of two named conventions.
-- `ratio_norm_log_prob`: GRPO-Guard's ratio normalization (RatioNorm).
+The pure math is in `grpo_loss.py` (`group_advantages`, `policy_loss`, `ratio_norm_log_prob`); the sampler step and
+its log-prob are `visalign.sampling.sde_step`, the KL to the reference `visalign.sampling.kl_penalty`, Pref-GRPO's
+win rates `visalign.reward_models.pairwise.win_rates`.
 
-The trainer below (`FlowGRPOConfig`, `PrefGRPOConfig`, `FlowGRPOTrainer`) composes them with
+This file's configs and trainer (`FlowGRPOConfig`, `PrefGRPOConfig`, `FlowGRPOTrainer`) compose them with
 `visalign.sampler.FlowSampler` and `visalign.engine.Engine`, following Flow-GRPO's `scripts/train_sd3.py`: an
 iteration samples groups (SDE everywhere, or in an SDE window: Flow-GRPO-Fast/MixGRPO), gathers rewards from every
 process, normalizes them per group, and takes `num_batches_per_iteration / gradient_accumulation_steps` optimizer
-steps, each accumulating the clipped surrogate (and the KL) of every (micro-batch, trained step). Pref-GRPO is the
+steps per inner epoch, each accumulating the clipped surrogate (and the KL) of every (micro-batch, trained step); the
+run's last iteration stops at `max_steps`, whatever its value. Pref-GRPO is the
 same loop with `reward_mode="win_rate"`: the rewards are a pairwise judge's win rates in each group
 (`reward.group`), which average 0.5 by construction, so an external pointwise reward is always logged too.
 
@@ -43,11 +38,8 @@ is detached in the update as in the reference; `cfg_backprop_uncond=True` is a d
 
 from __future__ import annotations
 
-import math
-import resource
 import time
 from collections import defaultdict
-from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -55,231 +47,15 @@ import torch
 from torch import Tensor
 
 from visalign.config import TrainConfig
-from visalign.engine import Engine, PromptSampler, ScoreTotals, load_pipeline, load_prompts
+from visalign.engine import Engine, ScoreTotals, load_pipeline, peak_memory_gb
 from visalign.monitor import RewardMonitor
+from visalign.pipelines.grpo_loss import group_advantages, policy_loss, ratio_norm_log_prob
+from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
-from visalign.sampling import noise_aware_weights, step_std
+from visalign.sampling import kl_penalty, noise_aware_weights, step_std
 from visalign.types import check_scores
 from visalign.world.evaluate import add_levels, category_sums
-
-ADVANTAGE_SCOPES = ("group", "global")
-KL_KINDS = ("exact", "flow_grpo")
-
-
-def group_advantages(
-    rewards: Tensor,
-    group_ids: Tensor | Sequence[Hashable],
-    *,
-    scope: str = "group",
-    unbiased: bool = False,
-    eps: float = 1e-4,
-) -> Tensor:
-    """Group-relative advantages (GRPO): each reward minus its group's mean, over a std plus `eps`.
-
-    The mean is always the group's (the group = the samples of one prompt, or of one seed for TempFlow-GRPO). The
-    std is the group's (`scope="group"`) or the whole batch's (`scope="global"`), the population std or, with
-    `unbiased=True`, Bessel-corrected. Members of singleton groups get advantage 0. A group whose rewards are all
-    equal gets 0 too.
-
-    Args:
-        rewards (`Tensor` `[N]` or `[N, K]`): finite rewards; with `[N, K]` each column is normalized on its own
-            (TempFlow-GRPO: one column per branch point).
-        group_ids (`Tensor` `[N]` of integers, or a sequence of N hashables such as prompts): the group of each row.
-        scope (`str`): `"group"` or `"global"`, where the std is taken.
-        unbiased (`bool`): Bessel's correction for the std.
-        eps (`float`): added to the std, `>= 0`.
-
-    Returns:
-        `Tensor` of the shape of `rewards`, float32 (float64 when `rewards` is).
-    """
-    if not isinstance(rewards, Tensor) or rewards.ndim not in (1, 2) or rewards.shape[0] == 0:
-        raise ValueError("`rewards` must be a non-empty tensor of shape [N] or [N, K]")
-    if scope not in ADVANTAGE_SCOPES:
-        raise ValueError(f"`scope` must be one of {ADVANTAGE_SCOPES}, got {scope!r}")
-    if not _is_real(eps) or not eps >= 0:
-        raise ValueError(f"`eps` must be a number >= 0, got {eps!r}")
-    n = rewards.shape[0]
-    dtype = torch.float64 if rewards.dtype == torch.float64 else torch.float32
-    r = rewards.detach().to(dtype).reshape(n, -1)
-    bad = ~torch.isfinite(r).all(dim=1)
-    if bad.any():
-        raise ValueError(f"`rewards` contains NaN or infinite values at rows {bad.nonzero().flatten().tolist()}")
-    ids = _group_index(group_ids, n, r.device)
-
-    _, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
-    sizes = counts.to(dtype)[:, None]
-    mean = torch.zeros(len(counts), r.shape[1], dtype=dtype, device=r.device).index_add_(0, inverse, r) / sizes
-    centered = r - mean[inverse]
-    if scope == "group":
-        sq = torch.zeros_like(mean).index_add_(0, inverse, centered**2)
-        std = (sq / (sizes - 1 if unbiased else sizes).clamp_min(1)).sqrt()[inverse]
-    elif n > 1:
-        std = r.std(dim=0, correction=int(unbiased), keepdim=True)
-    else:
-        std = torch.zeros_like(r)
-    advantages = torch.where(counts[inverse, None] > 1, centered / (std + eps), torch.zeros_like(r))
-    return advantages.reshape(rewards.shape)
-
-
-def win_rates(prefs: Tensor) -> Tensor:
-    """Pref-GRPO's reward (Wang et al. 2025, arXiv 2508.20751): each sample's mean win probability in its group.
-
-    `w_i = sum_{j != i} prefs[i, j] / (G - 1)`, the diagonal ignored. When the judge is consistent
-    (`prefs[i, j] + prefs[j, i] = 1`) the rates of a group sum to `G / 2` and average 0.5, whatever the samples:
-    log an external metric to see progress.
-
-    Args:
-        prefs (`Tensor` `[..., G, G]`): `prefs[..., i, j]` = P(sample i beats sample j), in [0, 1]; G >= 2.
-
-    Returns:
-        `Tensor` `[..., G]`, float32 (float64 when `prefs` is).
-    """
-    if not isinstance(prefs, Tensor) or prefs.ndim < 2 or prefs.shape[-1] != prefs.shape[-2]:
-        raise ValueError("`prefs` must be a square matrix [G, G] (or a batch [..., G, G]) of win probabilities")
-    g = prefs.shape[-1]
-    if g < 2:
-        raise ValueError(f"`prefs` needs a group of at least 2 samples, got G={g}")
-    dtype = torch.float64 if prefs.dtype == torch.float64 else torch.float32
-    off_diagonal = ~torch.eye(g, dtype=torch.bool, device=prefs.device)
-    p = torch.where(off_diagonal, prefs.detach().to(dtype), torch.zeros((), dtype=dtype, device=prefs.device))
-    values = p[..., off_diagonal]
-    if not torch.isfinite(values).all() or (values < 0).any() or (values > 1).any():
-        raise ValueError("`prefs` off-diagonal entries must be probabilities in [0, 1]")
-    return p.sum(dim=-1) / (g - 1)
-
-
-def policy_loss(
-    log_prob: Tensor,
-    old_log_prob: Tensor,
-    advantages: Tensor,
-    clip_range: float,
-    adv_clip: float | None = 5.0,
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """PPO's clipped surrogate as Flow-GRPO trains it, for one step of a batch of trajectories.
-
-    `A = clamp(advantages, -adv_clip, adv_clip)`, `r = exp(log_prob - old_log_prob)`,
-    `loss = mean_B max(-A r, -A clip(r, 1 - clip_range, 1 + clip_range))` (PPO Eq. 7, negated). On-policy
-    (`log_prob == old_log_prob`) `r` is exactly 1 and `loss = -mean(A)`. `old_log_prob` and `advantages` are
-    treated as constants. TempFlow-GRPO's noise-aware weight of the step multiplies this loss.
-
-    Args:
-        log_prob (`Tensor` `[B]`): the current policy's log-probs of the stored transitions (with gradient).
-        old_log_prob (`Tensor` `[B]`): the log-probs recorded at rollout.
-        advantages (`Tensor` `[B]`): per-sample advantages.
-        clip_range (`float`): `> 0`; the references use 1e-4 because log-probs are element means.
-        adv_clip (`float` or `None`): `> 0`, or `None` for no advantage clipping.
-
-    Returns:
-        `(loss, stats)`: the scalar loss and detached scalars `approx_kl` (`mean(log r^2) / 2`), `clipfrac`
-        (`|r - 1| > clip_range`), `clipfrac_high`, `clipfrac_low` and `ratio_mean`.
-    """
-    _check_batch_vectors(log_prob=log_prob, old_log_prob=old_log_prob, advantages=advantages)
-    if not _is_real(clip_range) or not 0 < clip_range < math.inf:
-        raise ValueError(f"`clip_range` must be a finite number > 0, got {clip_range!r}")
-    if adv_clip is not None and (not _is_real(adv_clip) or not adv_clip > 0):
-        raise ValueError(f"`adv_clip` must be a number > 0 or None, got {adv_clip!r}")
-    dtype = _float_dtype(log_prob, old_log_prob, advantages)
-    adv = advantages.detach().to(dtype)
-    if adv_clip is not None:
-        adv = adv.clamp(-adv_clip, adv_clip)
-    log_ratio = log_prob.to(dtype) - old_log_prob.detach().to(dtype)
-    ratio = torch.exp(log_ratio)
-    unclipped = -adv * ratio
-    clipped = -adv * ratio.clamp(1 - clip_range, 1 + clip_range)
-    loss = torch.maximum(unclipped, clipped).mean()
-    with torch.no_grad():
-        stats = {
-            "approx_kl": 0.5 * (log_ratio**2).mean(),
-            "clipfrac": ((ratio - 1).abs() > clip_range).to(dtype).mean(),
-            "clipfrac_high": (ratio - 1 > clip_range).to(dtype).mean(),
-            "clipfrac_low": (1 - ratio > clip_range).to(dtype).mean(),
-            "ratio_mean": ratio.mean(),
-        }
-    return loss, stats
-
-
-def kl_penalty(
-    mean: Tensor,
-    ref_mean: Tensor,
-    std: float | Tensor,
-    *,
-    kind: str = "exact",
-    dt: float | Tensor | None = None,
-) -> Tensor:
-    """The per-sample KL from the policy's step to the reference model's, in a named convention.
-
-    Both steps are Gaussians with the same std (the noise does not depend on the model), so per element
-    `KL(N(mean, std^2) || N(ref_mean, std^2)) = (mean - ref_mean)^2 / (2 std^2)`.
-    - `"exact"`: that KL averaged over non-batch elements (Pref-GRPO's `grpo/kl.py`, DanceGRPO-style steps).
-    - `"flow_grpo"`: Flow-GRPO's `train_sd3.py` value `mean((mean - ref_mean)^2) / (2 g^2)`, where `g` is the SDE
-      diffusion `a sqrt(sigma / (1 - sigma))` without the `sqrt(|dt|)`; since `std = g sqrt(|dt|)`, it is
-      `|dt| * exact`. Flow-GRPO's `beta` values (0.04, 0.01, 0.004) are in these units. TempFlow-GRPO's code divides
-      by the transition std with its `sqrt(|dt|)` (the exact form), which is why its recipe uses `"exact"`.
-
-    Args:
-        mean (`Tensor` `[B, ...]`): the current policy's step mean (with gradient).
-        ref_mean (`Tensor` `[B, ...]`): the reference policy's step mean (computed without gradient).
-        std (`float` or `Tensor` broadcastable to `mean`): the transition std, `sde_step(...).std`; `> 0`.
-        kind (`str`): `"exact"` or `"flow_grpo"`.
-        dt (`float` or `Tensor` broadcastable to `mean`): `sigmas[index + 1] - sigmas[index]`; for `"flow_grpo"`
-            only.
-
-    Returns:
-        `Tensor` `[B]`, float32 (float64 when an input is); multiply its batch mean by `beta`.
-    """
-    if kind not in KL_KINDS:
-        raise ValueError(f"`kind` must be one of {KL_KINDS}, got {kind!r}")
-    if (dt is None) == (kind == "flow_grpo"):
-        raise ValueError("`dt` is required by kind='flow_grpo' and used by no other kind")
-    if not isinstance(mean, Tensor) or mean.ndim < 2 or not mean.is_floating_point():
-        raise ValueError("`mean` must be a float tensor of shape [B, ...] with a non-batch dim")
-    if not isinstance(ref_mean, Tensor) or ref_mean.shape != mean.shape:
-        raise ValueError(f"`ref_mean` must be a tensor of the shape of `mean` {tuple(mean.shape)}")
-    dtype = _float_dtype(mean, ref_mean, *(t for t in (std, dt) if isinstance(t, Tensor)))
-    std = torch.as_tensor(std, dtype=dtype, device=mean.device)
-    if not torch.isfinite(std).all() or (std <= 0).any():
-        raise ValueError("`std` must be finite and > 0 (a deterministic step has no KL)")
-    kl = (mean.to(dtype) - ref_mean.to(dtype)) ** 2 / (2 * std**2)
-    if kind == "flow_grpo":
-        kl = kl * torch.as_tensor(dt, dtype=dtype, device=mean.device).abs()
-    return kl.mean(dim=tuple(range(1, mean.ndim)))
-
-
-def ratio_norm_log_prob(
-    log_prob: Tensor, old_log_prob: Tensor, mean: Tensor, old_mean: Tensor, std: float | Tensor
-) -> Tensor:
-    """GRPO-Guard's ratio normalization (RatioNorm; Wang et al. 2025, arXiv 2510.22319), as a log-prob.
-
-    For `x' = old_mean + std z` and element-mean log-probs, `log r = mean(z d) / std - mean(d^2) / (2 std^2)` with
-    `d = mean - old_mean`: the second term biases `r` below 1, more so at low-noise steps, so the clip stops
-    binding positive-advantage updates. RatioNorm uses `log r~ = std * log r + mean(d^2) / (2 std) = mean(z d)`,
-    centred at 0 with a step-consistent spread (Pref-GRPO's `--rationorm`). Returns `old_log_prob + log r~`,
-    so `policy_loss(ratio_norm_log_prob(...), old_log_prob, ...)` clips `r~`. GRPO-Guard's other part, the per-step
-    gradient reweighting (Pref-GRPO divides the policy loss by `|dt|`), multiplies the loss and is the trainer's.
-
-    Args:
-        log_prob (`Tensor` `[B]`), old_log_prob (`Tensor` `[B]`): current and rollout log-probs of `x'`.
-        mean (`Tensor` `[B, ...]`), old_mean (`Tensor` `[B, ...]`): current and rollout step means
-            (store the rollout's `sde_step(...).mean`).
-        std (`float` or `Tensor` `[]`): the transition std, `> 0`.
-
-    Returns:
-        `Tensor` `[B]`, float32 (float64 when an input is).
-    """
-    _check_batch_vectors(log_prob=log_prob, old_log_prob=old_log_prob)
-    if not isinstance(mean, Tensor) or mean.ndim < 2 or mean.shape[0] != log_prob.shape[0]:
-        raise ValueError(f"`mean` must be a tensor [B, ...] with B = {log_prob.shape[0]} (the length of `log_prob`)")
-    if not isinstance(old_mean, Tensor) or old_mean.shape != mean.shape:
-        raise ValueError(f"`old_mean` must be a tensor of the shape of `mean` {tuple(mean.shape)}")
-    dtype = _float_dtype(log_prob, old_log_prob, mean, old_mean, *([std] if isinstance(std, Tensor) else []))
-    std = torch.as_tensor(std, dtype=dtype, device=log_prob.device)
-    if std.ndim != 0 or not math.isfinite(float(std)) or float(std) <= 0:
-        raise ValueError(f"`std` must be a finite scalar > 0, got {std!r}")
-    old = old_log_prob.detach().to(dtype)
-    drift = ((mean.to(dtype) - old_mean.detach().to(dtype)) ** 2).mean(dim=tuple(range(1, mean.ndim)))
-    return old + std * (log_prob.to(dtype) - old) + drift / (2 * std)
-
 
 # ---------------------------------------------------------------------------------------------------------------
 # The trainer: sample groups -> rewards -> group advantages -> clipped policy loss per trained timestep.
@@ -291,8 +67,9 @@ class FlowGRPOConfig(TrainConfig):
 
     Sizes are per process: an iteration samples `num_batches_per_iteration` batches of `sample_batch_size`
     samples on every process, `group_size` per prompt (groups may span processes, as in Flow-GRPO), and takes
-    `num_batches_per_iteration / gradient_accumulation_steps` optimizer steps, each accumulating over its samples
-    (`train_batch_size` at a time) and over every trained timestep.
+    `num_batches_per_iteration / gradient_accumulation_steps` optimizer steps per inner epoch, each accumulating over
+    its samples (`train_batch_size` at a time) and over every trained timestep. Any `max_steps >= 1` works: the last
+    iteration stops partway when `max_steps` falls inside it.
     """
 
     pretrained: str = field(
@@ -395,11 +172,6 @@ class FlowGRPOConfig(TrainConfig):
             raise ValueError(
                 f"`num_batches_per_iteration` ({self.num_batches_per_iteration}) must be a multiple of "
                 f"`gradient_accumulation_steps` ({self.gradient_accumulation_steps})"
-            )
-        if self.max_steps % self.updates_per_iteration:
-            raise ValueError(
-                f"`max_steps` ({self.max_steps}) must be a multiple of the optimizer steps per iteration "
-                f"({self.updates_per_iteration} = num_batches_per_iteration / gradient_accumulation_steps)"
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}")
@@ -572,7 +344,7 @@ class FlowGRPOTrainer:
         return state
 
     def train_iteration(self) -> dict[str, float]:
-        """Sample, score and normalize one iteration's groups, then take `updates_per_iteration` optimizer steps."""
+        """Sample, score and normalize one iteration's groups, then take its optimizer steps (`update`)."""
         start = time.perf_counter()
         iteration = self.prompt_sampler.iteration
         rollout, rewards, metrics = self.rollout()
@@ -715,28 +487,29 @@ class FlowGRPOTrainer:
         return trained
 
     def update(self, rollout: Rollout, advantages: Tensor, iteration: int) -> dict[str, float]:
-        """`updates_per_iteration` optimizer steps over the rollout; each accumulates all its (samples, step) units."""
+        """`num_inner_epochs * updates_per_iteration` optimizer steps over the rollout, each accumulating all its
+        (samples, step) units; the run's last iteration stops at `max_steps` (its remaining updates are skipped)."""
         c, engine = self.config, self.engine
         trained = self.trained_steps(rollout, iteration)
         weights = self.step_weights(rollout)
         stats: dict[str, list[float]] = defaultdict(list)
-        for _ in range(c.num_inner_epochs):
-            for part in torch.arange(len(rollout), device=rollout.latents.device).chunk(c.updates_per_iteration):
-                units = [
-                    (rows, int(t))
-                    for t in trained.nonzero().flatten()
-                    for rows in part[rollout.stds[part, t] > 0].split(c.train_batch_size)
-                    if len(rows)
-                ]
-                self._check_same_unit_count(len(units))
-                for i, (rows, t) in enumerate(units):
-                    with engine.accumulate(sync=i == len(units) - 1):
-                        loss, unit_stats = self.loss(rollout, rows, t, advantages[rows], float(weights[t]))
-                        engine.backward(loss / len(units))
-                    for k, v in unit_stats.items():
-                        stats[k].append(float(v))
-                for k, v in engine.optimizer_step().items():
-                    stats[k].append(v)
+        parts = torch.arange(len(rollout), device=rollout.latents.device).chunk(c.updates_per_iteration)
+        for part in [part for _ in range(c.num_inner_epochs) for part in parts][: c.max_steps - engine.step]:
+            units = [
+                (rows, int(t))
+                for t in trained.nonzero().flatten()
+                for rows in part[rollout.stds[part, t] > 0].split(c.train_batch_size)
+                if len(rows)
+            ]
+            self._check_same_unit_count(len(units))
+            for i, (rows, t) in enumerate(units):
+                with engine.accumulate(sync=i == len(units) - 1):
+                    loss, unit_stats = self.loss(rollout, rows, t, advantages[rows], float(weights[t]))
+                    engine.backward(loss / len(units))
+                for k, v in unit_stats.items():
+                    stats[k].append(float(v))
+            for k, v in engine.optimizer_step().items():
+                stats[k].append(v)
         means = {f"train/{k}": sum(v) / len(v) for k, v in stats.items()}
         return engine.mean_across_processes(means)
 
@@ -820,49 +593,3 @@ class FlowGRPOTrainer:
     def _synchronize(self) -> None:
         if self.engine.device.type == "cuda":
             torch.cuda.synchronize(self.engine.device)
-
-
-def peak_memory_gb(device: torch.device) -> float:
-    """Peak memory so far: allocated on the CUDA device, or the process's peak resident set on CPU."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-
-
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _group_index(group_ids: Tensor | Sequence[Hashable], n: int, device: torch.device) -> Tensor:
-    if isinstance(group_ids, Tensor):
-        if group_ids.ndim != 1 or group_ids.is_floating_point() or group_ids.is_complex():
-            raise ValueError(
-                f"`group_ids` must be a 1-D integer tensor, got dtype {group_ids.dtype}, ndim {group_ids.ndim}"
-            )
-        ids = group_ids.to(device=device, dtype=torch.long)
-    elif isinstance(group_ids, Sequence) and not isinstance(group_ids, str):
-        index: dict[Hashable, int] = {}
-        ids = torch.tensor([index.setdefault(g, len(index)) for g in group_ids], dtype=torch.long, device=device)
-    else:
-        raise ValueError(f"`group_ids` must be a tensor or a sequence (e.g. prompts), got {type(group_ids).__name__}")
-    if len(ids) != n:
-        raise ValueError(f"`group_ids` must have one entry per reward row ({n}), got {len(ids)}")
-    return ids
-
-
-def _check_batch_vectors(**tensors: Tensor) -> None:
-    shape = None
-    for name, t in tensors.items():
-        if not isinstance(t, Tensor) or t.ndim != 1 or t.shape[0] == 0 or not t.is_floating_point():
-            raise ValueError(f"`{name}` must be a non-empty 1-D float tensor [B]")
-        if shape is not None and t.shape != shape:
-            first = next(iter(tensors))
-            raise ValueError(f"`{name}` must have the shape of `{first}` {tuple(shape)}, got {tuple(t.shape)}")
-        shape = t.shape
-
-
-def _float_dtype(*tensors: Tensor) -> torch.dtype:
-    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
-
-
-def _is_real(value: object) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

@@ -12,7 +12,8 @@ reward, with a proximal (clipped, pessimistic) update for stability (Eqs. 16-21)
 frozen `pi_old`, scores them, and takes `inner_updates` gradient steps on all pairs of each prompt). `prdp_loss`
 states the exact form. Our one addition: `prompts_per_update` makes each of those steps take a mini-batch of whole
 prompts (all their pairs), in passes over a reshuffled order of the epoch's prompts, PPO-style: more, cheaper steps
-per sampled epoch where the paper's full-batch steps are too slow.
+per sampled epoch where the paper's full-batch steps are too slow. A `max_steps` inside an epoch ends the run there
+(the epoch's remaining steps are skipped).
 
 Sampling: DDIM with `eta = 1` (the paper's DDPM sampler), classifier-free guidance in the policy (log-probs of the
 guided mean), per-step log-probs as element means (`visalign.sampling.ddim_step`, DDPO's convention); flow models
@@ -37,12 +38,12 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from visalign.engine import PromptSampler, load_pipeline, load_prompts
-from visalign.pipelines.denoiser import DenoiserConfig, DenoiserTrainer, evaluation_from_config
-from visalign.pipelines.grpo import kl_penalty, peak_memory_gb
+from visalign.engine import load_pipeline, peak_memory_gb
+from visalign.pipelines.denoiser_trainer import DenoiserConfig, DenoiserTrainer, evaluation_from_config
+from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampler import seeded_generators
-from visalign.sampling import StepOutput
+from visalign.sampling import StepOutput, kl_penalty
 from visalign.types import check_scores
 
 logger = logging.getLogger(__name__)
@@ -77,8 +78,8 @@ def prdp_loss(
       give no pair): `l_ij = max((R̂_i - R̂_j - (r_i - r_j) / beta)^2, (R̂c_i - R̂c_j - (r_i - r_j) / beta)^2)`
       (Eq. 14's regression, Eq. 17 clipped, Eq. 18's pessimistic maximum);
     - `loss = mean_ij l_ij + kl_coef * mean(kl)`: Algorithm 1's `1 / (N C(B, 2)) sum_n sum_{i<j}` when no rewards
-      tie. The paper has no separate KL term (its KL is `beta`); `kl` (e.g. `grpo.kl_penalty` of the step means
-      against `pi_ref`, DPOK-style) is an optional extra, off by default.
+      tie. The paper has no separate KL term (its KL is `beta`); `kl` (e.g. `visalign.sampling.kl_penalty` of the
+      step means against `pi_ref`, DPOK-style) is an optional extra, off by default.
     Identity: the loss is 0 when `R̂_i - R̂_j = (r_i - r_j) / beta` for every pair and the log-probs equal `pi_old`'s.
     A batch without a pair gives a zero loss (with a graph).
 
@@ -202,10 +203,10 @@ class PRDPConfig(DenoiserConfig):
             raise ValueError("`beta` and `clip_range` must be > 0 and `kl_coef` >= 0")
         if not 0 < self.eta <= 1:
             raise ValueError(f"`eta` must be in (0, 1]: a deterministic sampler has no log-prob, got {self.eta}")
-        if self.max_steps % self.inner_updates or self.checkpointing_steps % self.inner_updates:
+        if self.checkpointing_steps % self.inner_updates:
             raise ValueError(
-                f"`max_steps` ({self.max_steps}) and `checkpointing_steps` ({self.checkpointing_steps}) must be "
-                f"multiples of `inner_updates` ({self.inner_updates}): epochs are not split"
+                f"`checkpointing_steps` ({self.checkpointing_steps}) must be a multiple of `inner_updates` "
+                f"({self.inner_updates}): checkpoints fall between epochs (an epoch's samples are not stored)"
             )
 
 
@@ -275,6 +276,13 @@ class PRDPTrainer(DenoiserTrainer):
         """One gradient step; the first of each epoch samples and scores the epoch's trajectories."""
         metrics: dict[str, float] = {}
         inner = self.engine.step % self.config.inner_updates
+        if inner and self.epoch is None:
+            raise ValueError(
+                f"resumed at step {self.engine.step}, inside an epoch of `inner_updates` "
+                f"({self.config.inner_updates}) steps whose samples no checkpoint stores (the final checkpoint of a "
+                "run whose `max_steps` ended inside an epoch): resume from a checkpoint at a multiple of "
+                "`inner_updates`"
+            )
         if inner == 0:
             tick = time.perf_counter()
             metrics = self.sample_epoch()

@@ -39,7 +39,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
+from visalign.files import to_pil
 from visalign.pipelines.row_stores import StoredCell, find_shards
 from visalign.rewards import RewardModel
 from visalign.sampler import seeded_generators
@@ -206,7 +208,8 @@ class IndexSampler:
     """Dataset indices in epochs, each a fresh permutation keyed by `(seed, epoch)`: deterministic and resumable.
 
     `draw(n)` continues the current permutation and crosses into the next epoch when it runs out. Its state is
-    `{"seed", "epoch", "position"}`.
+    `{"size", "seed", "epoch", "position"}`; loading a state written for another dataset size raises (the same
+    `(seed, epoch)` would then give another permutation, and a resumed run would silently train on other rows).
     """
 
     def __init__(self, size: int, seed: int):
@@ -228,9 +231,15 @@ class IndexSampler:
         return out
 
     def state_dict(self) -> dict[str, int]:
-        return {"seed": self.seed, "epoch": self.epoch, "position": self.position}
+        return {"size": self.size, "seed": self.seed, "epoch": self.epoch, "position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        size = int(state.get("size", self.size))  # checkpoints before the size was recorded lack it
+        if size != self.size or not 0 <= int(state["position"]) < self.size:
+            raise ValueError(
+                f"sampler state {state} does not fit this sampler of {self.size} indices: it was written for "
+                "another dataset (resume with the pairs or experts of the checkpoint)"
+            )
         self.seed, self.epoch, self.position = int(state["seed"]), int(state["epoch"]), int(state["position"])
 
 
@@ -267,24 +276,28 @@ def sample_groups(
     num_images_per_prompt: int,
     seed: int = 0,
     batch_size: int = 32,
+    progress: str | None = None,
     **generation_kwargs: Any,
 ) -> Tensor:
     """`num_images_per_prompt` images per prompt from a diffusers pipeline: `[P, G, 3, H, W]` in [0, 1].
 
     Image `g` of prompt `p` uses the generator keyed `(seed, p, g)` (`visalign.sampler.seeded_generators`), so the
     images do not depend on `batch_size`. `generation_kwargs` go to the pipeline (`num_inference_steps`,
-    `guidance_scale`, `height`, `width`, `max_sequence_length`, ...); `output_type` is `"pt"`.
+    `guidance_scale`, `height`, `width`, `max_sequence_length`, ...); `output_type` is `"pt"`. `progress` labels a
+    progress bar over the images (None: no bar; pass it on the main process only).
     """
     prompts = check_prompts(list(prompts))
     if num_images_per_prompt < 1:
         raise ValueError(f"`num_images_per_prompt` must be >= 1, got {num_images_per_prompt}")
     jobs = [(p, g) for p in range(len(prompts)) for g in range(num_images_per_prompt)]
     images = []
-    for start in range(0, len(jobs), batch_size):
-        chunk = jobs[start : start + batch_size]
-        generators = seeded_generators([(seed, p, g) for p, g in chunk])
-        out = pipe([prompts[p] for p, _ in chunk], generator=generators, output_type="pt", **generation_kwargs)
-        images.append(out.images.float().clamp(0, 1).cpu())
+    with tqdm(total=len(jobs), desc=progress, unit="image", disable=progress is None, leave=False) as bar:
+        for start in range(0, len(jobs), batch_size):
+            chunk = jobs[start : start + batch_size]
+            generators = seeded_generators([(seed, p, g) for p, g in chunk])
+            out = pipe([prompts[p] for p, _ in chunk], generator=generators, output_type="pt", **generation_kwargs)
+            images.append(out.images.float().clamp(0, 1).cpu())
+            bar.update(len(chunk))
     pixels = torch.cat(images)
     return pixels.view(len(prompts), num_images_per_prompt, *pixels.shape[1:])
 
@@ -300,12 +313,14 @@ def build_pairs(
     margin: float = 0.0,
     seed: int = 0,
     batch_size: int = 32,
+    progress: bool = False,
     **generation_kwargs: Any,
 ) -> PreferencePairs:
     """Online preference pairs: sample a group per prompt, score it with `reward.group`, pair with `rank_pairs`.
 
     Image 0 of every pair is the preferred one (`label_0 = 1`); `scores` holds both rewards; prompts whose group
     yields no pair (all scores within `margin`) are counted in `skipped["no_margin"]`. Raises when no prompt does.
+    `progress` shows a "pair building" bar over the sampled images (pass it on the main process only).
     """
     groups = sample_groups(
         pipe,
@@ -313,6 +328,7 @@ def build_pairs(
         num_images_per_prompt=num_images_per_prompt,
         seed=seed,
         batch_size=batch_size,
+        progress="pair building" if progress else None,
         **generation_kwargs,
     )
     captions, winners, losers, scores = [], [], [], []
@@ -569,7 +585,6 @@ def _resize_center_crop(image: Tensor, size: int) -> Tensor:
 
 
 def _png(image: Tensor) -> bytes:
-    array = (image.detach().float().clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
+    to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -1,4 +1,4 @@
-"""CLIP rewards: the shared scorer `CLIPScorer`, PickScore and CLIPScore.
+"""CLIP rewards: the shared scorer `CLIPScorer`, PickScore, CLIPScore and the shapes world's CLIP.
 
 Every CLIP-style reward is `score = s * f(cos(E_img(x), E_txt(p)))` with L2-normalized projections:
 
@@ -8,6 +8,7 @@ Every CLIP-style reward is `score = s * f(cos(E_img(x), E_txt(p)))` with L2-norm
 - CLIPScore (Hessel et al., 2021): `s = w`, `f = max(., 0)`; `w = 2.5` in the paper, 100 in torchmetrics. The
   paper's ViT-B/32 is the default; any transformers CLIP folder, or an open_clip architecture plus checkpoint, works.
 - HPSv2 / HPSv2.1 (`visalign.reward_models.hps`): `s = 1`, open_clip ViT-H-14, padded preprocessing.
+- `world-clip` (`WorldCLIPReward`): the shapes world's CLIP (`visalign world train-base`), scored like PickScore.
 
 The raw cosine is always in `aspects["cosine"]`. Text embeddings are computed once per distinct prompt in the batch
 (groups of samples share prompts). The backbone runs in its own dtype; normalization, the cosine and the scale are
@@ -230,6 +231,20 @@ class PickScore(CLIPScorer):
         """
         model = load_transformers_clip(pretrained or PICKSCORE, dtype, what="PickScore")
         return cls(model, load_clip_tokenizer(processor, what="PickScore (processor)")).eval()
+
+
+class WorldCLIPReward(PickScore):
+    """The world's CLIP as a reward: `exp(logit_scale) * cos`, loaded through PickScore's loader with the folder's
+    own tokenizer (the shipped folder when `pretrained` is None)."""
+
+    name = "world-clip"
+
+    @classmethod
+    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None) -> PickScore:
+        from visalign.world.rewards import world_clip_folder
+
+        folder = str(world_clip_folder(pretrained))
+        return super().from_pretrained(folder, dtype=dtype, processor=folder)
 
 
 class CLIPScore(CLIPScorer):

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from visalign.files import to_uint8
 from visalign.reward_models.loading import load_transformers_model, resolve_folder
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput
@@ -65,12 +66,6 @@ def ocr_reward(recognized: str, target: str) -> float:
         raise ValueError("`target` is empty once spaces are removed")
     dist = 0 if t in r else min(levenshtein(r, t), len(t))
     return 1.0 - dist / len(t)
-
-
-def to_uint8(pixels: Tensor) -> list[np.ndarray]:
-    """`[B, 3, H, W]` in [0, 1] -> B uint8 `[H, W, 3]` arrays, as Flow-GRPO passes images to its OCR."""
-    x = (pixels.detach().float() * 255).round().clamp(0, 255).to(torch.uint8)
-    return list(x.permute(0, 2, 3, 1).cpu().numpy())
 
 
 class Recognizer(Protocol):
@@ -190,7 +185,7 @@ class OCRReward(RewardModel):
 
     def _score(self, pixels: Tensor, prompts: list[str]) -> RewardOutput:
         targets = [ocr_target(p) for p in prompts]  # a prompt without a target fails before any OCR runs
-        recognized = self.recognizer(to_uint8(pixels))
+        recognized = self.recognizer(list(to_uint8(pixels)))  # uint8 [H, W, 3] each, as Flow-GRPO passes them
         if len(recognized) != len(targets):
             raise RuntimeError(f"the OCR engine returned {len(recognized)} texts for {len(targets)} images")
         score = torch.tensor([ocr_reward(r, t) for r, t in zip(recognized, targets)], device=pixels.device)

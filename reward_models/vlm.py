@@ -31,26 +31,28 @@ import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
-from PIL import Image
 from torch import Tensor
-from transformers import (
-    AutoProcessor,
-    ProcessorMixin,
-    Qwen2_5_VLForConditionalGeneration,
-    Qwen2VLForConditionalGeneration,
-    Qwen3VLForConditionalGeneration,
-)
-from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
 
+from visalign.files import to_pil
 from visalign.reward_models.loading import cast_backbone, load_transformers_model, read_json, resolve_folder
 
-QWEN_VL_CLASSES = {"qwen2_vl": Qwen2VLForConditionalGeneration, "qwen2_5_vl": Qwen2_5_VLForConditionalGeneration}
-JUDGE_VL_CLASSES = QWEN_VL_CLASSES | {"qwen3_vl": Qwen3VLForConditionalGeneration}  # the generative judges
-QwenVL = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration
+if TYPE_CHECKING:  # transformers' model and processor modules import accelerate: loaded when a model is
+    from transformers import (
+        ProcessorMixin,
+        Qwen2_5_VLForConditionalGeneration,
+        Qwen2VLForConditionalGeneration,
+        Qwen3VLForConditionalGeneration,
+    )
+
+    QwenVL = Qwen2VLForConditionalGeneration | Qwen2_5_VLForConditionalGeneration | Qwen3VLForConditionalGeneration
+
+# model_type -> the transformers class (a class, or its name in `transformers`, resolved when a model is loaded)
+QWEN_VL_CLASSES = {"qwen2_vl": "Qwen2VLForConditionalGeneration", "qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+JUDGE_VL_CLASSES = QWEN_VL_CLASSES | {"qwen3_vl": "Qwen3VLForConditionalGeneration"}  # the generative judges
 VLM_FILES = ["*.json", "*.safetensors", "*.txt", "*.jinja"]  # weights, configs, tokenizer, chat template
 PROCESSOR_FILES = ("preprocessor_config.json", "processor_config.json")
 TOKENIZER_FILES = (("tokenizer.json",), ("vocab.json", "merges.txt"))
@@ -61,7 +63,7 @@ def load_qwen_vl(
     dtype: torch.dtype | None,
     *,
     what: str,
-    classes: Mapping[str, type[QwenVL]] = QWEN_VL_CLASSES,
+    classes: Mapping[str, type[QwenVL] | str] = QWEN_VL_CLASSES,
 ) -> tuple[QwenVL, ProcessorMixin]:
     """A frozen Qwen2-VL-class model (strictly loaded, cast to `dtype`) and its processor from a folder or Hub repo.
 
@@ -76,16 +78,30 @@ def load_qwen_vl(
         raise FileNotFoundError(f"{what}: {folder} has no processor config ({' or '.join(PROCESSOR_FILES)})")
     if not any(all((folder / n).is_file() for n in names) for names in TOKENIZER_FILES):
         raise FileNotFoundError(f"{what}: {folder} has no tokenizer files (tokenizer.json or vocab.json + merges.txt)")
-    model = load_transformers_model(classes[model_type], folder, what=what)
+    from transformers import AutoProcessor
+
+    model = load_transformers_model(_vl_class(classes[model_type]), folder, what=what)
     processor = AutoProcessor.from_pretrained(folder)
     return cast_backbone(model, dtype).requires_grad_(False), processor
 
 
-def check_qwen_vl(model: Any, processor: Any, classes: Mapping[str, type[QwenVL]] = QWEN_VL_CLASSES) -> None:
+def _vl_class(cls: type[QwenVL] | str) -> type[QwenVL]:
+    """A class of `QWEN_VL_CLASSES`-style mappings: the class itself, or its name in `transformers`."""
+    if isinstance(cls, str):
+        import transformers
+
+        return getattr(transformers, cls)
+    return cls
+
+
+def check_qwen_vl(model: Any, processor: Any, classes: Mapping[str, type[QwenVL] | str] = QWEN_VL_CLASSES) -> None:
     """Raise `ValueError` unless `model` is an instance of one of `classes` (default Qwen2-VL and Qwen2.5-VL) and
     `processor` has a tokenizer and a template."""
-    if not isinstance(model, tuple(classes.values())):
-        names = " or ".join(sorted({cls.__name__ for cls in classes.values()}))
+    from transformers import ProcessorMixin
+
+    types = tuple(_vl_class(cls) for cls in classes.values())
+    if not isinstance(model, types):
+        names = " or ".join(sorted({cls.__name__ for cls in types}))
         raise ValueError(f"`model` must be a {names}, got {type(model).__name__}")
     if not isinstance(processor, ProcessorMixin) or processor.chat_template is None:
         raise ValueError("`processor` must be the model's transformers processor, with a chat template")
@@ -131,6 +147,8 @@ class VisionPatches:
 
     def size_for(self, height: int, width: int) -> tuple[int, int]:
         """The `(h, w)` the processor resizes a `height x width` input to."""
+        from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
+
         factor = self.patch_size * self.merge_size
         return smart_resize(height, width, factor=factor, min_pixels=self.min_pixels, max_pixels=self.max_pixels)
 
@@ -227,10 +245,9 @@ def image_data_url(image: Tensor, image_format: str = "PNG", quality: int = 95) 
         raise ValueError(f"`image_format` must be one of {IMAGE_FORMATS}, got {image_format!r}")
     if not isinstance(quality, int) or not 1 <= quality <= 100:
         raise ValueError(f"`quality` must be an int in [1, 100], got {quality!r}")
-    array = (image.detach().float().clamp(0, 1) * 255).round().byte().permute(1, 2, 0).cpu().numpy()
     buffer = io.BytesIO()
     options = {"quality": quality} if image_format == "JPEG" else {}
-    Image.fromarray(array).save(buffer, format=image_format, **options)
+    to_pil(image).save(buffer, format=image_format, **options)
     return f"data:image/{image_format.lower()};base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
 
 

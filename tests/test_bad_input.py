@@ -36,17 +36,20 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from visalign.benchmarks.cli import add_arguments
 from visalign.benchmarks.judges import Sample, build_judge
 from visalign.benchmarks.prompts import PromptItem, TestPoint, load_prompt_set, load_world_heldout
-from visalign.benchmarks.runner import BenchConfig, BenchError, add_arguments, judge_images, run_bench
+from visalign.benchmarks.run_folder import BenchError, judge_images
+from visalign.benchmarks.runner import BenchConfig, run_bench
 from visalign.benchmarks.vlm import OpenAIServerVLM, ReplayVLM, VLMJudge, VLMJudgeConfig
 from visalign.cli import main
 from visalign.config import TrainConfig, config_from_dict, load_config, save_config
-from visalign.engine import Engine, NonFiniteError, checkpoints, load_prompts
+from visalign.engine import Engine, NonFiniteError
 from visalign.files import BadFileError, load_image, load_safetensors, load_state, read_text, save_state
 from visalign.pipelines.train import METHODS
+from visalign.prompts import load_prompts
 from visalign.reward_models.vlm import ChatTransportError, post_chat
-from visalign.rundir import claim_output_dir
+from visalign.rundir import checkpoints, claim_output_dir
 from visalign.testing import tiny_pipeline
 
 ANSWER = "<analysis>['it is there']</analysis><score>[1]</score>"
@@ -564,13 +567,13 @@ def test_bench_judges_an_unreadable_image_as_an_error_verdict_naming_it(tmp_path
 
 
 def test_a_verdicts_line_that_is_not_a_record_is_named(tmp_path):
-    from visalign.benchmarks.runner import _read_jsonl
+    from visalign.benchmarks.run_folder import read_jsonl
 
     path = tmp_path / "verdicts.jsonl"
     path.write_text('{"prompt_id": "a"}\n[1, 2]\n')
     with pytest.raises(ValueError, match=rf"{path}: line 2 is not a record \(a list, not a JSON object\)"):
-        _read_jsonl(path)
-    assert _read_jsonl(path, skip_broken=True) == [{"prompt_id": "a"}]
+        read_jsonl(path)
+    assert read_jsonl(path, skip_broken=True) == [{"prompt_id": "a"}]
 
 
 def test_bench_run_with_errors_abort_stops_at_the_unreadable_image(tmp_path):

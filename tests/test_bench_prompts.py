@@ -140,7 +140,7 @@ def test_world_heldout_is_a_prompt_set():
 
     from visalign.world.scenes import CATEGORIES, Prompt
 
-    s = load_prompt_set("world-heldout")
+    s = load_prompt_set("world:heldout")
     lines = (resources.files("visalign.assets") / "world/heldout.jsonl").read_text().splitlines()[1:]
     world = [Prompt.from_dict(json.loads(line)) for line in lines]  # as visalign.world.evaluate reads it
     assert [it.text for it in s.items] == [p.text for p in world]

@@ -10,19 +10,9 @@ import torch
 from PIL import Image
 
 from visalign.benchmarks import taxonomy
-from visalign.benchmarks.report import (
-    GridCell,
-    GridRow,
-    Mark,
-    Section,
-    aggregate,
-    bar_plot,
-    compare,
-    compare_markdown,
-    line_plot,
-    summary_markdown,
-    write_html_report,
-)
+from visalign.benchmarks.report import compare_markdown, summary_markdown
+from visalign.benchmarks.scoring import aggregate, compare
+from visalign.html import GridCell, GridRow, Mark, Section, bar_plot, line_plot, write_html_report
 
 
 def tp(criterion, outcome):

@@ -10,15 +10,8 @@ import torch
 from visalign import cli
 from visalign.benchmarks.judges import WorldJudge
 from visalign.benchmarks.prompts import PromptItem, PromptSet, TestPoint, load_prompt_set, write_prompt_set
-from visalign.benchmarks.runner import (
-    BenchConfig,
-    MissingImagesError,
-    generate_images,
-    image_name,
-    load_pixels,
-    run_bench,
-    save_png,
-)
+from visalign.benchmarks.run_folder import MissingImagesError, generate_images, image_name, load_pixels, save_png
+from visalign.benchmarks.runner import BenchConfig, run_bench
 from visalign.benchmarks.vlm import ReplayVLM, VLMJudge
 from visalign.testing import save_tiny, tiny_pipeline
 from visalign.world.scenes import CATEGORIES, Prompt, render_prompt
@@ -34,7 +27,7 @@ def pipe():
 @pytest.fixture(scope="module")
 def world12():
     """Two held-out world prompts per category."""
-    s = load_prompt_set("world-heldout")
+    s = load_prompt_set("world:heldout")
     items = [it for c in CATEGORIES for it in [i for i in s.items if i.subtheme == c][:2]]
     return dataclasses.replace(s, items=items)
 
@@ -129,6 +122,9 @@ def test_bench_run_matches_the_world_evaluation(world12, tmp_path):
     assert record["prompt_set"]["sha256"] == hashlib.sha256(set_file.read_bytes()).hexdigest()
     assert record["prompt_set"]["source"] == str(set_file)
     assert record["judge"]["name"] == "world" and record["seeds"] is None
+    # the one run record (visalign.files.run_record): the judged images and the prompt file are hashed inputs
+    assert record["inputs"]["prompt_set"]["sha256"] == record["prompt_set"]["sha256"]
+    assert record["inputs"]["images"]["sha256"] and record["versions"]["visalign"] and record["config"]["seed"]
     lines = (tmp_path / "run" / "verdicts.jsonl").read_text().splitlines()
     assert (
         len(lines) == 24 and {"prompt_id", "image_id", "sha256", "test_points", "raw"} <= json.loads(lines[0]).keys()
@@ -234,7 +230,7 @@ def test_generation_through_the_cli_follows_the_seed_protocol(pipe, tmp_path, ca
         "bench",
         "run",
         "--set",
-        "world-heldout",
+        "world:heldout",
         "--limit",
         "2",
         "--model",
@@ -266,7 +262,7 @@ def test_generation_through_the_cli_follows_the_seed_protocol(pipe, tmp_path, ca
     record = json.loads((run / "record.json").read_text())
     assert record["seeds"] == [11, 12] and record["model"] == str(folder)
     assert record["generation"] == GEN and record["generated"] == {"generated": 4, "cached": 0}
-    text = load_prompt_set("world-heldout").items[1].text
+    text = load_prompt_set("world:heldout").items[1].text
     direct = pipe(prompt=[text], generator=[torch.Generator().manual_seed(12)], output_type="pt", **GEN).images[0]
     assert (load_pixels(run / "images" / "world-001_1.png") - direct).abs().max() <= 1 / 255 + 1e-6
     assert cli.main(args) == 0  # rerun: everything cached

@@ -131,3 +131,68 @@ def test_train_finds_bundled_recipes_and_smoke_fits_every_one():
         missing = [thing for thing, _, problem in config_problems(smoke) if problem is not None]
         # Diffusion-DRO's experts are world renders that `run` writes before the preflight
         assert missing == (["path smoke_experts"] if method == "diffusion-dro" else []), (name, missing)
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["train", "diffusion-dpo", "--config", "tiny_dpo", "--set", "output_dir={out}/run", "use_lora=flase"],
+        ["world", "train-base", "--out", "{out}", "--stages", "vae", "--set", "vae_steps=flase"],
+    ],
+)
+def test_a_bad_value_is_an_error_naming_the_key_and_value_in_every_cli(argv, tmp_path, capsys):
+    # both CLIs parse --set with visalign.config.parse_overrides: nothing is trained, the key and value are named
+    key = argv[-1].partition("=")[0]
+    assert cli.main([a.format(out=tmp_path) for a in argv]) == 2
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and "'flase'" in err
+    assert not any(tmp_path.iterdir())
+
+
+def test_world_train_base_reads_a_strict_boolean_field_like_train(monkeypatch, capsys):
+    # TrainBaseConfig has no boolean of its own: a subclass shows the world CLI's --set is the one strict parser
+    from dataclasses import dataclass, field
+
+    import visalign.world.train as world_train
+
+    @dataclass
+    class WithFlag(world_train.TrainBaseConfig):
+        flag: bool = field(default=True, metadata={"help": "a boolean"})
+
+    seen = []
+    monkeypatch.setattr(world_train, "TrainBaseConfig", WithFlag)
+    monkeypatch.setattr(world_train, "train_base", lambda cfg, stages: seen.append(cfg) or {})
+    assert cli.main(["world", "train-base", "--set", "flag=no", "seed=3"]) == 0
+    assert seen[0].flag is False and seen[0].seed == 3
+    assert cli.main(["world", "train-base", "--set", "flag=flase"]) == 2
+    assert "`flag` must be a boolean (true/false, yes/no or 1/0), got 'flase'" in capsys.readouterr().err
+    assert len(seen) == 1
+
+
+def test_every_train_base_field_has_help():
+    import dataclasses
+
+    from visalign.world.train import TrainBaseConfig
+
+    assert all(f.metadata.get("help") for f in dataclasses.fields(TrainBaseConfig))
+    with pytest.raises(ValueError, match="`vae_steps` must be > 0"):
+        TrainBaseConfig(vae_steps=0)
+
+
+def test_public_names_are_listed_documented_and_shown_by_help():
+    import pydoc
+
+    import visalign
+
+    entry_points = {"load_reward", "list_rewards", "load_generator", "RewardModel", "RewardOutput", "load_config"}
+    assert entry_points <= set(visalign.__all__)
+    assert len(set(visalign.__all__)) == len(visalign.__all__)
+    page = pydoc.render_doc(visalign, renderer=pydoc.plaintext)
+    for name in visalign.__all__:
+        obj = getattr(visalign, name)
+        doc = obj.__doc__ or ""  # its own docstring: not inherited, not a dataclass's generated signature
+        assert len(doc.strip()) > 20 and not doc.startswith(f"{name}("), name
+        assert f"`{name}" in visalign.__doc__, name  # the package docstring says what each is for
+        assert f"{name}(" in page or f"class {name}" in page, name  # help(visalign) lists it
+    with pytest.raises(AttributeError, match="no_such_name"):
+        getattr(visalign, "no_such_name")  # noqa: B009

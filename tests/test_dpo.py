@@ -3,6 +3,7 @@ real tiny pipelines (learning, resume, online pairs, SDXL and SD3, the `visalign
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +22,7 @@ from visalign.pipelines.denoiser import (
 )
 from visalign.pipelines.dpo import DPOConfig, DPOTrainer, dpo_loss
 from visalign.pipelines.pickapic import load_pairs, save_pairs
+from visalign.pipelines.preference_data import IndexSampler
 from visalign.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -282,6 +284,52 @@ def test_online_pairs_are_built_from_the_current_model_saved_and_rebuilt(tmp_pat
     rows = [json.loads(r) for r in (tmp_path / "run" / "pairs" / "step-0" / "manifest.jsonl").read_text().splitlines()]
     assert len(rows) == 2 and all(r["score_0"] > r["score_1"] for r in rows)
     assert len(load_pairs(tmp_path / "run" / "pairs" / "step-2")) == 2
+
+
+def test_online_pairs_resumed_in_a_copy_of_the_run_end_with_the_uninterrupted_weights(tmp_path):
+    """Online pairs, resumed mid-epoch of the pair sampler (3 pairs, batches of 2) in a copied run folder whose
+    original pairs are gone, through a rebuild from the EMA weights: bitwise the uninterrupted run (one process, the
+    same float32 operations in the same order from exactly restored weights, optimizer, EMA and sampler states)."""
+    kw = dict(
+        max_steps=5,
+        checkpointing_steps=1,
+        rebuild_every=3,
+        prompts_per_round=3,
+        num_images_per_prompt=3,
+        num_inference_steps=2,
+        guidance_scale=1.0,
+        train_batch_size=2,
+        caption_dropout=0.5,
+        ema_decay=0.5,
+        ema_update_every=1,
+    )
+    prompts = ["a red square", "a blue circle", "a red circle"]
+    uninterrupted = DPOTrainer(
+        sharp_tiny_pipeline(), dpo_config(tmp_path / "a", **kw), reward=Redness(), prompts=prompts
+    )
+    uninterrupted.train()
+    assert sorted(p.name for p in (tmp_path / "a" / "run" / "pairs").iterdir()) == ["step-0", "step-3"]
+
+    shutil.copytree(tmp_path / "a" / "run", tmp_path / "b" / "run")
+    shutil.rmtree(tmp_path / "a" / "run" / "pairs")  # the copy must read its own pairs
+    checkpoint = tmp_path / "b" / "run" / "checkpoints" / "checkpoint-1"
+    config = dpo_config(tmp_path / "b", resume_from=str(checkpoint), **kw)
+    resumed = DPOTrainer(sharp_tiny_pipeline(), config, reward=Redness(), prompts=prompts)
+    history = resumed.train()
+    assert [m["step"] for m in history] == [2, 3, 4, 5]
+    assert history == [m for m in uninterrupted.history if m["step"] > 1]
+    expected = trained_weights(uninterrupted)
+    assert all(torch.equal(p, expected[n]) for n, p in trained_weights(resumed).items())
+
+
+def test_a_pair_sampler_state_of_another_dataset_size_is_refused():
+    sampler = IndexSampler(3, seed=0)
+    sampler.draw(2)
+    with pytest.raises(ValueError, match="does not fit this sampler of 1 indices"):
+        IndexSampler(1, seed=0).load_state_dict(sampler.state_dict())
+    resumed = IndexSampler(3, seed=5)
+    resumed.load_state_dict(sampler.state_dict())
+    assert resumed.draw(4) == sampler.draw(4)
 
 
 @pytest.mark.parametrize("family", ["sdxl", "sd3"])

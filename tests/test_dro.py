@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 from preference_helpers import LORA, red_blue_images, sharp_tiny_pipeline, trained_weights
+from safetensors.torch import load_file
 
 from visalign.cli import main
 from visalign.pipelines.denoiser import Denoiser
@@ -190,8 +191,16 @@ def test_the_policy_term_has_error_only_while_the_copy_lags(tmp_path):
     assert lagged[0]["train/policy_mse"] < 1e-10 and all(h["train/policy_mse"] > 1e-8 for h in lagged[1:])
 
 
-def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    kw = dict(max_steps=4, checkpointing_steps=2, caption_dropout=0.5, policy_update_steps=2, learning_rate=3e-2)
+@pytest.mark.parametrize("buffer_size", [4, 12])  # 12: the buffer carries trajectories of earlier steps
+def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, buffer_size):
+    kw = dict(
+        max_steps=4,
+        checkpointing_steps=2,
+        caption_dropout=0.5,
+        policy_update_steps=2,
+        learning_rate=3e-2,
+        buffer_size=buffer_size,
+    )
     uninterrupted = DROTrainer(sharp_tiny_pipeline(), dro_config(tmp_path / "a", **kw), red_experts())
     uninterrupted.train()
     crashing = DROTrainer(sharp_tiny_pipeline(), dro_config(tmp_path / "b", **kw), red_experts())
@@ -209,8 +218,11 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
     resumed = DROTrainer(sharp_tiny_pipeline(), dro_config(tmp_path / "b", resume_from="latest", **kw), red_experts())
     history = resumed.train()
     assert [m["step"] for m in history] == [3, 4]
+    assert history == [m for m in uninterrupted.history if m["step"] > 2]
     expected = trained_weights(uninterrupted)
     assert all(torch.equal(p, expected[n]) for n, p in trained_weights(resumed).items())
+    saved = load_file(str(tmp_path / "b" / "run" / "checkpoints" / "checkpoint-2" / "caller_state_0.safetensors"))
+    assert len(saved["buffer.x0"]) == min(buffer_size, 2 * 4)
 
 
 def test_bad_dro_setups_raise(tmp_path):

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from visalign.config import TrainConfig, config_from_dict, load_config, parse_overrides
-from visalign.engine import Engine, PromptSampler, checkpoints, latest_checkpoint, load_prompts
+from visalign.engine import Engine
+from visalign.prompts import PromptSampler, load_prompts
+from visalign.rundir import checkpoints, latest_checkpoint
 from visalign.sampler import FlowSampler, seeded_generators
 from visalign.testing import tiny_pipeline
 
@@ -37,7 +39,7 @@ def test_yaml_values_are_coerced_to_the_annotated_types(tmp_path):
         ({"learning_rat": 1e-4}, "unknown ExampleConfig key.*learning_rat.*valid keys"),
         ({"max_steps": 1.5}, "`max_steps` must be an integer"),
         ({"max_steps": "many"}, "`max_steps` must be a number"),
-        ({"use_lora": "maybe"}, "`use_lora` must be true or false"),
+        ({"use_lora": "maybe"}, "`use_lora` must be a boolean .*got 'maybe'"),
         ({"mixed_precision": "fp8"}, "`mixed_precision` must be one of"),
         ({"steps": [1, 2, 3]}, "`steps`"),
         ({"learning_rate": 0}, "`learning_rate` must be > 0"),
@@ -53,6 +55,47 @@ def test_overrides_must_be_key_value():
     assert parse_overrides(["a=1", "b=x=y", "c="]) == {"a": 1, "b": "x=y", "c": ""}
     with pytest.raises(ValueError, match="key=value"):
         parse_overrides(["learning_rate"])
+
+
+@pytest.mark.parametrize(
+    "text,value", [("true", True), ("False", False), ("yes", True), ("NO", False), ("1", True), ("0", False)]
+)
+def test_booleans_read_strictly_in_files_and_overrides(tmp_path, text, value):
+    path = tmp_path / "c.yaml"
+    path.write_text(f"use_lora: {text}\n")
+    assert load_config(ExampleConfig, path).use_lora is value
+    assert load_config(ExampleConfig, None, [f"use_lora={text}"]).use_lora is value
+
+
+@pytest.mark.parametrize("text", ["flase", "on", "off", "2", "1.0", "y", ""])
+def test_a_boolean_that_is_not_one_is_an_error_naming_key_and_value(tmp_path, text):
+    with pytest.raises(ValueError, match=rf"`use_lora` must be a boolean .*got '?{text}"):
+        load_config(ExampleConfig, None, [f"use_lora={text}"])
+    path = tmp_path / "c.yaml"
+    path.write_text(f"use_lora: '{text}'\n" if text else "use_lora: ''\n")
+    with pytest.raises(ValueError, match="`use_lora` must be a boolean"):
+        load_config(ExampleConfig, path)
+
+
+def test_run_json_records_config_seeds_versions_and_input_hashes(tmp_path):
+    import hashlib
+    import json
+
+    @dataclass
+    class WithPrompts(TrainConfig):
+        prompts: str = field(default="world:train", metadata={"help": "a prompt file"})
+
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a cat\n")
+    config = WithPrompts(output_dir=str(tmp_path / "run"), report_to="none", lora_rank=4, prompts=str(prompts), seed=7)
+    Engine(config, tiny_pipeline("sd3"))
+    record = json.loads((tmp_path / "run" / "run.json").read_text())
+    assert record["status"] == "running" and record["seeds"] == {"seed": 7}
+    assert record["config"]["prompts"] == str(prompts) and record["config"]["lora_rank"] == 4
+    assert record["inputs"] == {
+        "prompts": {"path": str(prompts), "sha256": hashlib.sha256(b"a cat\n").hexdigest(), "bytes": 6}
+    }
+    assert record["versions"]["torch"] == torch.__version__.split("+")[0] and record["command"]
 
 
 def test_prompt_sampler_is_deterministic_and_resumable():

@@ -7,8 +7,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
-from visalign.pipelines.grpo import group_advantages, kl_penalty, policy_loss, ratio_norm_log_prob, win_rates
-from visalign.sampling import sde_step
+from visalign.pipelines.grpo_loss import group_advantages, policy_loss, ratio_norm_log_prob
+from visalign.reward_models.pairwise import win_rates
+from visalign.sampling import kl_penalty, sde_step
 
 # Flow-GRPO's own stat-tracker example: groups a = [1, 3, 6], b = [2, 5], c = [4] (a singleton).
 REWARDS = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0, 6.0], dtype=torch.float64)

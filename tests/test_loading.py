@@ -113,10 +113,10 @@ def test_preflight_lists_everything_missing_at_once(tmp_path, monkeypatch):
 
 
 def test_limit_per_category_keeps_every_primary_criterion():
+    from visalign.benchmarks.cli import limit_per_category
     from visalign.benchmarks.prompts import load_prompt_set
-    from visalign.benchmarks.runner import limit_per_category
 
-    full = load_prompt_set("world-heldout")
+    full = load_prompt_set("world:heldout")
     small = limit_per_category(full, 2)
     assert len(small) == 12 and small.primary_criteria == full.primary_criteria
     counts = {p: sum(tp.criterion == p for it in small.items for tp in it.test_points) for p in full.primary_criteria}

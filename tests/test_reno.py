@@ -331,5 +331,8 @@ def test_cli_writes_image_comparison_history(tmp_path, capsys):
     assert len(result["history"]) == result["generator_calls"] == 3
     assert result["rewards"] == {"world-defects": {"weight": 2.0}}
     assert result["config"]["gradient_checkpointing"] is False and result["config"]["num_iterations"] == 3
+    assert result["seeds"] == {"seed": result["seed"]} and result["inputs"]["model"]["path"] == str(model)
+    assert len(result["inputs"]["model"]["sha256"]) == 64
+    assert result["versions"]["torch"] and result["command"]
     assert result["reward"] >= result["initial_reward"]
     assert "reward" in capsys.readouterr().out

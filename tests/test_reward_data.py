@@ -13,14 +13,8 @@ import torch
 from PIL import Image
 from preference_helpers import hub_snapshot
 
-from visalign.pipelines.reward_data import (
-    RewardPairs,
-    load_hpdv2,
-    load_pickapic,
-    load_scored_images,
-    near_miss,
-    world_pairs,
-)
+from visalign.pipelines.reward_data import RewardPairs, load_hpdv2, load_pickapic, load_scored_images
+from visalign.pipelines.world_pairs import near_miss, world_pairs
 from visalign.testing import tiny_pipeline
 from visalign.world.scenes import parse_prompt
 from visalign.world.verifier import verify

@@ -341,7 +341,7 @@ def test_metadata_files_are_checked(tmp_path):
 
 def test_bench_run_geneval_reports_the_six_tags_and_their_mean(folders, tmp_path):
     from visalign import cli
-    from visalign.benchmarks.runner import image_name, save_png
+    from visalign.benchmarks.run_folder import image_name, save_png
 
     detector_dir, clip_dir = folders
     passes = {"include": [], "exclude": [{"class": "cat", "count": 1}]}  # holds on an image without cats

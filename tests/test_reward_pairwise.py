@@ -20,10 +20,10 @@ from visalign.reward_models.pairwise import (
     HTTPPairwiseJudge,
     Judgments,
     PairwiseJudge,
-    UnifiedRewardPairwise,
     parse_pair_answer,
     regular_schedule,
 )
+from visalign.reward_models.pairwise_vlm import UnifiedRewardPairwise
 from visalign.reward_models.unifiedreward import (
     PAIR_PROMPTS,
     PAIR_RANK_PROMPT,

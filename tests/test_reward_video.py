@@ -14,15 +14,8 @@ from torch import nn
 from transformers import Qwen2VLForConditionalGeneration
 
 from visalign import load_reward
-from visalign.reward_models.video import (
-    REWARD_TOKENS,
-    VIDEOALIGN_PROMPTS,
-    VISALIGN_PROMPT_TOKENS,
-    FrameAggregate,
-    VideoReward,
-    sample_frames,
-    videoalign_frame_count,
-)
+from visalign.reward_models.video import FrameAggregate, VideoReward, sample_frames, videoalign_frame_count
+from visalign.reward_models.videoalign import REWARD_TOKENS, VIDEOALIGN_PROMPTS, VISALIGN_PROMPT_TOKENS
 from visalign.reward_models.vlm import load_qwen_vl
 from visalign.testing_vlm import save_tiny_qwen_vl
 from visalign.world.rewards import WorldDefectsReward, WorldVerifierReward

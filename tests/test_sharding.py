@@ -1,5 +1,6 @@
 """Sharded training through the engine: FSDP2 over gloo on CPU (torchrun) equals one process; resume and export."""
 
+import importlib.util
 import json
 import os
 import shutil
@@ -50,9 +51,9 @@ def test_unsharded_tensors_pass_through_the_gathers():
 
 
 def torchrun(args: list[str]) -> None:
-    command = shutil.which("torchrun", path=str(Path(sys.executable).parent))
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]  # torchrun, in any venv
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    subprocess.run([command, "--nproc_per_node", "2", "-m", "visalign.cli", *args], env=env, check=True, cwd=ROOT)
+    subprocess.run([*command, "-m", "visalign.cli", *args], env=env, check=True, cwd=ROOT)
 
 
 def assert_same(a: dict, b: dict, **tolerance) -> None:
@@ -113,3 +114,96 @@ def test_fsdp_lora_flow_grpo_equals_one_process_resumes_exactly_and_exports(tmp_
     pipe.load_lora_weights(tmp_path / "two" / "final")  # the gathered adapter in the diffusers format
     assert sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora" in n) > 0
     assert len(list(pipe.transformer.parameters())) > len(before)
+
+
+# -- DeepSpeed ZeRO-2 ---------------------------------------------------------------------------------------------
+# accelerate drives DeepSpeed only where it finds an accelerator backend; on CPUs these tests hand it gloo (a driver
+# script sets `PartialState(backend="gloo")` first) and DeepSpeed runs on its CPU accelerator. The launch environment
+# is the one `accelerate launch --config_file configs/accelerate/deepspeed_zero2.yaml` exports.
+
+needs_deepspeed = pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None, reason="needs `pip install deepspeed` (the optional extra)"
+)
+DRIVER = """import sys
+from accelerate import PartialState
+PartialState(backend="gloo")
+from visalign.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def deepspeed_torchrun(args: list[str], tmp_path: Path) -> None:
+    from test_accelerate_configs import deepspeed_launch_env
+
+    driver = tmp_path / "driver.py"
+    driver.write_text(DRIVER)
+    env = {**os.environ, **deepspeed_launch_env("deepspeed_zero2.yaml")}
+    env |= {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(driver), *args]
+    subprocess.run(command, env=env, check=True, cwd=ROOT)
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero2_lora_flow_grpo_equals_one_process_resumes_exactly_and_exports(tmp_path):
+    """ZeRO-2 on 2 processes: DeepSpeed clips and steps; the gathered masters, EMA and grad norms equal one process."""
+    common = ["train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml"), "--set"]
+    common += ["max_steps=4", "num_batches_per_iteration=1", "checkpointing_steps=2", "ema_decay=0.5"]
+    common += ["ema_update_every=1", "max_grad_norm=0.003"]  # below the tiny run's norms: DeepSpeed's clip acts
+    one = common + ["cpu=true", f"output_dir={tmp_path / 'one'}", "sample_batch_size=4", "train_batch_size=4"]
+    assert main(one) == 0
+    sharded = common + ["sample_batch_size=2", "train_batch_size=2"]
+    deepspeed_torchrun(sharded + [f"output_dir={tmp_path / 'two'}"], tmp_path)
+    files = ["final/pytorch_lora_weights.safetensors"]
+    files += [f"checkpoints/checkpoint-4/{name}.safetensors" for name in ("trainable", "ema")]
+    for file in files:
+        one, two = (load_file(str(tmp_path / run / file)) for run in ("one", "two"))
+        assert_same(one, two, atol=1e-6, rtol=1e-4)
+    norms = [
+        [json.loads(row)["train/grad_norm"] for row in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        for run in ("one", "two")
+    ]
+    assert len(norms[0]) == 4 and max(norms[0]) > 0.003 and norms[0] == pytest.approx(norms[1], rel=1e-4)
+    files.append("checkpoints/checkpoint-4/optimizer.safetensors")  # by parameter name under DeepSpeed
+    assert not list((tmp_path / "two").rglob("*.pt")) and not list((tmp_path / "two").rglob("*.bin"))
+
+    as_if_killed_after(tmp_path / "two", tmp_path / "resumed", step=2)
+    deepspeed_torchrun(sharded + [f"output_dir={tmp_path / 'resumed'}", "resume_from=latest"], tmp_path)
+    for file in files:  # masters, Adam moments, EMA and RNG restored into the partitions: bit for bit
+        two, resumed = (load_file(str(tmp_path / run / file)) for run in ("two", "resumed"))
+        assert_same(two, resumed, atol=0, rtol=0)
+
+    pipe = tiny_pipeline("sd3")
+    pipe.load_lora_weights(tmp_path / "two" / "final")
+    assert sum(p.numel() for n, p in pipe.transformer.named_parameters() if "lora" in n) > 0
+
+
+@pytest.mark.slow
+@needs_deepspeed
+def test_deepspeed_zero2_full_fine_tuning_dpo_with_its_reference_equals_one_process(tmp_path):
+    common = ["train", "diffusion-dpo", "--config", str(ROOT / "configs" / "tiny_dpo.yaml"), "--set"]
+    common += ["use_lora=false", "max_steps=2", "checkpointing_steps=2"]
+    assert main(common + ["cpu=true", f"output_dir={tmp_path / 'one'}"]) == 0
+    deepspeed_torchrun(common + [f"output_dir={tmp_path / 'two'}"], tmp_path)
+    for file in ("checkpoints/checkpoint-2/trainable.safetensors", "final/unet/diffusion_pytorch_model.safetensors"):
+        one, two = (load_file(str(tmp_path / run / file)) for run in ("one", "two"))
+        assert_same(one, two, atol=1e-4, rtol=1e-3)  # float32 sums over 4 pairs vs 2 x 2, through Adam
+    from diffusers import UNet2DConditionModel
+
+    UNet2DConditionModel.from_pretrained(tmp_path / "two" / "final" / "unet")
+
+
+@pytest.mark.slow
+@needs_deepspeed
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="GPU-only: DeepSpeed bf16 over NCCL needs 2 CUDA devices")
+def test_deepspeed_zero2_bf16_on_gpus_trains_and_exports(tmp_path):
+    """The GPU launch as the README gives it: bf16 from the recipe into DeepSpeed's config, fp32 masters saved."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
+    command += [str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2"]
+    command += ["-m", "visalign.cli", "train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml")]
+    command += ["--set", "mixed_precision=bf16", "max_steps=2", "checkpointing_steps=2", "sample_batch_size=2"]
+    command += ["train_batch_size=2", f"output_dir={tmp_path}"]
+    subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, cwd=ROOT)
+    weights = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
+    assert weights and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())
+    tiny_pipeline("sd3").load_lora_weights(tmp_path / "final")

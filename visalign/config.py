@@ -5,9 +5,13 @@
 Every field has a default and `metadata={"help": ...}` (trl's `GRPOConfig` style). Values from YAML and from
 overrides are coerced to the field's annotated type here: PyYAML reads `1e-5` as the string `'1e-5'` (YAML 1.1
 floats need a dot), so a float field accepts it and an int field accepts `1e3`. An unknown key, or a value that
-cannot be the field's type, is a `ValueError` naming the key; so is a non-finite number (`.inf`, `.nan`) in any
-numeric field, nested ones included (`check_finite` does the same for configs built in Python). A YAML syntax error
-names the file, line and column. Range checks live in each config's `__post_init__`.
+cannot be the field's type, is a `ValueError` naming the key and the value; so is a non-finite number (`.inf`,
+`.nan`) in any numeric field, nested ones included (`check_finite` does the same for configs built in Python). A YAML
+syntax error names the file, line and column. Range checks live in each config's `__post_init__`.
+
+Booleans are strict: `true`/`false`, `yes`/`no` (any case) and `1`/`0`; anything else (`flase`, `on`, `2`) is an
+error naming the key and the value, never a silent False. This is the one override parser: every `--set` of every
+command goes through `parse_overrides`.
 
 `TrainConfig` holds what the training engine (`visalign.engine.Engine`) reads; method configs extend it.
 """
@@ -16,6 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Sequence
@@ -28,6 +33,27 @@ import yaml
 from visalign.files import read_text
 
 C = TypeVar("C")
+BOOLEANS = {"true": True, "yes": True, "1": True, "false": False, "no": False, "0": False}
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """PyYAML's safe loader without YAML 1.1's `on`/`off` booleans: only `true/false/yes/no` (any case) are bools."""
+
+
+_StrictLoader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_StrictLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool",
+    re.compile(r"^(?:true|True|TRUE|false|False|FALSE|yes|Yes|YES|no|No|NO)$"),
+    list("tTfFyYnN"),
+)
+
+
+def _load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+
 
 # peft targets: the joint-attention projections of SD3 and FLUX blocks (Flow-GRPO's LoRA targets).
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
@@ -126,13 +152,13 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
     """Build `cls` from its defaults, then the YAML mapping at `path`, then `key=value` `overrides`.
 
     Override values are parsed as YAML (`beta=0.04`, `use_lora=false`, `lora_target_modules=[to_q, to_k]`,
-    `resume_from=null`) and coerced like file values.
+    `resume_from=null`) and coerced like file values (booleans strictly, see the module docstring).
     """
     values: dict[str, Any] = {}
     if path is not None:
         text = read_text(path, "config file")
         try:
-            loaded = yaml.safe_load(text)
+            loaded = _load_yaml(text)
         except yaml.YAMLError as e:
             raise ValueError(f"config file {path}: {_yaml_problem(e)}") from None
         if loaded is None:
@@ -145,14 +171,17 @@ def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequenc
 
 
 def parse_overrides(pairs: Sequence[str]) -> dict[str, Any]:
-    """`["key=value", ...]` -> `{key: YAML-parsed value}` (types are coerced later, against the dataclass)."""
+    """`["key=value", ...]` -> `{key: YAML-parsed value}` (types are coerced later, against the dataclass).
+
+    The one parser of `--set key=value` for every command (`visalign train`, `visalign world train-base`, ...).
+    """
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key.strip():
             raise ValueError(f"an override must look like key=value, got {pair!r}")
         try:
-            out[key.strip()] = yaml.safe_load(value) if value.strip() else ""
+            out[key.strip()] = _load_yaml(value) if value.strip() else ""
         except yaml.YAMLError as e:
             raise ValueError(f"override {pair!r}: the value is not valid YAML ({_yaml_problem(e)})") from None
     return out
@@ -246,9 +275,9 @@ def coerce(value: Any, annotation: Any, name: str) -> Any:
     if annotation is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no"):
-            return value.lower() in ("true", "yes")
-        raise ValueError(f"`{name}` must be true or false, got {value!r}")
+        if isinstance(value, (int, str)) and str(value).strip().lower() in BOOLEANS:
+            return BOOLEANS[str(value).strip().lower()]
+        raise ValueError(f"`{name}` must be a boolean (true/false, yes/no or 1/0), got {value!r}")
     if annotation is int:
         number = _number(value, name)
         if not math.isfinite(number) or number != int(number):

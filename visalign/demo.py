@@ -40,7 +40,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from visalign import load_reward
-    from visalign.benchmarks.report import write_html_report
+    from visalign.html import write_html_report
     from visalign.world.evaluate import accuracy, generate, heldout_prompts
     from visalign.world.models import load_pipeline
     from visalign.world.verifier import verify
@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
 
 def report_sections(summary: dict, slots: list, before, after, verdicts: dict) -> list:
     """The demo report: the per-category table, the best-of-n curve, and before/after grids with verdicts."""
-    from visalign.benchmarks.report import GridCell, GridRow, Mark, Section, bar_plot, line_plot
+    from visalign.html import GridCell, GridRow, Mark, Section, bar_plot, line_plot
 
     b, a = summary["before"], summary["after"]
     cats = list(b["per_category"])

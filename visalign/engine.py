@@ -22,11 +22,13 @@ What it owns:
 - AdamW and a `diffusers.optimization` learning-rate schedule, stepped once per update (never once per process).
 - Sharding (`fsdp=true`, or an accelerate FSDP launch): the trained component and the full-fine-tuning reference as
   FSDP2 shards, through accelerate's plugin on accelerators and torch's `fully_shard` over gloo on CPUs
-  (`visalign.sharding`); checkpoints and exports are gathered whole and written by the main process.
+  (`visalign.sharding`); checkpoints and exports are gathered whole and written by the main process. A DeepSpeed
+  ZeRO-2 launch hands backward, clipping, the step and zero_grad to DeepSpeed's engine (same files, same contract).
 - An EMA of the trainable parameters, swapped in by `ema_weights()` and for the final export.
-- Checkpoints written to a temporary folder and renamed: trainable weights, optimizer, scheduler, EMA, the RNG
-  states of every process (python, numpy, torch, CUDA), the step, and the caller's state (its prompt sampler). A LoRA
-  checkpoint also holds the adapter in the diffusers format, so `pipe.load_lora_weights(folder)` works.
+- Checkpoints (`visalign.checkpointing`) written to a temporary folder and renamed: trainable weights, optimizer,
+  scheduler, EMA, the RNG states of every process (python, numpy, torch, CUDA), the step, and the caller's state (its
+  prompt sampler; its tensors, such as a replay buffer, per process). A LoRA checkpoint also holds the adapter in the
+  diffusers format, so `pipe.load_lora_weights(folder)` works.
   `resume_from` restores all of it: a resumed run continues exactly where the checkpoint was taken, and
   `metrics.jsonl` is cut back to the rows written before the checkpoint, so each step is logged once.
 - No pickles: every checkpoint file is safetensors (tensors, and `visalign.files.save_state` for the optimizer,
@@ -43,20 +45,15 @@ import copy
 import json
 import logging
 import math
-import os
-import platform
-import random
+import resource
 import shutil
-import sys
 import time
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager, nullcontext
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -65,31 +62,31 @@ from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict
-from safetensors.torch import save_file
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from visalign.checkpointing import read_checkpoint, write_checkpoint
 from visalign.config import TrainConfig, config_to_dict, save_config
-from visalign.files import load_safetensors, load_state, read_text, refuse_pickles, save_state
+from visalign.files import run_record, write_run_record
+from visalign.preflight import config_inputs
 from visalign.rundir import (
-    CHECKPOINTS,
-    checkpoints,
     claim_output_dir,
-    count_rows,
     latest_checkpoint,
+    remove_checkpoints_after,
+    resume_checkpoint,
     truncate_metrics,
 )
-from visalign.sampler import seeded_generators
 from visalign.sharding import (
     ACCELERATE,
+    DEEPSPEED,
     NONE,
     TORCH,
-    full_optimizer_state,
+    configure_deepspeed,
+    deepspeed_step,
+    deepspeed_trained_state,
     full_state_dict,
     full_tensor,
-    load_full_optimizer_state,
     save_full_component,
-    shard_like,
     shard_module,
     sharding_mode,
 )
@@ -143,34 +140,6 @@ class EMA:
             raise ValueError(f"EMA state has {len(state)} tensors, the model trains {len(self.shadow)}")
         for i, s in enumerate(self.shadow):
             s.copy_(state[str(i)])
-
-
-class PromptSampler:
-    """The prompts of each training iteration, drawn from `Generator(seed, iteration)`: deterministic and resumable.
-
-    `draw(n)` returns `n` prompts in a fresh random order (without replacement while `n <= len(prompts)`, then
-    cycling the same permutation). Its state is the iteration count.
-    """
-
-    def __init__(self, prompts: Sequence[str], seed: int):
-        if isinstance(prompts, str) or not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError("`prompts` must be a non-empty list of strings")
-        self.prompts = list(prompts)
-        self.seed = seed
-        self.iteration = 0
-
-    def draw(self, n: int) -> list[str]:
-        generator = seeded_generators([(self.seed, 0x5EED, self.iteration)])[0]
-        order = torch.randperm(len(self.prompts), generator=generator)
-        order = order.repeat(math.ceil(n / len(self.prompts)))[:n]
-        self.iteration += 1
-        return [self.prompts[i] for i in order.tolist()]
-
-    def state_dict(self) -> dict[str, int]:
-        return {"iteration": self.iteration}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        self.iteration = int(state["iteration"])
 
 
 class ScoreTotals:
@@ -265,8 +234,10 @@ class Engine:
         compute_dtype = weight_dtype if config.mixed_precision != "no" else None
         if self.sharding == TORCH:
             shard_module(model, compute_dtype)
-        if self.sharding != NONE and self.reference_model is not None:
+        if self.sharding in (TORCH, ACCELERATE) and self.reference_model is not None:
             shard_module(self.reference_model, compute_dtype)  # sharded too: no full copy per process
+        if self.sharding == DEEPSPEED:  # clipping, accumulation and precision in DeepSpeed's config (ZeRO-2 only)
+            configure_deepspeed(self.accelerator, config.max_grad_norm, config.mixed_precision)
         self.named_parameters = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.parameters = [p for _, p in self.named_parameters]
         optimizer = torch.optim.AdamW(
@@ -303,7 +274,8 @@ class Engine:
                 (self.output_dir / "metrics.jsonl").unlink(missing_ok=True)
             self.output_dir.mkdir(parents=True, exist_ok=True)
             save_config(config, self.output_dir / "config.yaml")
-            (self.output_dir / "run.json").write_text(json.dumps(run_info() | {"status": "running"}, indent=2))
+            record = run_record(config=config, seeds={"seed": config.seed}, inputs=config_inputs(config))
+            write_run_record(self.output_dir / "run.json", record | {"status": "running"})
         self.accelerator.wait_for_everyone()
         if config.report_to != "none":
             hparams = {
@@ -322,8 +294,8 @@ class Engine:
             self.device,
             config.mixed_precision,
         )
-        main = self.accelerator.is_local_main_process
-        self.progress = tqdm(total=config.max_steps, desc="training", disable=not main)
+        self.progress = self._training_bar(initial=0)
+        self._paused = 0  # depth of `pause_progress()`
 
     # -- distribution -------------------------------------------------------------------------------------------
 
@@ -359,27 +331,41 @@ class Engine:
 
     def autocast(self) -> AbstractContextManager:
         """The mixed-precision autocast context (a no-op in float32)."""
+        if self.sharding == DEEPSPEED:  # accelerate leaves precision to DeepSpeed, which casts weights, not inputs
+            mixed = self.config.mixed_precision
+            return torch.autocast(self.device.type, dtype=WEIGHT_DTYPES[mixed], enabled=mixed != "no")
         return self.accelerator.autocast()
 
     @contextmanager
     def accumulate(self, sync: bool) -> Iterator[None]:
         """Wrap the forward and backward of one micro-step; only the last one of an update may `sync` gradients."""
+        if self.sharding == DEEPSPEED:  # ZeRO-2 reduces into its partitions; it steps only at a boundary
+            self.model.set_gradient_accumulation_boundary(sync)
+            yield
+            return
         with nullcontext() if sync else self.accelerator.no_sync(self.model):
             yield
 
     def backward(self, loss: Tensor) -> None:
         self._loss_finite &= torch.isfinite(loss.detach()).all()  # no host sync here: checked once per update
-        self.accelerator.backward(loss)
+        if self.sharding == DEEPSPEED:  # DeepSpeed's backward (loss scaling, partitioned reduction); no step yet
+            self.model.backward(loss)
+        else:
+            self.accelerator.backward(loss)
 
     def optimizer_step(self) -> dict[str, float]:
         """Clip, step the optimizer and the schedule, update the EMA; returns `grad_norm` and `lr`.
 
         Raises `NonFiniteError` (before touching the weights) when a loss of this update or the gradient norm is not
         finite, on every process alike. Under fp16 a non-finite gradient is the loss scaler's business (it skips the
-        step and lowers the scale), so only the loss is checked there.
+        step and lowers the scale), so only the loss is checked there. Under DeepSpeed the losses are checked before
+        its step and its gradient norm after it (DeepSpeed skips an overflowed step in fp16 and float32; in bf16 the
+        weights may have moved, and the finite-weight checks keep them out of every checkpoint and export).
         """
         lr = self.lr_scheduler.get_last_lr()[0]
-        if self.config.max_grad_norm > 0:
+        if self.sharding == DEEPSPEED:
+            grad_norm = 0.0  # DeepSpeed computes it inside its step, after the losses are checked below
+        elif self.config.max_grad_norm > 0:
             norm = self.accelerator.clip_grad_norm_(self.parameters, self.config.max_grad_norm)
             grad_norm = float(full_tensor(norm))
         else:
@@ -394,6 +380,10 @@ class Engine:
         if not bool(finite.all()):
             what = "loss" if not bool(finite[0]) else f"gradient norm ({grad_norm})"
             raise NonFiniteError(self._non_finite_message(what, self.step + 1))
+        if self.sharding == DEEPSPEED:  # clip, step and zero_grad in one call (the wrappers below are no-ops then)
+            grad_norm = deepspeed_step(self.model)  # the same on every process; DeepSpeed skips an overflowed step
+            if not math.isfinite(grad_norm) and self.config.mixed_precision != "fp16":
+                raise NonFiniteError(self._non_finite_message(f"gradient norm ({grad_norm})", self.step + 1))
         self.optimizer.step()
         self.lr_scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -417,9 +407,33 @@ class Engine:
         else:
             raise ValueError("full fine-tuning keeps a reference model only with Engine(..., keep_reference=True)")
 
-    def ema_weights(self) -> AbstractContextManager:
-        """A context in which the trained parameters hold their EMA (a no-op without EMA)."""
-        return nullcontext() if self.ema is None else self.ema.swapped_in()
+    @contextmanager
+    def ema_weights(self) -> Iterator[None]:
+        """A context in which the trained parameters hold their EMA (when on). It is the context of the work between
+        training steps (evaluation, data sampled from the model), so its time is left out of the training bar's ETA
+        (`pause_progress`)."""
+        with self.pause_progress(), nullcontext() if self.ema is None else self.ema.swapped_in():
+            yield
+
+    def _training_bar(self, initial: int) -> tqdm:
+        """The training bar (main process only), counting optimizer steps from `initial` (a resumed run's step)."""
+        main = self.accelerator.is_local_main_process
+        return tqdm(total=self.config.max_steps, initial=initial, desc="training", unit="step", disable=not main)
+
+    @contextmanager
+    def pause_progress(self) -> Iterator[None]:
+        """Leave the time spent inside out of the training bar's rate and ETA: the ETA counts training steps only,
+        not evaluation or pair building (which show their own bars). Nested pauses count once."""
+        start = time.time()  # tqdm's clock
+        self._paused += 1
+        try:
+            yield
+        finally:
+            self._paused -= 1
+            if not self._paused and not self.progress.disable:
+                paused = time.time() - start
+                self.progress.start_t += paused
+                self.progress.last_print_t += paused
 
     # -- logging --------------------------------------------------------------------------------------------------
 
@@ -431,12 +445,17 @@ class Engine:
         if self.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-            self.progress.set_postfix({k: f"{v:.4g}" for k, v in list(metrics.items())[:3]}, refresh=False)
+            shown = [(k, v) for k, v in metrics.items() if not k.startswith("eval/")][:3]  # the training signals
+            if shown:
+                self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown}, refresh=False)
 
     # -- saving and resuming --------------------------------------------------------------------------------------
 
     def trained_state(self) -> dict[str, Tensor]:
-        """The trained parameters by name, whole: gathered when sharded (a collective: call it on every process)."""
+        """The trained parameters by name, whole: gathered when sharded (a collective: call it on every process);
+        under DeepSpeed the float32 master weights."""
+        if self.sharding == DEEPSPEED:
+            return deepspeed_trained_state(self.named_parameters)
         return {n: full_tensor(p.detach()) for n, p in self.named_parameters}
 
     def save_lora(self, folder: str | Path, trained: dict[str, Tensor] | None = None) -> None:
@@ -458,7 +477,11 @@ class Engine:
         folder = Path(folder) if folder is not None else self.output_dir / "final"
         self._check_finite_weights("the final weights")
         gathered = None
-        if self.sharding != NONE:  # gathered on every process (a collective), written by the main one
+        if self.sharding == DEEPSPEED:  # the float32 masters (or their EMA), not the module's low-precision copies
+            names = [n for n, _ in self.named_parameters]
+            trained = self.trained_state() if self.ema is None else dict(zip(names, self.ema.shadow))
+            gathered = trained if self.config.use_lora else self.unwrapped.state_dict() | trained
+        elif self.sharding != NONE:  # gathered on every process (a collective), written by the main one
             with self.ema_weights():
                 gathered = self.trained_state() if self.config.use_lora else full_state_dict(self.unwrapped)
         if self.is_main_process:
@@ -502,41 +525,13 @@ class Engine:
         return self.save_checkpoint(state)
 
     def save_checkpoint(self, state: dict[str, Any]) -> Path:
-        """Write `output_dir/checkpoints/checkpoint-{step}` atomically (temporary folder, then rename)."""
-        root = self.output_dir / CHECKPOINTS
-        final = root / f"checkpoint-{self.step}"
-        tmp = root / f".checkpoint-{self.step}.tmp"
+        """Write `output_dir/checkpoints/checkpoint-{step}` atomically (`visalign.checkpointing.write_checkpoint`).
+
+        `state` is the caller's: its JSON values (the main process's) go to `state.json`, its tensor values (every
+        process's own, e.g. a replay buffer) to `caller_state_{process}.safetensors`.
+        """
         self._check_finite_weights(f"checkpoint-{self.step}")
-        if self.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-        self.accelerator.wait_for_everyone()
-        save_state(random_states(), tmp / f"random_states_{self.process_index}.safetensors")
-        # whole tensors on every process (gathers when sharded, so every process takes part), written by the main one
-        trained = self.trained_state()
-        ema = None if self.ema is None else {k: full_tensor(v) for k, v in self.ema.state_dict().items()}
-        sharded = self.sharding != NONE
-        optimizer = full_optimizer_state(self.unwrapped, self.optimizer.optimizer) if sharded else None
-        if self.is_main_process:
-            save_file({n: t.cpu().contiguous() for n, t in trained.items()}, tmp / "trainable.safetensors")
-            save_state(optimizer if sharded else self.optimizer.state_dict(), tmp / "optimizer.safetensors")
-            save_state(self.lr_scheduler.state_dict(), tmp / "scheduler.safetensors")
-            if ema is not None:
-                save_file({k: v.cpu() for k, v in ema.items()}, tmp / "ema.safetensors")
-            if self.config.use_lora:
-                self.save_lora(tmp, trained if sharded else None)
-            save_config(self.config, tmp / "config.yaml")
-            metrics = self.output_dir / "metrics.jsonl"
-            state = {"step": self.step, "metrics_rows": count_rows(metrics), **state}
-            (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        self.accelerator.wait_for_everyone()
-        if self.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            self._prune_checkpoints(root)
-            logger.info("saved checkpoint %s", final)
-        self.accelerator.wait_for_everyone()
+        final = write_checkpoint(self, state)
         self._last_checkpoint_step = self.step
         return final
 
@@ -547,21 +542,12 @@ class Engine:
         earlier checkpoint of this run rewinds it: the later checkpoints (and metrics rows) are removed, so that
         `"latest"` never mixes the abandoned future with the new one.
         """
-        if self.config.resume_from is None:
+        folder = resume_checkpoint(self.config)
+        if folder is None:
             return None
-        if self.config.resume_from == "latest":
-            folder = latest_checkpoint(self.output_dir)
-            if folder is None:
-                logger.info("resume_from='latest': no checkpoint under %s, starting fresh", self.output_dir)
-                return None
-        else:
-            folder = Path(self.config.resume_from)
         state = self.load_checkpoint(folder)
-        later = [c for c in checkpoints(self.output_dir) if int(c.name.split("-")[-1]) > self.step]
-        if later and self.is_main_process:  # a rewound run: those checkpoints belong to the future being rewritten
-            logger.warning("resumed at step %d: removing the later checkpoints %s", self.step, [c.name for c in later])
-            for old in later:
-                shutil.rmtree(old)
+        if self.is_main_process:
+            remove_checkpoints_after(self.output_dir, self.step)
         self.accelerator.wait_for_everyone()
         return state
 
@@ -572,51 +558,15 @@ class Engine:
         back to the rows it had when the checkpoint was written (each step is then logged exactly once).
         """
         folder = Path(folder)
-        if not (folder / "state.json").exists():
-            raise FileNotFoundError(f"no visalign checkpoint at {folder} (state.json missing)")
-        refuse_pickles(folder)
-        # read on the CPU (safetensors refuses "cpu:0", the device of a multi-process CPU run); copy_ moves them
-        weights = load_safetensors(folder / "trainable.safetensors", device="cpu")
-        names = [n for n, _ in self.named_parameters]
-        if sorted(weights) != sorted(names):
-            missing, extra = sorted(set(names) - set(weights)), sorted(set(weights) - set(names))
-            raise ValueError(
-                f"checkpoint {folder} does not match the trained parameters (missing {missing[:3]}, extra "
-                f"{extra[:3]}): was it written with the same model and LoRA settings?"
-            )
-        with torch.no_grad():
-            for n, p in self.named_parameters:
-                p.copy_(shard_like(weights[n], p))  # this process's shard when sharded
-        if self.sharding == NONE:
-            self.optimizer.load_state_dict(load_state(folder / "optimizer.safetensors"))
-        else:
-            optimizer = load_state(folder / "optimizer.safetensors")
-            load_full_optimizer_state(self.unwrapped, self.optimizer.optimizer, optimizer)
-        self.lr_scheduler.load_state_dict(load_state(folder / "scheduler.safetensors"))
-        if self.ema is not None:
-            ema = load_safetensors(folder / "ema.safetensors", device="cpu")
-            self.ema.load_state_dict({k: shard_like(v, self.ema.shadow[int(k)]) for k, v in ema.items()})
-        rng = folder / f"random_states_{self.process_index}.safetensors"
-        if rng.exists():
-            set_random_states(load_state(rng))
-        try:
-            state = json.loads(read_text(folder / "state.json"))
-            step, rows = int(state.pop("step")), state.pop("metrics_rows", None)
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise ValueError(f"{folder / 'state.json'} is not a visalign checkpoint state ({e})") from None
+        state, step, rows = read_checkpoint(self, folder)
         self.step = self._last_checkpoint_step = step
         if self.is_main_process:
             truncate_metrics(self.output_dir / "metrics.jsonl", rows, self.step)
-        self.progress.update(self.step)
+        self.progress.leave = False  # a fresh bar from the resumed step: restored steps take no time in its rate
+        self.progress.close()
+        self.progress = self._training_bar(initial=self.step)
         logger.info("resumed from %s at step %d", folder, self.step)
         return state
-
-    def _prune_checkpoints(self, root: Path) -> None:
-        limit = self.config.checkpoints_total_limit
-        if limit is None:
-            return
-        for old in checkpoints(root.parent)[:-limit]:
-            shutil.rmtree(old)
 
 
 def load_pipeline(pretrained: str) -> DiffusionPipeline:
@@ -628,56 +578,8 @@ def load_pipeline(pretrained: str) -> DiffusionPipeline:
     return load_generator(pretrained)[0]
 
 
-def load_prompts(spec: str) -> list[str]:
-    """Prompts a config names: `world:train` / `world:test` (the shapes world's splits), `world:heldout` (its
-    evaluation set), or a text file with one prompt a line."""
-    kind, _, split = spec.partition(":")
-    if kind == "world" and split == "heldout":
-        from visalign.world.evaluate import heldout_prompts
-
-        return [p.text for p in heldout_prompts()]
-    if kind == "world" and split:
-        from visalign.world.scenes import prompt_split
-
-        return [p.text for group in prompt_split(split).values() for p in group]
-    path = Path(spec)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompts {spec!r}: not `world:<split>` and no such file")
-    prompts = [line.strip() for line in read_text(path, "prompt file").splitlines() if line.strip()]
-    if not prompts:
-        raise ValueError(f"prompt file {path} holds no prompt")
-    return prompts
-
-
-def random_states() -> dict[str, Any]:
-    """python, numpy and torch (CPU and CUDA) RNG states of this process (stored by `visalign.files.save_state`)."""
-    states = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        states["cuda"] = torch.cuda.get_rng_state_all()
-    return states
-
-
-def set_random_states(states: dict[str, Any]) -> None:
-    random.setstate(states["python"])
-    np.random.set_state(states["numpy"])
-    torch.set_rng_state(states["torch"])
-    if "cuda" in states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(states["cuda"])
-
-
-def run_info() -> dict[str, Any]:
-    """What a run needs for reproduction besides its config: command, versions, platform."""
-    packages = ("visalign", "torch", "diffusers", "transformers", "accelerate", "peft")
-    versions = {}
-    for name in packages:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return {
-        "command": " ".join(sys.argv),
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "versions": versions,
-    }
+def peak_memory_gb(device: torch.device) -> float:
+    """Peak memory so far: allocated on the CUDA device, or the process's peak resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux

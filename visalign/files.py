@@ -9,14 +9,26 @@
   strings, numpy arrays) as JSON in the file's metadata. Nothing is ever unpickled, so loading a state cannot run
   code (`torch.load(..., weights_only=False)` can).
 - `refuse_pickles`: raise when a folder holds pickle files (`.pt`, `.bin`, ...), naming the first.
+- `to_uint8` / `to_pil`: float pixels in [0, 1] as 8-bit arrays or PIL images (the one conversion every writer uses).
+- `run_record` / `write_run_record`: the one provenance record of a run (training, benchmark, ReNO, world models):
+  the command, the resolved config, the seeds, package versions, platform, and the sha256 of every input file.
 """
 
 from __future__ import annotations
 
 import codecs
+import dataclasses
+import hashlib
 import json
+import os
+import platform
+import shlex
+import sys
+import time
+from collections.abc import Mapping
+from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,9 +36,14 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
+if TYPE_CHECKING:
+    from PIL import Image
+
 PICKLE_SUFFIXES = (".pt", ".pth", ".bin", ".pkl", ".pickle", ".ckpt")
 STATE_KEY = "visalign_state"  # the safetensors metadata entry holding a state's JSON structure
 _TENSOR, _TUPLE, _ITEMS, _ARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
+RECORD_PACKAGES = ("visalign", "torch", "diffusers", "transformers", "accelerate", "peft", "numpy")
+HASH_LIMIT = 2**31  # bytes: a larger input folder (a full checkpoint) is recorded by size, not hashed
 
 
 class BadFileError(ValueError):
@@ -158,3 +175,92 @@ def load_state(path: str | Path) -> Any:
         return decode(structure)
     except (KeyError, TypeError, ValueError) as e:
         raise BadFileError(f"{path} holds a damaged state structure ({type(e).__name__}: {e})") from None
+
+
+def to_uint8(pixels: Tensor) -> np.ndarray:
+    """Pixels `[3, H, W]` or `[B, 3, H, W]` (float in [0, 1]) as uint8 `[H, W, 3]` / `[B, H, W, 3]` on the CPU:
+    `round(clamp(x, 0, 1) * 255)`, the quantization a saved PNG holds."""
+    if not isinstance(pixels, Tensor) or pixels.dim() not in (3, 4) or pixels.shape[-3] != 3:
+        shape = tuple(pixels.shape) if isinstance(pixels, Tensor) else type(pixels).__name__
+        raise ValueError(f"`pixels` must be a [3, H, W] or [B, 3, H, W] tensor, got {shape}")
+    x = (pixels.detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    return x.movedim(-3, -1).contiguous().cpu().numpy()
+
+
+def to_pil(pixels: Tensor) -> Image.Image:
+    """A `[3, H, W]` image in [0, 1] as an RGB PIL image (8 bits, rounded)."""
+    from PIL import Image
+
+    if pixels.dim() != 3:
+        raise ValueError(f"`pixels` must be one [3, H, W] image, got shape {tuple(pixels.shape)}")
+    return Image.fromarray(to_uint8(pixels))
+
+
+def package_versions(names: tuple[str, ...] = RECORD_PACKAGES) -> dict[str, str | None]:
+    """Installed versions of `names` (None for one that is not installed)."""
+    versions: dict[str, str | None] = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def input_hash(path: str | Path) -> dict[str, Any]:
+    """`{"path", "sha256", "bytes"}` of a file, or of a folder (the digest of its files' relative names and
+    contents, in sorted order); a folder over `HASH_LIMIT` bytes gets `"sha256": None`."""
+    path = Path(path)
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    size = sum(p.stat().st_size for p in files)
+    if path.is_dir() and size > HASH_LIMIT:
+        return {"path": str(path), "sha256": None, "bytes": size}
+    digest = hashlib.sha256()
+    for file in files:
+        if path.is_dir():
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": str(path), "sha256": digest.hexdigest(), "bytes": size}
+
+
+def run_record(
+    *,
+    config: Any = None,
+    seeds: Any = None,
+    inputs: Mapping[str, str | Path | None] | None = None,
+    command: str | None = None,
+) -> dict[str, Any]:
+    """What reproducing a run needs: the command, the resolved `config` (a dataclass or a mapping), its `seeds`,
+    package versions, the platform, and `inputs` (name -> a local file or folder, hashed; a hub id or any other
+    string that is not a path is kept as given). `command` defaults to this process's command line."""
+    if command is None:
+        command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]])
+    if dataclasses.is_dataclass(config) and not isinstance(config, type):
+        config = dataclasses.asdict(config)
+    hashed = {}
+    for name, value in (inputs or {}).items():
+        if value is not None:
+            hashed[name] = input_hash(value) if os.path.exists(value) else {"id": str(value)}
+    return {
+        "command": command,
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config,
+        "seeds": seeds,
+        "inputs": hashed,
+        "versions": package_versions(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+
+
+def write_run_record(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Write a record (a `run_record`, with whatever a writer adds) as indented JSON, to a temporary name and
+    renamed, so a reader never sees half a record."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2, ensure_ascii=False, default=str), encoding="utf-8")
+    os.replace(tmp, path)
+    return path

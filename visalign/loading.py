@@ -2,8 +2,10 @@
 `demo`) goes through `load_generator`, so the same model names work everywhere:
 
 - `world:sd`, `world:sd3`: the shapes world's shipped models (`visalign/assets/world/`);
-- `tiny:sd`, `tiny:sd3`, ...: the tiny random pipelines of `visalign.testing` (tests and smoke runs);
-- a diffusers pipeline folder (components saved as absent, such as SD3 without T5, load as None);
+- `tiny:sd`, `tiny:sd3`, `tiny:qwen-image`, `tiny:wan`, ...: the tiny random pipelines of `visalign.testing`
+  (tests and smoke runs);
+- a diffusers pipeline folder of any family (components saved as absent, such as SD3 without T5 or Wan2.1's
+  `transformer_2`, load as None);
 - a Hugging Face Hub repo id (the cache and `HF_HUB_OFFLINE=1` behave as usual).
 
 `lora` loads a trained adapter folder (`pytorch_lora_weights.safetensors`, what the trainers write to
@@ -24,8 +26,17 @@ from typing import Any
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 CONFIG_KEY = "_visalign_generation"
-# Call arguments that decide what a pipeline samples; recorded and compared by `bench`.
-SETTING_NAMES = ("num_inference_steps", "guidance_scale", "height", "width", "max_sequence_length")
+# Call arguments that decide what a pipeline samples; recorded and compared by `bench`. Qwen-Image's CFG weight is
+# `true_cfg_scale` (its `guidance_scale` only feeds guidance-distilled checkpoints); Wan samples `num_frames`.
+SETTING_NAMES = (
+    "num_inference_steps",
+    "guidance_scale",
+    "true_cfg_scale",
+    "height",
+    "width",
+    "num_frames",
+    "max_sequence_length",
+)
 WORLD_FAMILIES = ("sd", "sd3")
 
 

@@ -227,8 +227,8 @@ class RewardMonitor:
         }
 
     def plot(self, title: str = "Training reward vs gold reward") -> Any:
-        """Both `z` curves against the step (`visalign.benchmarks.report.line_plot`)."""
-        from visalign.benchmarks.report import line_plot
+        """Both `z` curves against the step (`visalign.html.line_plot`)."""
+        from visalign.html import line_plot
 
         steps = [r.step for r in self.records]
         return line_plot(

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
+import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -29,7 +31,6 @@ REWARD_SOURCES: dict[str, tuple[str, ...]] = {
     "imagereward": ("visalign.reward_models.imagereward:IMAGEREWARD_REPO",),
     "aesthetic": ("visalign.reward_models.aesthetic:CLIP_L14",),
 }
-WORLD_PROMPTS = ("train", "test", "heldout")
 
 
 class PreflightError(ValueError):
@@ -42,15 +43,24 @@ def _offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE)
 
 
-def _cached(repo_id: str) -> bool:
+def _cached(repo_id: str, repo_type: str = "model") -> bool:
+    """Whether a snapshot of `repo_id` (`repo_type` "model" or "dataset") is in the Hub cache; a dataset also counts
+    as cached when `datasets` has prepared it (its own cache, `{owner}___{name}`), which it loads from offline."""
     from huggingface_hub import constants
 
-    folder = Path(constants.HF_HUB_CACHE) / ("models--" + repo_id.replace("/", "--")) / "snapshots"
-    return folder.is_dir() and any(folder.iterdir())
+    folder = Path(constants.HF_HUB_CACHE) / f"{repo_type}s--{repo_id.replace('/', '--')}" / "snapshots"
+    if folder.is_dir() and any(folder.iterdir()):
+        return True
+    if repo_type != "dataset":
+        return False
+    prepared = Path(os.environ.get("HF_DATASETS_CACHE") or Path(constants.HF_HOME) / "datasets")
+    prepared = prepared / repo_id.replace("/", "___")
+    return prepared.is_dir() and any(prepared.iterdir())
 
 
-def hub_problem(repo_id: str) -> str | None:
-    """Why the Hub repo `repo_id` cannot be had here (None when it is cached, or reachable and not gated)."""
+def hub_problem(repo_id: str, repo_type: str = "model") -> str | None:
+    """Why the Hub repo `repo_id` (`repo_type` "model" or "dataset") cannot be had here (None when it is cached, or
+    reachable and not gated)."""
     from huggingface_hub import get_token
     from huggingface_hub.errors import HFValidationError
     from huggingface_hub.utils import validate_repo_id
@@ -59,15 +69,18 @@ def hub_problem(repo_id: str) -> str | None:
         validate_repo_id(repo_id)
     except HFValidationError:
         return "no such local path, and not a Hub repo id"
-    if _cached(repo_id):
+    if _cached(repo_id, repo_type):
         return None
     gated = repo_id.startswith(GATED)
-    login = f"it is gated: accept its license at {HUB}/{repo_id} and log in (`hf auth login`)"
+    page = f"{HUB}/datasets/{repo_id}" if repo_type == "dataset" else f"{HUB}/{repo_id}"
+    login = f"it is gated: accept its license at {page} and log in (`hf auth login`)"
+    download = f"hf download {repo_id}" + (" --repo-type dataset" if repo_type == "dataset" else "")
     if _offline():
         return (
-            "not in the local Hugging Face cache and offline mode is on (HF_HUB_OFFLINE=1); "
+            f"not in the local Hugging Face cache (a Hub {repo_type} from {page}) and offline mode is on "
+            "(HF_HUB_OFFLINE=1); "
             + (f"{login}, then " if gated else "")
-            + f"fetch it with `hf download {repo_id}` where the Hub is reachable"
+            + f"fetch it with `{download}` where the Hub is reachable"
         )
     if gated and get_token() is None:
         return f"not in the local cache, and {login} so that it can be downloaded"
@@ -120,26 +133,31 @@ def reward_problem(name: str, pretrained: str | None = None) -> str | None:
 
 
 def prompts_problem(spec: str) -> str | None:
-    """Why a prompt spec (`world:train|test|heldout` or a text file, one prompt a line) cannot be read."""
-    kind, _, split = spec.partition(":")
-    if kind == "world" and split:
-        return None if split in WORLD_PROMPTS else "the world's prompt sets are world:train, world:test, world:heldout"
-    return None if Path(spec).is_file() else "no such file (a text file with one prompt a line, or world:train)"
+    """Why a prompt spec (a built-in set such as `world:train`, or a prompt file) cannot be read."""
+    from visalign.prompts import prompt_set_problem
+
+    return prompt_set_problem(spec)
 
 
 def world_words_problem(spec: str) -> str | None:
-    """For a prompt file scored by a world reward: the lines that are not shapes-world captions, if any."""
+    """For a prompt set scored by a world reward: the prompts that are not shapes-world captions, if any."""
     if spec.startswith("world:"):
         return None
+    from visalign.files import read_text
+    from visalign.prompts import guess_format, load_prompt_set
     from visalign.world.scenes import parse_prompt
 
+    if guess_format(spec) == "text":  # one prompt a line: name the line
+        lines = enumerate(read_text(spec, "prompt file").splitlines(), 1)
+        prompts = [(f"line {n}", line.strip()) for n, line in lines if line.strip()]
+    else:
+        prompts = [(f"prompt {item.id}", item.text) for item in load_prompt_set(spec).items]
     bad = []
-    for n, line in enumerate(Path(spec).read_text().splitlines(), 1):
+    for where, text in prompts:
         try:
-            if line.strip():
-                parse_prompt(line)
+            parse_prompt(text)
         except ValueError:
-            bad.append(f"line {n} {line.strip()!r}")
+            bad.append(f"{where} {text!r}")
     if not bad:
         return None
     shown = ", ".join(bad[:3]) + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
@@ -147,10 +165,24 @@ def world_words_problem(spec: str) -> str | None:
 
 
 def path_problem(path: str) -> str | None:
-    """Why a dataset path cannot be read (`world:...` datasets are built in memory)."""
+    """Why a local file or folder cannot be read (`world:...` datasets are built in memory)."""
     if path.startswith("world:"):
         return None
     return None if Path(path).exists() else "no such file or folder"
+
+
+def dataset_problem(path: str) -> str | None:
+    """Why a dataset (a local file or folder, a Hub dataset id `owner/name`, or `world:...`) cannot be read. An
+    absent path of the form `owner/name` is a Hub dataset id, as for `load_pairs`; it needs `datasets`, and offline it
+    must be in the local cache."""
+    if path.startswith("world:") or Path(path).exists():
+        return None
+    if path.count("/") != 1 or path.startswith((".", "/", "~")) or "\\" in path:
+        return "no such file or folder"
+    problem = hub_problem(path, "dataset")
+    if problem is None and importlib.util.find_spec("datasets") is None:
+        problem = "a Hub dataset is read through `datasets`, which is not installed (pip install datasets)"
+    return None if problem is None else f"no such file or folder, and as a Hub dataset id: {problem}"
 
 
 def check(items: Iterable[tuple[str, str, str | None]]) -> None:
@@ -169,10 +201,10 @@ _CONFIG_FIELDS = {
     "world_generator": "model",
     "prompts": "prompts",
     "eval_prompts": "prompts",
-    "dataset": "path",
+    "dataset": "dataset",
     "experts": "path",
-    "train_data": "path",
-    "eval_data": "path",
+    "train_data": "dataset",
+    "eval_data": "dataset",
     "image_root": "path",
 }
 _REWARD_FIELDS = (
@@ -180,6 +212,13 @@ _REWARD_FIELDS = (
     ("external_reward", "external_reward_pretrained"),
     ("eval_reward", None),
 )
+
+
+def config_inputs(config: Any) -> dict[str, str]:
+    """The models, prompt sets, datasets and reward weights a method config names: what its run record hashes."""
+    names = {*_CONFIG_FIELDS, *(weights for _, weights in _REWARD_FIELDS if weights)}
+    values = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
+    return {name: value for name, value in values.items() if name in names and isinstance(value, str) and value}
 
 
 def config_problems(config: Any) -> list[tuple[str, str, str | None]]:
@@ -199,7 +238,7 @@ def config_problems(config: Any) -> list[tuple[str, str, str | None]]:
             if problem is None and str(values.get("reward", "")).startswith("world-"):
                 problem = world_words_problem(value)
         else:
-            problem = path_problem(value)
+            problem = dataset_problem(value) if kind == "dataset" else path_problem(value)
             if problem is not None:  # the field's help says what the path should hold
                 problem += f"; `{name}`: {fields[name].metadata.get('help', '')}"
         out.append((f"{kind} {value}", f"`{name}`", problem))

@@ -106,17 +106,17 @@ class RewardModel(nn.Module):
 REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "world-verifier": "visalign.world.rewards:WorldVerifierReward",
     "world-defects": "visalign.world.rewards:WorldDefectsReward",
-    "world-clip": "visalign.world.rewards:WorldCLIPReward",
+    "world-clip": "visalign.reward_models.clip:WorldCLIPReward",
     "pickscore": "visalign.reward_models.clip:PickScore",
     "hpsv2": ("visalign.reward_models.hps:HPSv2", {"version": "v2.0"}),
     "hpsv2.1": ("visalign.reward_models.hps:HPSv2", {"version": "v2.1"}),
     "imagereward": "visalign.reward_models.imagereward:ImageReward",
     "aesthetic": "visalign.reward_models.aesthetic:LAIONAesthetic",
     "clipscore": "visalign.reward_models.clip:CLIPScore",
-    "unifiedreward-pairwise": "visalign.reward_models.pairwise:UnifiedRewardPairwise",
+    "unifiedreward-pairwise": "visalign.reward_models.pairwise_vlm:UnifiedRewardPairwise",
     "pairwise-http": "visalign.reward_models.pairwise:HTTPPairwiseJudge",
     "unifiedreward-think": (
-        "visalign.reward_models.pairwise:UnifiedRewardPairwise",
+        "visalign.reward_models.pairwise_vlm:UnifiedRewardPairwise",
         {"prompt_template": "unifiedreward-think"},
     ),
     "unifiedreward-think-http": (

@@ -5,7 +5,8 @@
 A folder is a run's when it holds any of `RUN_FILES` (the engine writes `config.yaml` and `run.json` first). A new
 run into it is refused, since it would overwrite `final/`, append to `metrics.jsonl` and leave the old run's
 checkpoints beside the new ones (where `resume_from=latest` would pick the wrong run). `truncate_metrics` cuts
-`metrics.jsonl` back to a checkpoint on resume, so a resumed run logs each step once.
+`metrics.jsonl` back to a checkpoint on resume, so a resumed run logs each step once. The checkpoint folders are
+listed, chosen for `resume_from`, pruned and rewound here; what one holds is `visalign.checkpointing`'s.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import logging
 import math
 import os
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -104,6 +106,37 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The newest complete checkpoint under `output_dir`, or None."""
     found = checkpoints(output_dir)
     return found[-1] if found else None
+
+
+def resume_checkpoint(config: TrainConfig) -> Path | None:
+    """The checkpoint `config.resume_from` names: `"latest"` is the newest under `output_dir` (None when there is
+    none: the run starts fresh), None is a fresh start, anything else is the folder it names."""
+    if config.resume_from is None:
+        return None
+    if config.resume_from == "latest":
+        folder = latest_checkpoint(config.output_dir)
+        if folder is None:
+            logger.info("resume_from='latest': no checkpoint under %s, starting fresh", config.output_dir)
+        return folder
+    return Path(config.resume_from)
+
+
+def remove_checkpoints_after(output_dir: str | Path, step: int) -> None:
+    """Rewind a run resumed at `step`: its later checkpoints belong to the future being rewritten, and would make
+    `resume_from="latest"` mix it with the new one."""
+    later = [c for c in checkpoints(output_dir) if int(c.name.split("-")[-1]) > step]
+    if later:
+        logger.warning("resumed at step %d: removing the later checkpoints %s", step, [c.name for c in later])
+    for old in later:
+        shutil.rmtree(old)
+
+
+def prune_checkpoints(output_dir: str | Path, limit: int | None) -> None:
+    """Keep the newest `limit` checkpoints under `output_dir` (all of them when `limit` is None)."""
+    if limit is None:
+        return
+    for old in checkpoints(output_dir)[:-limit]:
+        shutil.rmtree(old)
 
 
 def count_rows(path: Path) -> int:

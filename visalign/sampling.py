@@ -3,6 +3,7 @@ Pref-GRPO, TempFlow-GRPO) optimizes.
 
 A step `x -> x'` is a Gaussian policy `pi(x' | x) = N(mean, std^2 I)` whose mean is a function of the model output;
 rollouts sample it, training re-evaluates the log-density of the stored `x'` under the current model.
+`kl_penalty` is the KL between the policy's step and a reference model's (Gaussians of the same std).
 
 Conventions (kept from the reference implementations, for parity of clip ranges and KL coefficients):
 - Flow matching: `x_sigma = (1 - sigma) * x0 + sigma * eps`, the model predicts the velocity `v ~ eps - x0`,
@@ -36,6 +37,7 @@ from torch import Tensor
 
 FLOW_KINDS = ("sde", "cps", "dance", "ode")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
+KL_KINDS = ("exact", "flow_grpo")
 
 
 @dataclass
@@ -238,6 +240,53 @@ def noise_aware_weights(stds: Tensor, trained_mask: Tensor) -> Tensor:
     if norm == 0:
         raise ValueError("`stds` are all zero on the trained steps: no noise to weight by")
     return torch.where(trained_mask, s / norm, torch.zeros_like(s))
+
+
+def kl_penalty(
+    mean: Tensor,
+    ref_mean: Tensor,
+    std: float | Tensor,
+    *,
+    kind: str = "exact",
+    dt: float | Tensor | None = None,
+) -> Tensor:
+    """The per-sample KL from the policy's step to the reference model's, in a named convention.
+
+    Both steps are Gaussians with the same std (the noise does not depend on the model), so per element
+    `KL(N(mean, std^2) || N(ref_mean, std^2)) = (mean - ref_mean)^2 / (2 std^2)`.
+    - `"exact"`: that KL averaged over non-batch elements (Pref-GRPO's `grpo/kl.py`, DanceGRPO-style steps).
+    - `"flow_grpo"`: Flow-GRPO's `train_sd3.py` value `mean((mean - ref_mean)^2) / (2 g^2)`, where `g` is the SDE
+      diffusion `a sqrt(sigma / (1 - sigma))` without the `sqrt(|dt|)`; since `std = g sqrt(|dt|)`, it is
+      `|dt| * exact`. Flow-GRPO's `beta` values (0.04, 0.01, 0.004) are in these units. TempFlow-GRPO's code divides
+      by the transition std with its `sqrt(|dt|)` (the exact form), which is why its recipe uses `"exact"`.
+
+    Args:
+        mean (`Tensor` `[B, ...]`): the current policy's step mean (with gradient).
+        ref_mean (`Tensor` `[B, ...]`): the reference policy's step mean (computed without gradient).
+        std (`float` or `Tensor` broadcastable to `mean`): the transition std, `sde_step(...).std`; `> 0`.
+        kind (`str`): `"exact"` or `"flow_grpo"`.
+        dt (`float` or `Tensor` broadcastable to `mean`): `sigmas[index + 1] - sigmas[index]`; for `"flow_grpo"`
+            only.
+
+    Returns:
+        `Tensor` `[B]`, float32 (float64 when an input is); multiply its batch mean by `beta`.
+    """
+    if kind not in KL_KINDS:
+        raise ValueError(f"`kind` must be one of {KL_KINDS}, got {kind!r}")
+    if (dt is None) == (kind == "flow_grpo"):
+        raise ValueError("`dt` is required by kind='flow_grpo' and used by no other kind")
+    if not isinstance(mean, Tensor) or mean.ndim < 2 or not mean.is_floating_point():
+        raise ValueError("`mean` must be a float tensor of shape [B, ...] with a non-batch dim")
+    if not isinstance(ref_mean, Tensor) or ref_mean.shape != mean.shape:
+        raise ValueError(f"`ref_mean` must be a tensor of the shape of `mean` {tuple(mean.shape)}")
+    dtype = _compute_dtype(mean, ref_mean, *(t for t in (std, dt) if isinstance(t, Tensor)))
+    std = torch.as_tensor(std, dtype=dtype, device=mean.device)
+    if not torch.isfinite(std).all() or (std <= 0).any():
+        raise ValueError("`std` must be finite and > 0 (a deterministic step has no KL)")
+    kl = (mean.to(dtype) - ref_mean.to(dtype)) ** 2 / (2 * std**2)
+    if kind == "flow_grpo":
+        kl = kl * torch.as_tensor(dt, dtype=dtype, device=mean.device).abs()
+    return kl.mean(dim=tuple(range(1, mean.ndim)))
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -1,9 +1,10 @@
 """Tiny offline components for tests: real tokenizers and real diffusers pipelines at diffusers' own test sizes.
 
 Nothing here touches the Hub. The CLIP tokenizer is the real OpenAI CLIP BPE, built from the vocabulary file that
-open-clip-torch ships in its wheel; the T5 tokenizer is a real `T5Tokenizer` (a `tokenizers` Unigram model) over a
-small vocabulary derived from the same file. Models are random, built after `torch.manual_seed(seed)` and put in
-eval mode (a fresh T5 has dropout on).
+open-clip-torch ships in its wheel; the T5 tokenizer (also Wan's UMT5 one) is a real `T5Tokenizer` (a `tokenizers`
+Unigram model) over a small vocabulary derived from the same file; Qwen-Image's is a real `Qwen2Tokenizer` whose
+byte-level BPE is learned from a few sentences (`visalign.testing_vlm.qwen_tokenizer`). Models are random, built
+after `torch.manual_seed(seed)` and put in eval mode (a fresh T5 has dropout on).
 
 Typical use in a test:
 
@@ -28,6 +29,8 @@ from typing import Any
 import torch
 from diffusers import (
     AutoencoderKL,
+    AutoencoderKLQwenImage,
+    AutoencoderKLWan,
     DDIMScheduler,
     DiffusionPipeline,
     EulerDiscreteScheduler,
@@ -35,11 +38,15 @@ from diffusers import (
     FluxPipeline,
     FluxTransformer2DModel,
     ModelMixin,
+    QwenImagePipeline,
+    QwenImageTransformer2DModel,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
     StableDiffusionPipeline,
     StableDiffusionXLPipeline,
     UNet2DConditionModel,
+    WanPipeline,
+    WanTransformer3DModel,
 )
 from transformers import (
     CLIPTextConfig,
@@ -51,12 +58,22 @@ from transformers import (
     T5Config,
     T5EncoderModel,
     T5Tokenizer,
+    UMT5Config,
+    UMT5EncoderModel,
 )
+
+from visalign.testing_vlm import qwen_tokenizer, tiny_qwen_vl
 
 logger = logging.getLogger(__name__)
 
 TINY_VOCAB_SIZE = 1000  # diffusers' test text encoders; 486 CLIP merges + 512 byte symbols + 2 specials
 FULL_CLIP_MERGES = 48894  # OpenAI CLIP: 49,408 tokens
+# `QwenImagePipeline.prompt_template_encode`, verbatim from diffusers 0.42 (`pipeline_qwenimage.py`, `__init__`).
+QWEN_IMAGE_TEMPLATE = (
+    "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, spatial "
+    "relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+    "<|im_start|>assistant\n"
+)
 
 
 @functools.lru_cache(maxsize=1)
@@ -159,7 +176,8 @@ def _t5_encoder() -> T5EncoderModel:
     return T5EncoderModel(config)
 
 
-def _sd_components() -> dict[str, Any]:
+def _sd_components(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(4, 8),
         layers_per_block=1,
@@ -201,7 +219,8 @@ def _sd_components() -> dict[str, Any]:
     )
 
 
-def _sdxl_components() -> dict[str, Any]:
+def _sdxl_components(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
     unet = UNet2DConditionModel(
         block_out_channels=(2, 4),
         layers_per_block=2,
@@ -247,7 +266,8 @@ def _sdxl_components() -> dict[str, Any]:
     )
 
 
-def _sd3_components() -> dict[str, Any]:
+def _sd3_components(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
         sample_size=32,
         patch_size=1,
@@ -286,7 +306,8 @@ def _sd3_components() -> dict[str, Any]:
     )
 
 
-def _flux_components() -> dict[str, Any]:
+def _flux_components(seed: int) -> dict[str, Any]:
+    torch.manual_seed(seed)
     transformer = FluxTransformer2DModel(
         patch_size=1,
         in_channels=4,  # 2x2 packed latents of 1 channel
@@ -322,31 +343,117 @@ def _flux_components() -> dict[str, Any]:
     )
 
 
+def _qwen_image_components(seed: int) -> dict[str, Any]:
+    """diffusers' `QwenImagePipeline` test components (`tests/pipelines/qwenimage/test_qwenimage.py`), offline.
+
+    The text encoder is a 2-layer `Qwen2_5_VLForConditionalGeneration` over the learned vocabulary of
+    `visalign.testing_vlm.qwen_tokenizer` (width 32, so `joint_attention_dim=32`); the tokenizer's corpus holds the
+    pipeline's prompt template, so its system prefix is 34 tokens, the `prompt_template_encode_start_idx` the
+    pipeline drops, exactly as with the real Qwen2 vocabulary. The VAE's 2 down blocks make `vae_scale_factor` 4;
+    latents have 4 channels, packed 2x2 into the transformer's 16. `latents_mean`/`latents_std` are not 0/1 so
+    that a missing (de)normalization shows.
+    """
+    tokenizer = qwen_tokenizer([QWEN_IMAGE_TEMPLATE.format("")])
+    torch.manual_seed(seed)
+    transformer = QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=32,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLQwenImage(
+        base_dim=24,
+        z_dim=4,
+        dim_mult=[1, 2, 4],
+        num_res_blocks=1,
+        temperal_downsample=[False, True],
+        latents_mean=[0.1, -0.2, 0.05, 0.3],
+        latents_std=[1.5, 0.8, 1.2, 2.0],
+    )
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=tiny_qwen_vl(tokenizer, "qwen2_5_vl", seed=seed, hidden_size=32),
+        tokenizer=tokenizer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+    )
+
+
+def _wan_components(seed: int) -> dict[str, Any]:
+    """diffusers' `WanPipeline` test components (`tests/pipelines/wan/test_wan.py`), offline.
+
+    The text encoder is a 2-layer `UMT5EncoderModel` (width 32 = the transformer's `text_dim`) over the tiny
+    Unigram `t5_tokenizer()`. The VAE compresses 8x in space and 4x in time, so 9 frames of 16x16 pixels are
+    latents `[B, 16, 3, 2, 2]`; its `latents_mean`/`latents_std` are Wan2.1's defaults. The scheduler is the
+    flow-matching Euler one of diffusers' test (`shift=7.0`); the released checkpoints ship
+    `UniPCMultistepScheduler` with `flow_shift`, a multistep solver over the same flow.
+    """
+    torch.manual_seed(seed)
+    transformer = WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=16,
+        out_channels=16,
+        text_dim=32,
+        freq_dim=256,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKLWan(
+        base_dim=3, z_dim=16, dim_mult=[1, 1, 1, 1], num_res_blocks=1, temperal_downsample=[False, True, True]
+    )
+    torch.manual_seed(seed)
+    config = UMT5Config(d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4, vocab_size=TINY_VOCAB_SIZE)
+    return dict(
+        transformer=transformer,
+        vae=vae,
+        text_encoder=UMT5EncoderModel(config),
+        tokenizer=t5_tokenizer(),
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0),
+    )
+
+
 _BUILDERS = {
     "sd": (StableDiffusionPipeline, _sd_components),
     "sdxl": (StableDiffusionXLPipeline, _sdxl_components),
     "sd3": (StableDiffusion3Pipeline, _sd3_components),
     "flux": (FluxPipeline, _flux_components),
+    "qwen-image": (QwenImagePipeline, _qwen_image_components),
+    "wan": (WanPipeline, _wan_components),
 }
-FAMILIES = tuple(_BUILDERS)
+VIDEO_FAMILIES = ("wan",)  # `pipe(...).frames`, `[B, T, 3, H, W]` with `output_type="pt"`
+FAMILIES = tuple(f for f in _BUILDERS if f not in VIDEO_FAMILIES)  # image families: `pipe(...).images`
 
 
 def _check_family(family: str) -> None:
     if family not in _BUILDERS:
-        raise ValueError(f"unknown `family` {family!r}; tiny pipelines exist for: {', '.join(FAMILIES)}")
+        raise ValueError(f"unknown `family` {family!r}; tiny pipelines exist for: {', '.join(_BUILDERS)}")
 
 
 def tiny_pipeline(family: str, seed: int = 0) -> DiffusionPipeline:
-    """A real diffusers pipeline of `family` ("sd", "sdxl", "sd3", "flux") with tiny random weights, on CPU.
+    """A real diffusers pipeline of `family` with tiny random weights, on CPU.
 
+    Families: "sd", "sdxl", "sd3", "flux", "qwen-image" (`FAMILIES`, images) and "wan" (`VIDEO_FAMILIES`).
     Every component is built after `torch.manual_seed(seed)` and is in eval mode, so equal seeds give equal
-    weights. Generates 32x32 images: `pipe(prompts, num_inference_steps=2, height=32, width=32,
-    output_type="pt").images` is `[B, 3, 32, 32]` in [0, 1].
+    weights. The image families generate 32x32 images: `pipe(prompts, num_inference_steps=2, height=32, width=32,
+    output_type="pt").images` is `[B, 3, 32, 32]` in [0, 1]. Wan generates videos: `pipe(prompts,
+    num_inference_steps=2, height=16, width=16, num_frames=9, output_type="pt").frames` is `[B, 9, 3, 16, 16]`
+    (frames before channels, diffusers' own video layout) in [0, 1], from latents `[B, 16, 3, 2, 2]`.
     """
     _check_family(family)
     pipeline_class, build = _BUILDERS[family]
-    torch.manual_seed(seed)
-    components = build()
+    components = build(seed)
     for module in components.values():
         if isinstance(module, torch.nn.Module):
             module.eval()

@@ -58,12 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     import transformers
 
-    from visalign.reward_models.pairwise import (
-        PAIR_PROMPT,
-        BradleyTerryWinRate,
-        HTTPPairwiseJudge,
-        UnifiedRewardPairwise,
-    )
+    from visalign.reward_models.pairwise import PAIR_PROMPT, BradleyTerryWinRate, HTTPPairwiseJudge
+    from visalign.reward_models.pairwise_vlm import UnifiedRewardPairwise
     from visalign.testing_vlm import FakeChatServer, save_tiny_qwen_vl
     from visalign.world.rewards import WorldDefectsReward
 

@@ -7,11 +7,8 @@ visalign world eval [--family sd|sd3] [--model NAME] [--lora DIR [--lora-scale S
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
-import sys
 import time
-from pathlib import Path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -20,7 +17,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tb.add_argument("--out", default=None, help="output folder (default: the package's assets/world)")
     tb.add_argument("--stages", default="vae,clip,sd,sd3", help="comma-separated subset of vae,clip,sd,sd3")
     tb.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    tb.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="override TrainBaseConfig fields")
+    tb.add_argument(
+        "--set",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override TrainBaseConfig fields (booleans: true/false, yes/no, 1/0)",
+    )
     ev = sub.add_parser("eval", help="held-out verifier accuracy of a world generator (GenEval protocol)")
     ev.add_argument("--family", choices=("sd", "sd3"), default="sd")
     ev.add_argument(
@@ -34,37 +37,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument("--json", default=None, help="write the result here (JSON, with the command)")
 
 
-def parse_overrides(cls, pairs: list[str]) -> dict:
-    """`key=value` strings -> a dict of values coerced to the dataclass fields' types; unknown keys are errors."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    out = {}
-    for pair in pairs:
-        key, sep, value = pair.partition("=")
-        if not sep:
-            raise ValueError(f"`--set` takes key=value, got {pair!r}")
-        if key not in fields:
-            raise ValueError(f"unknown config key {key!r}; known keys: {', '.join(fields)}")
-        kind = {"int": int, "float": float, "str": str, "bool": lambda v: v.lower() in ("1", "true", "yes")}
-        out[key] = kind[str(fields[key].type)](value)
-    return out
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    command = "visalign " + " ".join(sys.argv[1:])
     if args.world_command == "train-base":
+        from visalign.config import config_from_dict, parse_overrides
         from visalign.world.models import default_model_dir
         from visalign.world.train import TrainBaseConfig, train_base
 
         if args.threads:
             torch.set_num_threads(args.threads)
-        cfg = TrainBaseConfig(**parse_overrides(TrainBaseConfig, args.set))
-        cfg.out = args.out or str(default_model_dir("sd").parent)
+        out = args.out or str(default_model_dir("sd").parent)
+        cfg = config_from_dict(TrainBaseConfig, {"out": out} | parse_overrides(args.set))
         results = train_base(cfg, tuple(s for s in args.stages.split(",") if s))
         for stage, info in results.items():
-            print(stage, json.dumps({k: v for k, v in info.items() if k not in ("curve", "config")}))
+            print(stage, json.dumps({k: v for k, v in info.items() if k not in ("curve", "run")}))
         return 0
+    from visalign.files import run_record, write_run_record
     from visalign.loading import load_generator
     from visalign.world.evaluate import evaluate, heldout_prompts
 
@@ -84,10 +73,10 @@ def run(args: argparse.Namespace) -> int:
         "lora": args.lora,
         "lora_scale": args.lora_scale if args.lora else None,
         "seconds": time.time() - start,
-        "command": command,
     }
+    settings = {k: getattr(args, k) for k in ("family", "images_per_prompt", "limit_per_category", "lora_scale")}
+    result |= run_record(config=settings, seeds={"seed": args.seed}, inputs={"model": model, "lora": args.lora})
     print(json.dumps(result, indent=2))
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        write_run_record(args.json, result)
     return 0

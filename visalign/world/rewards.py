@@ -5,7 +5,8 @@
   that holds, 1 when the prompt has none of that kind (nothing to violate).
 - `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
   nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
-- `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore.
+- `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore; a CLIP reward, so
+  it lives in the reward layer (`visalign.reward_models.clip.WorldCLIPReward`); `world_clip_folder` finds its folder.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from visalign.reward_models.clip import PickScore
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput
 from visalign.world.scenes import BACKGROUND, COLORS, parse_prompt
@@ -114,14 +114,3 @@ def world_clip_folder(pretrained: str | Path | None) -> Path:
             f"`visalign world train-base --stages vae,clip` makes it"
         )
     return folder
-
-
-class WorldCLIPReward(PickScore):
-    """The world's CLIP as a reward: `exp(logit_scale) * cos`, loaded through PickScore's loader."""
-
-    name = "world-clip"
-
-    @classmethod
-    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None) -> PickScore:
-        folder = str(world_clip_folder(pretrained))
-        return super().from_pretrained(folder, dtype=dtype, processor=folder)

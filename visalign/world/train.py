@@ -10,7 +10,8 @@ Stages, each writing a folder under `out`, each later stage reading the earlier 
             tower as both SD3 CLIP encoders and no T5 -> a `StableDiffusion3Pipeline`.
 
 Only train-split prompts are rendered; the held-out set comes from the test split. Generators keep an EMA of their
-weights, which is what is saved. Every stage records its wall and CPU time in `visalign_world.json`.
+weights, which is what is saved. Every stage records its wall and CPU time and its run record
+(`visalign.files.run_record`) in `training_record.json`; a generator also in its `visalign_world.json`.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import copy
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,6 +30,8 @@ from diffusers import AutoencoderKL, DDPMScheduler
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
+from visalign.config import check_finite
+from visalign.files import run_record
 from visalign.world.evaluate import accuracy, generate, heldout_prompts
 from visalign.world.models import (
     MAX_SEQUENCE_LENGTH,
@@ -50,24 +53,45 @@ CLIP_STD = torch.tensor([0.26862954, 0.26130258, 0.27577711]).view(1, 3, 1, 1)
 
 @dataclass
 class TrainBaseConfig:
-    out: str = "assets/world"
-    seed: int = 0
-    num_images: int = 20000
-    batch_size: int = 64
-    vae_steps: int = 800
-    vae_batch_size: int = 32
-    vae_lr: float = 2e-3
-    kl_weight: float = 1e-6
-    clip_steps: int = 1500
-    clip_batch_size: int = 256
-    clip_lr: float = 1e-3
-    sd_steps: int = 2400
-    sd3_steps: int = 2000
-    lr: float = 5e-4
-    caption_dropout: float = 0.1
-    ema_decay: float = 0.998
-    eval_every: int = 400
-    eval_per_category: int = 10
+    """What `visalign world train-base` reads (`--set key=value`, parsed by `visalign.config.parse_overrides`)."""
+
+    out: str = field(default="assets/world", metadata={"help": "Output folder: one subfolder per stage."})
+    seed: int = field(default=0, metadata={"help": "Seed of the rendered data, every init and every noise draw."})
+    num_images: int = field(default=20000, metadata={"help": "Rendered train-split scenes (images and captions)."})
+    batch_size: int = field(default=64, metadata={"help": "Batch of the `sd` and `sd3` generator stages."})
+    vae_steps: int = field(default=800, metadata={"help": "AdamW steps of the VAE stage."})
+    vae_batch_size: int = field(default=32, metadata={"help": "Batch of the VAE stage."})
+    vae_lr: float = field(default=2e-3, metadata={"help": "Learning rate of the VAE stage."})
+    kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the VAE's KL term beside the MSE."})
+    clip_steps: int = field(default=1500, metadata={"help": "AdamW steps of the contrastive CLIP stage."})
+    clip_batch_size: int = field(default=256, metadata={"help": "Batch of the CLIP stage (its negatives)."})
+    clip_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the CLIP stage (one-cycle)."})
+    sd_steps: int = field(default=2400, metadata={"help": "Steps of the `sd` (UNet, epsilon) generator."})
+    sd3_steps: int = field(default=2000, metadata={"help": "Steps of the `sd3` (transformer, flow) generator."})
+    lr: float = field(default=5e-4, metadata={"help": "Learning rate of both generators (200 warm-up steps)."})
+    caption_dropout: float = field(
+        default=0.1, metadata={"help": "Share of generator captions replaced by '' (for classifier-free guidance)."}
+    )
+    ema_decay: float = field(default=0.998, metadata={"help": "Decay of the generators' weight EMA (what is saved)."})
+    eval_every: int = field(
+        default=400, metadata={"help": "Generator steps between held-out verifier evaluations (and at the end)."}
+    )
+    eval_per_category: int = field(
+        default=10, metadata={"help": "Held-out prompts per category in each generator evaluation."}
+    )
+
+    def __post_init__(self) -> None:
+        check_finite(self)
+        positive = ("num_images", "batch_size", "vae_steps", "vae_batch_size", "vae_lr", "clip_steps")
+        positive += ("clip_batch_size", "clip_lr", "sd_steps", "sd3_steps", "lr", "eval_every", "eval_per_category")
+        for name in positive:
+            if not getattr(self, name) > 0:
+                raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}")
+        if self.kl_weight < 0:
+            raise ValueError(f"`kl_weight` must be >= 0, got {self.kl_weight!r}")
+        for name in ("caption_dropout", "ema_decay"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
 
 
 def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -255,7 +279,7 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
         "params": sum(p.numel() for p in denoiser.parameters()),
         "final_loss": float(np.mean(losses[-100:])),
         "curve": evals,
-        "config": asdict(cfg),
+        "run": run_record(config=cfg, seeds={"seed": cfg.seed}),
     }
     gen = {"num_inference_steps": 20, "guidance_scale": 3.0, "height": 32, "width": 32}
     if family == "sd3":
@@ -291,6 +315,7 @@ def train_base(cfg: TrainBaseConfig, stages: tuple[str, ...] = STAGES) -> dict:
             info = {"heldout_top1_retrieval_256": clip_retrieval_accuracy(clip, tok)}
         else:
             info = train_generator(cfg, stage, images, captions, out)
+        info.setdefault("run", run_record(config=cfg, seeds={"seed": cfg.seed}))  # the one run record
         info |= {
             "stage_wall_minutes": (time.time() - start) / 60,
             "stage_cpu_minutes": (time.process_time() - cpu0) / 60,
