@@ -162,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/world_preference.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"command": command, "config_file": str(config_path.relative_to(ROOT))}
 
-    from visalign.engine import load_pipeline
+    from visalign.loading import load_generator
 
-    pipe = load_pipeline(config.pretrained)
+    pipe = load_generator(config.pretrained)[0]
     pipe.set_progress_bar_config(disable=True)
     protocol = dict(images_per_prompt=args.images_per_prompt, progress=False)
     earlier = json.loads(Path(args.before_from).read_text()) if args.before_from else None

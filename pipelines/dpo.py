@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from visalign.engine import load_pipeline
+from visalign.loading import load_generator
 from visalign.pipelines.denoiser_trainer import (
     DenoiserConfig,
     DenoiserTrainer,
@@ -236,7 +236,7 @@ class DPOTrainer(DenoiserTrainer):
             )
         else:
             data = dict(pairs=load_pairs(config.dataset, split=config.split, on_error=config.on_error))
-        return cls(load_pipeline(config.pretrained), config, **data, **evaluation_from_config(config))
+        return cls(load_generator(config.pretrained)[0], config, **data, **evaluation_from_config(config))
 
     # -- pairs ----------------------------------------------------------------------------------------------------
 

@@ -36,7 +36,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from visalign.engine import EMA, load_pipeline
+from visalign.engine import EMA
+from visalign.loading import load_generator
 from visalign.pipelines.denoiser import EpsilonRollout, TextConditioning, per_sample_mse
 from visalign.pipelines.denoiser_trainer import (
     DenoiserConfig,
@@ -263,7 +264,7 @@ class DROTrainer(DenoiserTrainer):
     def from_config(cls, config: DROConfig) -> DROTrainer:
         """Build the pipeline, the expert set and the evaluation the config names (what `visalign train` runs)."""
         experts = load_experts(config.experts, on_error=config.on_error)
-        return cls(load_pipeline(config.pretrained), config, experts, **evaluation_from_config(config))
+        return cls(load_generator(config.pretrained)[0], config, experts, **evaluation_from_config(config))
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: per micro-step, refill the buffer from the lagged copy, then rank expert vs policy."""

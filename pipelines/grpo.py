@@ -47,7 +47,8 @@ import torch
 from torch import Tensor
 
 from visalign.config import TrainConfig
-from visalign.engine import Engine, ScoreTotals, load_pipeline, peak_memory_gb
+from visalign.engine import Engine, ScoreTotals, peak_memory_gb
+from visalign.loading import load_generator
 from visalign.monitor import RewardMonitor
 from visalign.pipelines.grpo_loss import group_advantages, policy_loss, ratio_norm_log_prob
 from visalign.prompts import PromptSampler, load_prompts
@@ -295,7 +296,7 @@ class FlowGRPOTrainer:
         if config.external_reward is not None:
             external = load_reward(config.external_reward, config.external_reward_pretrained)
         return cls(
-            load_pipeline(config.pretrained),
+            load_generator(config.pretrained)[0],
             reward,
             config,
             load_prompts(config.prompts),

@@ -38,7 +38,8 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from visalign.engine import load_pipeline, peak_memory_gb
+from visalign.engine import peak_memory_gb
+from visalign.loading import load_generator
 from visalign.pipelines.denoiser_trainer import DenoiserConfig, DenoiserTrainer, evaluation_from_config
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
@@ -263,7 +264,7 @@ class PRDPTrainer(DenoiserTrainer):
         """Build the pipeline, reward, prompts and evaluation the config names (what `visalign train` runs)."""
         reward = load_reward(config.reward, config.reward_pretrained)
         return cls(
-            load_pipeline(config.pretrained),
+            load_generator(config.pretrained)[0],
             reward,
             config,
             load_prompts(config.prompts),

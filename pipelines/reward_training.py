@@ -50,7 +50,8 @@ from torch import Tensor, nn
 from transformers import CLIPModel
 
 from visalign.config import TrainConfig
-from visalign.engine import Engine, load_pipeline
+from visalign.engine import Engine
+from visalign.loading import load_generator
 from visalign.pipelines.preference_data import IndexSampler
 from visalign.pipelines.reward_data import WORLD_HELDOUT, WORLD_TRAIN, RewardPairs, ScoredImages, load_reward_data
 from visalign.reward_models.heatmaps import to_latent_grid
@@ -432,7 +433,7 @@ class RewardTrainer:
         )
         pipe = None
         if config.world_generator is not None and {WORLD_TRAIN, WORLD_HELDOUT} & {config.train_data, config.eval_data}:
-            pipe = load_pipeline(config.world_generator)
+            pipe = load_generator(config.world_generator)[0]
             pipe.set_progress_bar_config(disable=True)
         train = load_reward_data(config.train_data, config, split=config.split, pipe=pipe)
         evaluation = None

@@ -569,15 +569,6 @@ class Engine:
         return state
 
 
-def load_pipeline(pretrained: str) -> DiffusionPipeline:
-    """The pipeline a config names: `tiny:<family>` (`visalign.testing`), `world:<family>` (the shapes world's
-    shipped model), or a diffusers folder or hub id (an SD3 folder saved without T5 loads without it): the names
-    every command takes, through the one loader (`visalign.loading.load_generator`)."""
-    from visalign.loading import load_generator
-
-    return load_generator(pretrained)[0]
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak memory so far: allocated on the CUDA device, or the process's peak resident set on CPU."""
     if device.type == "cuda":
