@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
     from visalign.world.evaluate import heldout_prompts
 
     config = load_config(_resolve(METHODS[args.method][0]), args.config, args.overrides)
-    family = str(config.pretrained).removeprefix("world:")
+    family = str(config.pretrained_model_name_or_path).removeprefix("world:")
     start, cpu0 = time.time(), time.process_time()
     if args.adapter is None:
         code = visalign_main(

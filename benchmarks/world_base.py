@@ -1,6 +1,7 @@
 """Held-out verifier accuracy of the shipped shapes-world base models (GenEval protocol: 4 images per prompt).
 
     python benchmarks/world_base.py [--images-per-prompt 4] [--out benchmarks/results/world_base.json]
+    python benchmarks/world_base.py --families sd3 --model runs/X/sd3 --out benchmarks/results/world_base_flow.json
 
 Writes per-category accuracy for both generators, with their training record (steps, CPU minutes, learning curve)
 and the command that produced the file.
@@ -25,12 +26,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--families", default="sd,sd3")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument(
+        "--model", default=None, help="a candidate pipeline folder to evaluate instead of the shipped one (one family)"
+    )
     parser.add_argument("--out", default="benchmarks/results/world_base.json")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    families = args.families.split(",")
+    if args.model is not None and len(families) != 1:
+        raise ValueError(f"`--model` evaluates one family; got --families {args.families!r}")
     prompts = heldout_prompts()
-    record_path = default_model_dir("sd").parent / "training_record.json"
+    root = Path(args.model).parent if args.model is not None else default_model_dir("sd").parent
+    record_path = root / "training_record.json"
     result = {
         "command": "python benchmarks/world_base.py " + " ".join(sys.argv[1:] if argv is None else argv),
         "protocol": f"{len(prompts)} held-out prompts x {args.images_per_prompt} images, seeds 0.., 20 steps, CFG 3",
@@ -40,12 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     if out.exists():  # evaluating one family keeps the other's figures
         result["models"] = json.loads(out.read_text())["models"]
-    for family in args.families.split(","):
-        pipe = load_pipeline(family)
+    for family in families:
+        pipe = load_pipeline(family, args.model)
         pipe.set_progress_bar_config(disable=True)
         start = time.time()
         acc = evaluate(pipe, prompts, images_per_prompt=args.images_per_prompt)
-        result["models"][family] = acc | {"eval_seconds": time.time() - start, "command": result["command"]}
+        result["models"][family] = acc | {
+            "eval_seconds": time.time() - start,
+            "command": result["command"],
+            "model": args.model or f"world:{family}",
+        }
         print(family, json.dumps(acc))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -164,14 +164,15 @@ def main(argv: list[str] | None = None) -> int:
 
     from visalign.loading import load_generator
 
-    pipe = load_generator(config.pretrained)[0]
+    pipe = load_generator(config.pretrained_model_name_or_path)[0]
     pipe.set_progress_bar_config(disable=True)
     protocol = dict(images_per_prompt=args.images_per_prompt, progress=False)
     earlier = json.loads(Path(args.before_from).read_text()) if args.before_from else None
     if earlier is not None:
         before = earlier["accuracy_before"]
         same = (before["prompts"], before["images_per_prompt"]) == (len(prompts), args.images_per_prompt)
-        if not same or earlier["config"]["pretrained"] != config.pretrained:
+        base = earlier["config"].get("pretrained_model_name_or_path", earlier["config"].get("pretrained"))
+        if not same or base != config.pretrained_model_name_or_path:
             parser.error(f"--before-from {args.before_from}: another base model or protocol")
     else:
         with clock("eval_before"):
@@ -201,9 +202,9 @@ def main(argv: list[str] | None = None) -> int:
         trainer = getattr(module, trainer_name).from_config(config)  # what `visalign train` runs
         history = trainer.train()
     with clock("eval_after"):
-        trained = trainer.denoiser.pipe  # the trained weights, adapters enabled (no EMA in the world recipes)
+        trained = trainer.adapter.pipe  # the trained weights, adapters enabled (no EMA in the world recipes)
         trained.set_progress_bar_config(disable=True)
-        trainer.denoiser.model.eval()
+        trainer.adapter.model.eval()
         after = evaluate(trained, prompts, **protocol)
     print("after", json.dumps(after))
     cpu = sum(p["cpu_minutes"] for p in clock.phases.values())

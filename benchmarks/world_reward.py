@@ -127,7 +127,7 @@ def align(config_path: str, overrides: list[str], reward_dir: str, plot: Path) -
     from visalign.benchmarks.world_alignment import before_after
     from visalign.world.evaluate import heldout_prompts
 
-    family = str(config.pretrained).removeprefix("world:")
+    family = str(config.pretrained_model_name_or_path).removeprefix("world:")
     geneval = before_after(family, Path(config.output_dir) / "final", heldout_prompts(), images_per_prompt=4)
     evals = [h for h in history if "eval/world-verifier/correct" in h]
     keys = ["eval/world-verifier/correct", "eval/world-verifier", "eval/world-clip"]

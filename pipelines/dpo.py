@@ -3,9 +3,10 @@
 For a prompt `c` with a preferred image `x^w` and a dispreferred `x^l`, both are noised with the same noise and
 timestep, and the trained model is pushed to lower its denoising error on `x^w` more than the reference model does,
 relative to `x^l` (the paper's Eq. 14; `dpo_loss`). The errors are per-sample MSEs of the prediction target
-(`visalign.pipelines.denoiser`): epsilon (SD1.5, SDXL), v (v-prediction SD 2.x), or the flow velocity `eps - x0` with
-logit-normal timesteps (SD3.x: Flow-GRPO's `scripts/train_sd3_dpo.py`). The reference is the model with its LoRA
-adapters disabled, or a frozen copy under full fine-tuning (`visalign.engine.Engine.reference`).
+(`visalign.generators.objective`, through the family's adapter): epsilon (SD1.5, SDXL), v (v-prediction SD 2.x), or
+the flow velocity `eps - x0` with logit-normal timesteps (SD3.x, FLUX, Qwen-Image, Wan: Flow-GRPO's
+`scripts/train_sd3_dpo.py`). The reference is the model with its LoRA adapters disabled, or a frozen copy under
+full fine-tuning (`visalign.engine.Engine.reference`).
 
 Pairs come from a Pick-a-Pic-schema dataset (`visalign.pipelines.pickapic.load_pairs`) or are built online
 from the current model and a reward (`build_pairs`: best vs worst per prompt, Flow-GRPO's online DPO), rebuilt every
@@ -33,18 +34,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from visalign.generators import seeded_generators
 from visalign.loading import load_generator
 from visalign.pipelines.denoiser_trainer import (
     DenoiserConfig,
     DenoiserTrainer,
-    check_micro_batches,
     evaluation_from_config,
 )
 from visalign.pipelines.pickapic import load_pairs, save_pairs
 from visalign.pipelines.preference_data import IndexSampler, PreferencePairs, build_pairs
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
-from visalign.sampler import seeded_generators
 
 logger = logging.getLogger(__name__)
 
@@ -148,8 +148,9 @@ class DPOConfig(DenoiserConfig):
     )
     beta: float = field(default=5000.0, metadata={"help": "DPO beta in paper units (diffusers' beta_dpo x 2)."})
     loss_type: Literal["sigmoid", "hinge", "ipo"] = field(default="sigmoid", metadata={"help": "The DPO loss."})
-    train_batch_size: int = field(default=8, metadata={"help": "Pairs per optimizer step, all processes together."})
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Pairs per micro-batch and process (official launchers: 1 per GPU)."}
+    )
     caption_dropout: float = field(
         default=0.2, metadata={"help": "Probability of an empty caption for a pair (official train.py: 0.2)."}
     )
@@ -172,7 +173,8 @@ class DPOConfig(DenoiserConfig):
         super().__post_init__()
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}")
-        check_micro_batches(self.train_batch_size, self.gradient_accumulation_steps, self.caption_dropout)
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
         for name in ("prompts_per_round", "num_images_per_prompt"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -188,7 +190,7 @@ class DPOTrainer(DenoiserTrainer):
     """Diffusion-DPO on the training engine, from a pair dataset or from pairs built online.
 
     Args:
-        pipe: an SD, SDXL or SD3 pipeline.
+        pipe: a pipeline of any generator family (`visalign.generators.ADAPTERS`).
         config (`DPOConfig`): the run.
         pairs (`PreferencePairs`, *optional*): offline pairs (`load_pairs`, ties dropped).
         reward (`RewardModel`, *optional*), prompts (`list[str]`, *optional*): online pairs, instead of `pairs`.
@@ -211,18 +213,13 @@ class DPOTrainer(DenoiserTrainer):
         if pairs is not None and pairs.has_ties:
             raise ValueError("DPO needs strict preferences: load the pairs with ties='drop'")
         super().__init__(pipe, config, eval_prompts=eval_prompts, eval_reward=eval_reward)
-        if (config.train_batch_size // config.gradient_accumulation_steps) % self.engine.num_processes:
-            raise ValueError(
-                f"`train_batch_size / gradient_accumulation_steps` must be divisible by the process count "
-                f"({self.engine.num_processes})"
-            )
-        if self.denoiser.height != self.denoiser.width:
+        if self.adapter.height != self.adapter.width:
             raise ValueError(
                 f"DPO trains on square images: `height` and `width` differ ({config.height}, {config.width})"
             )
         self.reward = None if reward is None else reward.to(self.engine.device).eval()
         self.prompt_sampler = None if prompts is None else PromptSampler(prompts, config.seed)
-        self.pairs = None if pairs is None else pairs.at_resolution(self.denoiser.height)
+        self.pairs = None if pairs is None else pairs.at_resolution(self.adapter.height)
         self.pairs_path = None
         self.sampler = None if pairs is None else IndexSampler(len(pairs), config.seed)
         self._built_at: int | None = None
@@ -236,7 +233,8 @@ class DPOTrainer(DenoiserTrainer):
             )
         else:
             data = dict(pairs=load_pairs(config.dataset, split=config.split, on_error=config.on_error))
-        return cls(load_generator(config.pretrained)[0], config, **data, **evaluation_from_config(config))
+        pipe = load_generator(config.pretrained_model_name_or_path)[0]
+        return cls(pipe, config, **data, **evaluation_from_config(config))
 
     # -- pairs ----------------------------------------------------------------------------------------------------
 
@@ -244,10 +242,10 @@ class DPOTrainer(DenoiserTrainer):
         """Online pairs from the current model (EMA weights when on): sample, rank by the reward, save, use."""
         cfg, engine = self.config, self.engine
         prompts = self.prompt_sampler.draw(cfg.prompts_per_round)
-        self.denoiser.model.eval()
+        self.adapter.model.eval()
         with engine.ema_weights(), engine.autocast():
             pairs = build_pairs(
-                self.denoiser.pipe,
+                self.adapter.pipe,
                 prompts,
                 self.reward,
                 num_images_per_prompt=cfg.num_images_per_prompt,
@@ -275,7 +273,7 @@ class DPOTrainer(DenoiserTrainer):
     def _use_pairs(self, folder: str, built_at: int) -> None:
         """Read the pairs built at step `built_at` from `output_dir/folder` (an absolute `folder` as is), with a
         fresh sampler over them: the one state both a fresh build and a resumed run start from."""
-        self.pairs = load_pairs(Path(self.config.output_dir) / folder, resolution=self.denoiser.height)
+        self.pairs = load_pairs(Path(self.config.output_dir) / folder, resolution=self.adapter.height)
         self.sampler = IndexSampler(len(self.pairs), self.config.seed + built_at)
         self.pairs_path, self._built_at = folder, built_at
 
@@ -290,15 +288,16 @@ class DPOTrainer(DenoiserTrainer):
     # -- one step -------------------------------------------------------------------------------------------------
 
     def train_step(self) -> dict[str, float]:
-        """One optimizer step on `train_batch_size` pairs (rebuilding online pairs first when due)."""
+        """One optimizer step on `per_device_train_batch_size x gradient_accumulation_steps x processes` pairs
+        (rebuilding online pairs first when due)."""
         cfg, engine = self.config, self.engine
         if self._rebuild_due():
             with engine.pause_progress():  # sampling, saving and reading pairs: not training time (the bar's ETA)
                 self.rebuild_pairs()
-        indices = self.sampler.draw(cfg.train_batch_size)
-        micro = cfg.train_batch_size // cfg.gradient_accumulation_steps
+        micro = cfg.per_device_train_batch_size * engine.num_processes  # one micro-batch, all processes
+        indices = self.sampler.draw(micro * cfg.gradient_accumulation_steps)
         sums: dict[str, float] = {}
-        self.denoiser.model.train()
+        self.adapter.model.train()
         for m in range(cfg.gradient_accumulation_steps):
             positions = list(range(m * micro, (m + 1) * micro))[engine.process_index :: engine.num_processes]
             with engine.accumulate(sync=m == cfg.gradient_accumulation_steps - 1), engine.autocast():
@@ -311,19 +310,19 @@ class DPOTrainer(DenoiserTrainer):
     def pair_loss(self, indices: list[int], keys: list[tuple[int, int]]) -> tuple[Tensor, dict[str, float]]:
         """The DPO loss of pairs `indices`; `keys` (`(step, position in the global batch)`) seed each pair's caption
         dropout, timestep, VAE samples and noise (shared by its two images)."""
-        cfg, d = self.config, self.denoiser
+        cfg, a = self.config, self.adapter
         items = [self.pairs[i] for i in indices]
         generators = seeded_generators([(cfg.seed, 0xD90, *k) for k in keys])
         drop = [float(torch.rand(1, generator=g)) < cfg.caption_dropout for g in generators]
-        t = torch.cat([d.sample_timesteps(1, g) for g in generators])
+        t = torch.cat([a.sample_timesteps(1, g) for g in generators])
         winners, losers = zip(*(p.winner_loser() for p in items))
-        x0 = d.encode_images(torch.stack(winners + losers), generators + generators)
+        x0 = a.encode_images(torch.stack(winners + losers), generators + generators)
         noise = torch.stack([torch.randn(x0.shape[1:], generator=g) for g in generators]).to(x0.device)
-        cond = d.encode_prompts(["" if dropped else p.caption for p, dropped in zip(items, drop)]).repeat(2)
+        cond = a.encode_prompts(["" if dropped else p.caption for p, dropped in zip(items, drop)]).repeat(2)
         noise, t = torch.cat([noise, noise]), torch.cat([t, t])
         with torch.no_grad(), self.engine.reference() as reference:
-            ref_w, ref_l = d.errors(x0, noise, t, cond, reference).chunk(2)
-        model_w, model_l = d.errors(x0, noise, t, cond, self.engine.model).chunk(2)
+            ref_w, ref_l = a.errors(x0, noise, t, cond, reference).chunk(2)
+        model_w, model_l = a.errors(x0, noise, t, cond, self.engine.model).chunk(2)
         loss, accuracy = dpo_loss(model_w, model_l, ref_w, ref_l, cfg.beta, kind=cfg.loss_type)
         stats = {
             "train/loss": float(loss.detach()),

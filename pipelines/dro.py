@@ -24,34 +24,40 @@ updates (`policy_update_steps > 1`) gives the policy term its push away from the
 Deliberate deviations from the reference code: DDIM (`eta = 0`) instead of DPMSolver++ for the rollouts, with one
 timestep offset per rollout batch instead of per sample; the lagged copy is the trained parameters swapped in (no
 third UNet in memory); gradient clipping works (the reference passes an exhausted iterator to `clip_grad_norm_`, so
-it never clips); no EMA by default. Epsilon and v models only (SD1.5, SDXL, as the paper); flow models raise.
+it never clips); no EMA by default.
+
+Flow models (SD3, FLUX, Qwen-Image; a port the paper does not make) use the flow objective of
+`visalign.generators.objective`: the expert target is the velocity `eps - x0` at a row's sigma, and the policy rows are
+ODE trajectories (Flow-GRPO's SDE at noise level `eta` when `eta > 0`) on the pipeline's own sigmas, which
+`perturb_timesteps` leaves unshifted (a flow schedule has no offset). FLUX's training predictions use its training
+guidance (3.5): set `guidance_scale` to it so that the lagged copy's predictions are the same function. Video families
+are not supported (expert sets are images).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
 from visalign.engine import EMA
+from visalign.generators import Conditioning, Rollout, seeded_generators
+from visalign.generators.objective import per_sample_mse
 from visalign.loading import load_generator
-from visalign.pipelines.denoiser import EpsilonRollout, TextConditioning, per_sample_mse
 from visalign.pipelines.denoiser_trainer import (
     DenoiserConfig,
     DenoiserTrainer,
-    check_micro_batches,
     evaluation_from_config,
 )
 from visalign.pipelines.preference_data import ExpertSet, IndexSampler, load_experts
 from visalign.rewards import RewardModel
-from visalign.sampler import seeded_generators
 
 logger = logging.getLogger(__name__)
 
-CONDITIONING_FIELDS = ("embeds", "pooled", "negative_embeds", "negative_pooled")
+CONDITIONING_FIELDS = tuple(f.name for f in fields(Conditioning))
 
 
 def dro_loss(
@@ -96,7 +102,7 @@ class BufferRows:
     policy's latents `x_t` and its predictions there."""
 
     x0: Tensor
-    conditioning: TextConditioning
+    conditioning: Conditioning
     t: Tensor
     x_t: Tensor
     prediction: Tensor
@@ -111,20 +117,22 @@ class ReplayBuffer:
             raise ValueError(f"`size` must be >= 1, got {size}")
         self.size = size
         self.x0: Tensor | None = None
-        self.conditioning: TextConditioning | None = None
+        self.conditioning: Conditioning | None = None
         self.t = self.x_t = self.predictions = None
 
     def __len__(self) -> int:
         return 0 if self.x0 is None else len(self.x0)
 
-    def push(self, x0: Tensor, rollout: EpsilonRollout) -> None:
+    def push(self, x0: Tensor, rollout: Rollout) -> None:
         """Add trajectories (`rollout`, N of them) sampled for the expert latents `x0` (`[N, ...]`)."""
         if len(x0) != len(rollout):
             raise ValueError(f"`x0` has {len(x0)} rows for {len(rollout)} trajectories")
         n_steps = rollout.num_steps
+        # the training timesteps of `x_t`: DDPM's integers, or a flow model's sigmas in [0, 1]
+        t = rollout.timesteps if rollout.sigmas is None else rollout.sigmas[:n_steps]
         new = dict(
             x0=x0,
-            t=rollout.timesteps.expand(len(rollout), n_steps),
+            t=t.expand(len(rollout), n_steps),
             x_t=rollout.latents[:, :n_steps],
             predictions=rollout.predictions,
         )
@@ -134,8 +142,8 @@ class ReplayBuffer:
             old = getattr(self, name)
             setattr(self, name, (value if old is None else torch.cat([old, value]))[-self.size :])
         cond = rollout.conditioning
-        cond = cond if self.conditioning is None else TextConditioning.cat([self.conditioning, cond])
-        self.conditioning = cond.select(torch.arange(len(cond))[-self.size :].to(cond.embeds.device))
+        cond = cond if self.conditioning is None else Conditioning.cat([self.conditioning, cond])
+        self.conditioning = cond.select(torch.arange(len(cond))[-self.size :].to(cond.prompt_embeds.device))
 
     def state_dict(self) -> dict[str, Tensor]:
         """The trajectories as flat tensors (none when empty): a checkpoint keeps them, so that a resumed run trains
@@ -156,7 +164,7 @@ class ReplayBuffer:
                 f"the saved replay buffer holds {len(state['x0'])} trajectories, `buffer_size` is {self.size}"
             )
         self.x0, self.t, self.x_t, self.predictions = state["x0"], state["t"], state["x_t"], state["predictions"]
-        self.conditioning = TextConditioning(*(state.get(f"conditioning.{k}") for k in CONDITIONING_FIELDS))
+        self.conditioning = Conditioning(**{k: state.get(f"conditioning.{k}") for k in CONDITIONING_FIELDS})
 
     def sample(self, n: int, generator: torch.Generator) -> BufferRows:
         """`n` rows: trajectories without replacement while `n` <= their count (else with), steps uniform."""
@@ -189,10 +197,9 @@ class DROConfig(DenoiserConfig):
     )
     on_error: Literal["raise", "skip"] = field(default="raise", metadata={"help": "Bad expert rows: raise or skip."})
     margin: float = field(default=1e-3, metadata={"help": "Ranking margin m of the hinge (reference: 1e-3)."})
-    train_batch_size: int = field(
-        default=16, metadata={"help": "Expert/policy row pairs per optimizer step, all processes together."}
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Expert/policy row pairs per micro-batch and process (reference: 4)."}
     )
-    gradient_accumulation_steps: int = field(default=1, metadata={"help": "Micro-batches per optimizer step."})
     caption_dropout: float = field(default=0.2, metadata={"help": "Empty-caption probability (reference: 0.2)."})
     policy_update_steps: int = field(
         default=1, metadata={"help": "Sync the lagged sampling copy every this many optimizer steps."}
@@ -201,15 +208,20 @@ class DROConfig(DenoiserConfig):
     rollouts_per_micro_step: int = field(
         default=4, metadata={"help": "Fresh trajectories per micro-step and process (reference: 4)."}
     )
-    perturb_timesteps: bool = field(default=True, metadata={"help": "Shift each rollout's timesteps randomly."})
-    eta: float = field(default=0.0, metadata={"help": "DDIM eta of the rollouts (0: deterministic, as DPMSolver)."})
+    perturb_timesteps: bool = field(
+        default=True, metadata={"help": "Shift each rollout's timesteps randomly (DDIM; flow schedules stay)."}
+    )
+    eta: float = field(
+        default=0.0, metadata={"help": "DDIM eta of the rollouts, flow models' SDE noise level (0: deterministic)."}
+    )
     guidance_scale: float = field(default=1.0, metadata={"help": "CFG of the rollouts (reference: 1.0)."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not self.experts:
             raise ValueError("`experts` must name a folder (or .jsonl) of expert images")
-        check_micro_batches(self.train_batch_size, self.gradient_accumulation_steps, self.caption_dropout)
+        if not 0 <= self.caption_dropout < 1:
+            raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
         for name in ("policy_update_steps", "buffer_size", "rollouts_per_micro_step"):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -217,9 +229,9 @@ class DROConfig(DenoiserConfig):
             raise ValueError(f"`margin` must be >= 0, got {self.margin}")
         if not 0 <= self.eta <= 1:
             raise ValueError(f"`eta` must be in [0, 1], got {self.eta}")
-        if self.checkpointing_steps % self.policy_update_steps:
+        if self.save_steps % self.policy_update_steps:
             raise ValueError(
-                f"`checkpointing_steps` ({self.checkpointing_steps}) must be a multiple of `policy_update_steps` "
+                f"`save_steps` ({self.save_steps}) must be a multiple of `policy_update_steps` "
                 f"({self.policy_update_steps}): a checkpoint then holds the lagged copy (= the trained weights)"
             )
 
@@ -228,7 +240,7 @@ class DROTrainer(DenoiserTrainer):
     """Diffusion-DRO on the training engine.
 
     Args:
-        pipe: an SD or SDXL pipeline (epsilon or v prediction).
+        pipe: an image pipeline of any generator family (DDIM rollouts on SD and SDXL, ODE on flow models).
         config (`DROConfig`): the run.
         experts (`ExpertSet`): the expert images and their captions (`top_k_experts`, `load_experts`).
         eval_prompts, eval_reward: the evaluation (`DenoiserTrainer`).
@@ -244,18 +256,12 @@ class DROTrainer(DenoiserTrainer):
         eval_reward: RewardModel | None = None,
     ):
         super().__init__(pipe, config, eval_prompts=eval_prompts, eval_reward=eval_reward)
-        d, engine = self.denoiser, self.engine
-        if d.target == "flow":
-            raise ValueError("Diffusion-DRO needs an epsilon or v model (SD, SDXL); flow pipelines are not supported")
-        if d.height != d.width:
-            raise ValueError(f"DRO trains on square images: `height` and `width` differ ({d.height}, {d.width})")
-        micro = config.train_batch_size // config.gradient_accumulation_steps
-        if micro % engine.num_processes:
-            raise ValueError(
-                f"`train_batch_size / gradient_accumulation_steps` ({micro}) must be divisible by the "
-                f"process count ({engine.num_processes})"
-            )
-        self.experts = ExpertSet(experts.captions, experts.sources, d.height, experts.scores, experts.source)
+        a, engine = self.adapter, self.engine
+        if a.video:
+            raise ValueError(f"Diffusion-DRO trains on expert images; the video family {a.family} is not supported")
+        if a.height != a.width:
+            raise ValueError(f"DRO trains on square images: `height` and `width` differ ({a.height}, {a.width})")
+        self.experts = ExpertSet(experts.captions, experts.sources, a.height, experts.scores, experts.source)
         self.expert_sampler = IndexSampler(len(self.experts), config.seed)
         self.buffer = ReplayBuffer(config.buffer_size)
         self.policy = EMA(engine.parameters, decay=0.0, every=config.policy_update_steps)  # the lagged copy
@@ -264,18 +270,19 @@ class DROTrainer(DenoiserTrainer):
     def from_config(cls, config: DROConfig) -> DROTrainer:
         """Build the pipeline, the expert set and the evaluation the config names (what `visalign train` runs)."""
         experts = load_experts(config.experts, on_error=config.on_error)
-        return cls(load_generator(config.pretrained)[0], config, experts, **evaluation_from_config(config))
+        pipe = load_generator(config.pretrained_model_name_or_path)[0]
+        return cls(pipe, config, experts, **evaluation_from_config(config))
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step: per micro-step, refill the buffer from the lagged copy, then rank expert vs policy."""
         cfg, engine = self.config, self.engine
-        micro = cfg.train_batch_size // cfg.gradient_accumulation_steps // engine.num_processes
+        micro = cfg.per_device_train_batch_size
         sums: dict[str, float] = {}
         for m in range(cfg.gradient_accumulation_steps):
             self.refill(m)
             generator = seeded_generators([(cfg.seed, 0xD22, engine.step, m, engine.process_index)])[0]
             rows = self.buffer.sample(micro, generator)
-            self.denoiser.model.train()
+            self.adapter.model.train()
             with engine.accumulate(sync=m == cfg.gradient_accumulation_steps - 1), engine.autocast():
                 loss, stats = self.ranking_loss(rows, generator)
                 engine.backward(loss / cfg.gradient_accumulation_steps)
@@ -289,7 +296,7 @@ class DROTrainer(DenoiserTrainer):
     def refill(self, micro_step: int) -> None:
         """Roll out `rollouts_per_micro_step` trajectories per process from the lagged copy for freshly drawn expert
         images (their captions, dropped with `caption_dropout`) and push them with the experts' latents."""
-        cfg, engine, d = self.config, self.engine, self.denoiser
+        cfg, engine, a = self.config, self.engine, self.adapter
         n, rank = cfg.rollouts_per_micro_step, engine.process_index
         drawn = self.expert_sampler.draw(n * engine.num_processes)[rank * n : (rank + 1) * n]
         keys = [(cfg.seed, 0xD20, engine.step, micro_step, rank * n + j) for j in range(n)]
@@ -298,18 +305,23 @@ class DROTrainer(DenoiserTrainer):
         captions = [
             "" if float(torch.rand(1, generator=g)) < cfg.caption_dropout else c for c, g in zip(captions, generators)
         ]
-        x0 = d.encode_images(torch.stack(images), generators)
+        x0 = a.encode_images(torch.stack(images), generators)
+        flow = a.target == "flow"
         offset = 0
-        if cfg.perturb_timesteps:
+        if cfg.perturb_timesteps and not flow:
             offset_generator = seeded_generators([(cfg.seed, 0xD21, engine.step, micro_step, rank)])[0]
-            offset = int(torch.randint(d.max_offset(cfg.num_inference_steps), (1,), generator=offset_generator))
-        d.model.eval()
+            offset = int(torch.randint(a.max_offset(cfg.num_inference_steps), (1,), generator=offset_generator))
+        a.model.eval()
         with self.policy.swapped_in(), engine.autocast():
-            rollout = d.sample(
+            # each sample's generator draws its initial noise, then its step noise
+            rollout = a.sample(
                 captions,
+                a.encode_prompts(captions, cfg.guidance_scale),
+                a.initial_latents(generators),
                 num_inference_steps=cfg.num_inference_steps,
                 guidance_scale=cfg.guidance_scale,
-                eta=cfg.eta,
+                noise_level=cfg.eta,
+                kind=("sde" if cfg.eta > 0 else "ode") if flow else "ddim",
                 generator=generators,
                 offset=offset,
                 model=engine.unwrapped,
@@ -318,17 +330,17 @@ class DROTrainer(DenoiserTrainer):
 
     def ranking_loss(self, rows: BufferRows, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """`dro_loss` of buffer rows: each expert latent noised with fresh noise at its row's timestep."""
-        d = self.denoiser
+        a = self.adapter
         noise = torch.randn(rows.x0.shape, generator=generator).to(rows.x0.device)
-        x_t_expert, target_expert = d.noise(rows.x0, noise, rows.t)
+        x_t_expert, target_expert = a.noise(rows.x0, noise, rows.t)
         x_t = torch.cat([x_t_expert, rows.x_t])
         targets = torch.cat([target_expert, rows.prediction]).float()
         t, cond = torch.cat([rows.t, rows.t]), rows.conditioning.repeat(2)
         with torch.no_grad(), self.engine.reference() as reference:
-            ref_expert, ref_policy = per_sample_mse(d.predict(x_t, t, cond, reference).float(), targets).chunk(2)
-        model_expert, model_policy = per_sample_mse(d.predict(x_t, t, cond, self.engine.model).float(), targets).chunk(
-            2
-        )
+            ref_prediction = a.training_prediction(x_t, t, cond, reference)
+            ref_expert, ref_policy = per_sample_mse(ref_prediction.float(), targets).chunk(2)
+        prediction = a.training_prediction(x_t, t, cond, self.engine.model)
+        model_expert, model_policy = per_sample_mse(prediction.float(), targets).chunk(2)
         loss, diff = dro_loss(model_expert, ref_expert, model_policy, ref_policy, self.config.margin)
         stats = {
             "train/loss": float(loss.detach()),

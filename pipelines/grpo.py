@@ -8,12 +8,14 @@ The pure math is in `grpo_loss.py` (`group_advantages`, `policy_loss`, `ratio_no
 its log-prob are `visalign.sampling.sde_step`, the KL to the reference `visalign.sampling.kl_penalty`, Pref-GRPO's
 win rates `visalign.reward_models.pairwise.win_rates`.
 
-This file's configs and trainer (`FlowGRPOConfig`, `PrefGRPOConfig`, `FlowGRPOTrainer`) compose them with
-`visalign.sampler.FlowSampler` and `visalign.engine.Engine`, following Flow-GRPO's `scripts/train_sd3.py`: an
+This file's configs and trainer (`FlowGRPOConfig`, `PrefGRPOConfig`, `FlowGRPOTrainer`) compose them with the
+generator layer (`visalign.generators.adapter_for`: any family) and `visalign.engine.Engine`, following Flow-GRPO's
+`scripts/train_sd3.py`: an
 iteration samples groups (SDE everywhere, or in an SDE window: Flow-GRPO-Fast/MixGRPO), gathers rewards from every
-process, normalizes them per group, and takes `num_batches_per_iteration / gradient_accumulation_steps` optimizer
-steps per inner epoch, each accumulating the clipped surrogate (and the KL) of every (micro-batch, trained step); the
-run's last iteration stops at `max_steps`, whatever its value. Pref-GRPO is the
+process, normalizes them per group, and takes `updates_per_iteration` optimizer steps per inner epoch, each
+accumulating the clipped surrogate (and the KL) of every (micro-batch, trained step), `gradient_accumulation_steps`
+micro-batches of `per_device_train_batch_size` samples; the run's last iteration stops at `max_steps`, whatever its
+value. Pref-GRPO is the
 same loop with `reward_mode="win_rate"`: the rewards are a pairwise judge's win rates in each group
 (`reward.group`), which average 0.5 by construction, so an external pointwise reward is always logged too.
 
@@ -46,14 +48,15 @@ from typing import Any, Literal
 import torch
 from torch import Tensor
 
-from visalign.config import TrainConfig
+from visalign.config import GeneratorConfig
 from visalign.engine import Engine, ScoreTotals, peak_memory_gb
+from visalign.generators import Rollout, adapter_for, seeded_generators
+from visalign.lifecycle import TrainingLoop
 from visalign.loading import load_generator
 from visalign.monitor import RewardMonitor
 from visalign.pipelines.grpo_loss import group_advantages, policy_loss, ratio_norm_log_prob
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
-from visalign.sampler import FlowPipeline, FlowSampler, Rollout, seeded_generators
 from visalign.sampling import kl_penalty, noise_aware_weights, step_std
 from visalign.types import check_scores
 from visalign.world.evaluate import add_levels, category_sums
@@ -63,17 +66,18 @@ from visalign.world.evaluate import add_levels, category_sums
 
 
 @dataclass
-class FlowGRPOConfig(TrainConfig):
+class FlowGRPOConfig(GeneratorConfig):
     """Flow-GRPO (and its SDE-window variants); defaults are the paper's SD3.5-M recipe (`config/grpo.py`).
 
     Sizes are per process: an iteration samples `num_batches_per_iteration` batches of `sample_batch_size`
-    samples on every process, `group_size` per prompt (groups may span processes, as in Flow-GRPO), and takes
-    `num_batches_per_iteration / gradient_accumulation_steps` optimizer steps per inner epoch, each accumulating over
-    its samples (`train_batch_size` at a time) and over every trained timestep. Any `max_steps >= 1` works: the last
-    iteration stops partway when `max_steps` falls inside it.
+    samples on every process, `group_size` per prompt (groups may span processes, as in Flow-GRPO). An optimizer step
+    accumulates `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` samples, each at every
+    trained timestep (Flow-GRPO's `train.gradient_accumulation_steps`, times its timesteps), so an inner epoch takes
+    `updates_per_iteration` steps; `max_steps`, `eval_steps` and `save_steps` count these steps. Any
+    `max_steps >= 1` works: the last iteration stops partway when `max_steps` falls inside it.
     """
 
-    pretrained: str = field(
+    pretrained_model_name_or_path: str = field(
         default="tiny:sd3",
         metadata={"help": "The pipeline: a diffusers folder or hub id, `world:sd3` (the shapes world), `tiny:sd3`."},
     )
@@ -97,8 +101,8 @@ class FlowGRPOConfig(TrainConfig):
         default=None, metadata={"help": "A pointwise reward logged on the same samples (and at eval), never trained."}
     )
     external_reward_pretrained: str | None = field(default=None, metadata={"help": "Weights of the external reward."})
-    height: int = field(default=512, metadata={"help": "Image height."})
-    width: int = field(default=512, metadata={"help": "Image width."})
+    height: int | None = field(default=512, metadata={"help": "Image height (required)."})
+    width: int | None = field(default=512, metadata={"help": "Image width (required)."})
     num_inference_steps: int = field(default=10, metadata={"help": "Sampling steps while training (T)."})
     guidance_scale: float = field(default=4.5, metadata={"help": "CFG scale (FLUX.1-dev: the guidance embedding)."})
     cfg_backprop_uncond: bool = field(
@@ -108,8 +112,6 @@ class FlowGRPOConfig(TrainConfig):
             "it, as Flow-GRPO's compute_log_prob (the gradient is then guidance_scale * d v_text)."
         },
     )
-    max_sequence_length: int = field(default=256, metadata={"help": "T5 tokens (the shapes world: 16)."})
-    negative_prompt: str = field(default="", metadata={"help": "SD3's CFG negative prompt."})
     noise_level: float = field(default=0.7, metadata={"help": "SDE noise level a (Flow-GRPO SD3: 0.7, FLUX: 0.9)."})
     sde_kind: Literal["sde", "cps", "dance"] = field(default="sde", metadata={"help": "`sde_step` kind."})
     sde_window_size: int = field(
@@ -127,9 +129,16 @@ class FlowGRPOConfig(TrainConfig):
     )
     advantage_unbiased: bool = field(default=False, metadata={"help": "Bessel-corrected std (Pref-GRPO)."})
     advantage_eps: float = field(default=1e-4, metadata={"help": "Added to the advantage std."})
-    train_batch_size: int = field(default=9, metadata={"help": "Samples per training micro-batch and process."})
+    per_device_train_batch_size: int = field(
+        default=9, metadata={"help": "Samples per training micro-batch and process, at one trained timestep."}
+    )
     gradient_accumulation_steps: int = field(
-        default=2, metadata={"help": "Sampling batches per optimizer step (each also accumulated over timesteps)."}
+        default=2,
+        metadata={
+            "help": "Micro-batches per optimizer step, each also accumulated over every trained timestep; a step "
+            "covers whole sampling batches (equal to the sampling batches per step when "
+            "per_device_train_batch_size = sample_batch_size)."
+        },
     )
     timestep_fraction: float = field(
         default=1.0, metadata={"help": "Train this fraction of the noisy steps, a random subset per iteration."}
@@ -143,11 +152,9 @@ class FlowGRPOConfig(TrainConfig):
     noise_aware_weighting: bool = field(
         default=False, metadata={"help": "Weight each step's policy loss by its noise std, mean 1 (TempFlow-GRPO)."}
     )
-    eval_prompts: str | None = field(default=None, metadata={"help": "Evaluation prompts (`world:heldout`, a file)."})
-    eval_every: int = field(default=0, metadata={"help": "Evaluate every this many iterations (0: start and end)."})
     eval_num_inference_steps: int = field(default=40, metadata={"help": "ODE steps at evaluation."})
     eval_guidance_scale: float = field(default=4.5, metadata={"help": "Guidance at evaluation."})
-    eval_images_per_prompt: int = field(default=1, metadata={"help": "Images per evaluation prompt."})
+    eval_batch_size: int = field(default=9, metadata={"help": "Images per evaluation batch and process."})
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -155,13 +162,8 @@ class FlowGRPOConfig(TrainConfig):
             "group_size": self.group_size,
             "sample_batch_size": self.sample_batch_size,
             "num_batches_per_iteration": self.num_batches_per_iteration,
-            "train_batch_size": self.train_batch_size,
             "num_inner_epochs": self.num_inner_epochs,
-            "gradient_accumulation_steps": self.gradient_accumulation_steps,
-            "num_inference_steps": self.num_inference_steps,
             "noise_level": self.noise_level,
-            "eval_num_inference_steps": self.eval_num_inference_steps,
-            "eval_images_per_prompt": self.eval_images_per_prompt,
         }.items():
             if not value > 0:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}")
@@ -169,10 +171,15 @@ class FlowGRPOConfig(TrainConfig):
             raise ValueError(
                 f"`group_size` must be >= 2: a group of one has no relative advantage, got {self.group_size}"
             )
-        if self.num_batches_per_iteration % self.gradient_accumulation_steps:
+        if self.height is None or self.width is None:
+            raise ValueError("GRPO needs `height` and `width`")
+        per_step, per_batch = self.per_device_train_batch_size * self.gradient_accumulation_steps, self.batch_rows
+        if per_step % per_batch or self.num_batches_per_iteration % (per_step // per_batch):
             raise ValueError(
-                f"`num_batches_per_iteration` ({self.num_batches_per_iteration}) must be a multiple of "
-                f"`gradient_accumulation_steps` ({self.gradient_accumulation_steps})"
+                f"an optimizer step must cover whole sampling batches of an iteration: per_device_train_batch_size x "
+                f"gradient_accumulation_steps ({self.per_device_train_batch_size} x {self.gradient_accumulation_steps}"
+                f") must be a multiple of the {per_batch} samples per batch and timestep, that multiple dividing "
+                f"`num_batches_per_iteration` ({self.num_batches_per_iteration})"
             )
         if not 0 < self.timestep_fraction <= 1:
             raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}")
@@ -195,8 +202,15 @@ class FlowGRPOConfig(TrainConfig):
             )
 
     @property
+    def batch_rows(self) -> int:
+        """Samples of one sampling batch (per process) that share a trained timestep."""
+        return self.sample_batch_size
+
+    @property
     def updates_per_iteration(self) -> int:
-        return self.num_batches_per_iteration // self.gradient_accumulation_steps
+        """Optimizer steps per inner epoch: the iteration's samples over those of one step."""
+        per_step = self.per_device_train_batch_size * self.gradient_accumulation_steps
+        return self.num_batches_per_iteration * self.batch_rows // per_step
 
     @property
     def window_range(self) -> tuple[int, int]:
@@ -211,7 +225,10 @@ class PrefGRPOConfig(FlowGRPOConfig):
     external_reward: str | None = field(default="world-verifier", metadata={"help": "Logged, never trained on."})
     group_size: int = field(default=8, metadata={"help": "Samples per prompt (G)."})
     sample_batch_size: int = field(default=8, metadata={"help": "Samples per sampling batch and process."})
-    train_batch_size: int = field(default=8, metadata={"help": "Samples per training micro-batch and process."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Samples per training micro-batch and process, at one trained timestep."}
+    )
+    eval_batch_size: int = field(default=8, metadata={"help": "Images per evaluation batch and process."})
     advantage_scope: Literal["group", "global"] = field(default="group", metadata={"help": "Per-group std."})
     advantage_unbiased: bool = field(default=True, metadata={"help": "torch's unbiased std, as the reference."})
     advantage_eps: float = field(default=1e-8, metadata={"help": "Added to the advantage std."})
@@ -221,10 +238,11 @@ class PrefGRPOConfig(FlowGRPOConfig):
     kl_kind: Literal["exact", "flow_grpo"] = field(default="exact", metadata={"help": "Pref-GRPO's `grpo/kl.py`."})
 
 
-class FlowGRPOTrainer:
+class FlowGRPOTrainer(TrainingLoop):
     """Flow-GRPO, Pref-GRPO (`reward_mode="win_rate"`) and, through `TempFlowGRPOTrainer`, TempFlow-GRPO.
 
-    Each iteration: draw prompts; sample groups with `FlowSampler` (SDE in the configured window); score them
+    Each iteration: draw prompts; sample groups with the family's adapter (flow families: `sde_kind` in the
+    configured SDE window; SD/SDXL: DDPO's DDIM step with eta = `noise_level`); score them
     (pointwise `reward.score`, or a pairwise judge's win rates `reward.group` per group); gather the rewards of
     every process and normalize them per group (`group_advantages`); then, for every trained timestep of every
     micro-batch, recompute the log-prob of the stored transition and minimize the clipped surrogate
@@ -232,28 +250,41 @@ class FlowGRPOTrainer:
     (adapters disabled). The external reward is logged on the same samples.
 
     Args:
-        pipe (`StableDiffusion3Pipeline` or `FluxPipeline`): the policy; its transformer is trained (LoRA or full).
+        pipe: the policy, a pipeline of any family in `visalign.generators.ADAPTERS`; its denoiser is trained.
         reward (`RewardModel`): the trained reward.
         config (`FlowGRPOConfig`): the recipe.
         prompts (`list[str]`): training prompts.
         external_reward (`RewardModel`, *optional*): logged on the samples, and the evaluation reward when given.
-        eval_prompts (`list[str]`, *optional*): prompts of the ODE evaluation (`config.eval_every`).
+        eval_prompts (`list[str]`, *optional*): prompts of the ODE evaluation (`config.eval_steps`).
+        eval_reward (`RewardModel`, *optional*): the evaluation judge (default: the external reward, else the reward).
+
+    The loop (resume, evaluation schedule, checkpoints, export) is `visalign.lifecycle.TrainingLoop.train`; one
+    `train_step` is one iteration, several optimizer steps.
     """
 
     def __init__(
         self,
-        pipe: FlowPipeline,
+        pipe: Any,
         reward: RewardModel,
         config: FlowGRPOConfig,
         prompts: list[str],
         *,
         external_reward: RewardModel | None = None,
         eval_prompts: list[str] | None = None,
+        eval_reward: RewardModel | None = None,
     ):
         if config.reward_mode == "win_rate" and external_reward is None:
             raise ValueError("reward_mode='win_rate' needs an `external_reward` to log (win rates average 0.5)")
         self.config = config
-        self.engine = Engine(config, pipe, keep_reference=config.beta > 0)
+        self.adapter = adapter_for(
+            pipe,
+            height=config.height,
+            width=config.width,
+            num_frames=config.num_frames,
+            max_sequence_length=config.max_sequence_length,
+            negative_prompt=config.negative_prompt,
+        )
+        self.engine = Engine.for_generator(config, self.adapter, keep_reference=config.beta > 0)
         per_prompt, batch, processes = self.samples_per_prompt(), config.sample_batch_size, self.engine.num_processes
         if (processes * batch) % per_prompt:
             raise ValueError(
@@ -265,13 +296,13 @@ class FlowGRPOTrainer:
                 f"misconfigured group sizes: win rates compare a whole group on one process, so sample_batch_size "
                 f"({batch}) must be a multiple of group_size ({per_prompt})"
             )
-        self.sampler = FlowSampler(
-            pipe,
-            height=config.height,
-            width=config.width,
-            max_sequence_length=config.max_sequence_length,
-            negative_prompt=config.negative_prompt,
-        )
+        flow = self.adapter.target == "flow"
+        self.kind = config.sde_kind if flow else "ddim"  # DDPO's policy step on epsilon/v families
+        if not flow and (config.noise_aware_weighting or (config.beta > 0 and config.kl_kind == "flow_grpo")):
+            raise ValueError(
+                f"{self.adapter.family} samples with DDIM: `noise_aware_weighting` and kl_kind='flow_grpo' are "
+                "flow-SDE conventions; set noise_aware_weighting=false and kl_kind='exact'"
+            )
         self.reward = reward.to(self.engine.device).eval()
         self.external_reward = None if external_reward is None else external_reward.to(self.engine.device).eval()
         # The reward-hacking monitor: the external reward is the gold one, tracked beside a pointwise training reward
@@ -283,6 +314,7 @@ class FlowGRPOTrainer:
         )
         self.prompt_sampler = PromptSampler(prompts, config.seed)
         self.eval_prompts = eval_prompts
+        self.eval_reward = None if eval_reward is None else eval_reward.to(self.engine.device).eval()
 
     @classmethod
     def from_config(cls, config: FlowGRPOConfig) -> FlowGRPOTrainer:
@@ -296,46 +328,22 @@ class FlowGRPOTrainer:
         if config.external_reward is not None:
             external = load_reward(config.external_reward, config.external_reward_pretrained)
         return cls(
-            load_generator(config.pretrained)[0],
+            load_generator(config.pretrained_model_name_or_path)[0],
             reward,
             config,
             load_prompts(config.prompts),
             external_reward=external,
             eval_prompts=None if config.eval_prompts is None else load_prompts(config.eval_prompts),
+            eval_reward=None if config.eval_reward is None else load_reward(config.eval_reward),
         )
 
     def samples_per_prompt(self) -> int:
         """Consecutive samples of an iteration that share a prompt: Flow-GRPO's group."""
         return self.config.group_size
 
-    def train(self) -> list[dict[str, float]]:
-        """Train to `max_steps` (resuming first when `resume_from` says so); returns the logged metrics."""
-        state = self.engine.resume()
-        if state is not None:
-            self.prompt_sampler.load_state_dict(state["prompt_sampler"])
-            if self.monitor is not None and "monitor" in state:
-                self.monitor.load_state_dict(state["monitor"])
-        if self.eval_prompts and self.engine.step == 0:
-            self.engine.log(self.evaluate())
-        while self.engine.step < self.config.max_steps:
-            iteration = self.prompt_sampler.iteration
-            self.engine.log(self.train_iteration())
-            every = self.config.eval_every
-            if (
-                self.eval_prompts
-                and every
-                and (iteration + 1) % every == 0
-                and self.engine.step < self.config.max_steps
-            ):
-                self.engine.log(self.evaluate())
-            self.engine.maybe_checkpoint(self.state_dict())
-        if self.eval_prompts:
-            self.engine.log(self.evaluate())
-        self.engine.maybe_checkpoint(self.state_dict(), force=True)
-        if self.monitor is not None and self.engine.is_main_process:
-            self.monitor.save(self.engine.output_dir / "monitor")
-        self.engine.finish()
-        return self.engine.history
+    @property
+    def evaluates(self) -> bool:
+        return bool(self.eval_prompts)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint needs besides the engine's state: the prompt sampler's position and the monitor."""
@@ -344,7 +352,17 @@ class FlowGRPOTrainer:
             state["monitor"] = self.monitor.state_dict()
         return state
 
-    def train_iteration(self) -> dict[str, float]:
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.prompt_sampler.load_state_dict(state["prompt_sampler"])
+        if self.monitor is not None and "monitor" in state:
+            self.monitor.load_state_dict(state["monitor"])
+
+    def export(self) -> None:
+        """The reward-hacking monitor's records, beside the run."""
+        if self.monitor is not None and self.engine.is_main_process:
+            self.monitor.save(self.engine.output_dir / "monitor")
+
+    def train_step(self) -> dict[str, float]:
         """Sample, score and normalize one iteration's groups, then take its optimizer steps (`update`)."""
         start = time.perf_counter()
         iteration = self.prompt_sampler.iteration
@@ -400,20 +418,20 @@ class FlowGRPOTrainer:
         c = self.config
         group_ids = index // self.samples_per_prompt()
         noise_keys = group_ids if c.same_noise else index
-        latents = self.sampler.initial_latents(seeded_generators([(c.seed, iteration, 0, k) for k in noise_keys]))
+        latents = self.adapter.initial_latents(seeded_generators([(c.seed, iteration, 0, k) for k in noise_keys]))
         with self.engine.autocast():
-            return self.sampler.sample(
+            return self.adapter.sample(
                 prompts,
-                self.sampler.encode(prompts, c.guidance_scale),
+                self.adapter.encode_prompts(prompts, c.guidance_scale),
                 latents,
                 num_inference_steps=c.num_inference_steps,
                 guidance_scale=c.guidance_scale,
                 noise_level=c.noise_level,
                 noise_steps=self.noise_window(iteration, batch),
-                kind=c.sde_kind,
+                kind=self.kind,
                 generator=seeded_generators([(c.seed, iteration, 1, i) for i in index]),
                 group_ids=group_ids,
-                transformer=self.engine.unwrapped,
+                model=self.engine.unwrapped,
             )
 
     def noise_window(self, iteration: int, batch: int) -> list[int] | None:
@@ -499,7 +517,7 @@ class FlowGRPOTrainer:
             units = [
                 (rows, int(t))
                 for t in trained.nonzero().flatten()
-                for rows in part[rollout.stds[part, t] > 0].split(c.train_batch_size)
+                for rows in part[rollout.stds[part, t] > 0].split(c.per_device_train_batch_size)
                 if len(rows)
             ]
             self._check_same_unit_count(len(units))
@@ -533,9 +551,7 @@ class FlowGRPOTrainer:
         """`weight * policy_loss + beta * KL` for the transitions of `rows` at `step` under the current model."""
         c, engine = self.config, self.engine
         with engine.autocast():
-            policy = self.sampler.log_prob(
-                rollout, rows, step, transformer=engine.model, detach_uncond=not c.cfg_backprop_uncond
-            )
+            policy = self.adapter.log_prob(rollout, rows, step, engine.model, detach_uncond=not c.cfg_backprop_uncond)
         old_log_prob = rollout.log_probs[rows, step]
         log_prob = policy.log_prob
         if c.ratio_norm:
@@ -545,7 +561,7 @@ class FlowGRPOTrainer:
         loss = weight * loss
         if c.beta > 0:
             with torch.no_grad(), engine.reference() as reference, engine.autocast():
-                ref_mean = self.sampler.log_prob(rollout, rows, step, transformer=reference).mean
+                ref_mean = self.adapter.log_prob(rollout, rows, step, reference).mean
             dt = rollout.sigmas[step + 1] - rollout.sigmas[step] if c.kl_kind == "flow_grpo" else None
             kl = kl_penalty(policy.mean, ref_mean, policy.std, kind=c.kl_kind, dt=dt).mean()
             loss = loss + c.beta * kl
@@ -555,26 +571,25 @@ class FlowGRPOTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """ODE samples of the evaluation prompts (EMA weights when on), scored by the external reward (else the
-        reward); returns `eval/<name>` and `eval/<name>/<aspect>` means over images. Seeds are fixed."""
+        """ODE samples of the evaluation prompts (EMA weights when on), scored by the evaluation judge (default: the
+        external reward, else the reward); returns `eval/<name>` and `eval/<name>/<aspect>` means over images.
+        Seeds are fixed."""
         c, engine = self.config, self.engine
-        judge = self.external_reward or self.reward
+        judge = self.eval_reward or self.external_reward or self.reward
         texts = [p for p in self.eval_prompts for _ in range(c.eval_images_per_prompt)]
         totals = ScoreTotals("eval")
         with engine.ema_weights():
-            for index in torch.arange(engine.process_index, len(texts), engine.num_processes).split(
-                c.sample_batch_size
-            ):
+            for index in torch.arange(engine.process_index, len(texts), engine.num_processes).split(c.eval_batch_size):
                 prompts = [texts[i] for i in index.tolist()]
-                latents = self.sampler.initial_latents(seeded_generators([(c.seed, 0xE7A1, i) for i in index]))
+                latents = self.adapter.initial_latents(seeded_generators([(c.seed, 0xE7A1, i) for i in index]))
                 with engine.autocast():
-                    images = self.sampler.sample(
+                    images = self.adapter.sample(
                         prompts,
-                        self.sampler.encode(prompts, c.eval_guidance_scale),
+                        self.adapter.encode_prompts(prompts, c.eval_guidance_scale),
                         latents,
                         num_inference_steps=c.eval_num_inference_steps,
                         guidance_scale=c.eval_guidance_scale,
-                        transformer=engine.unwrapped,
+                        model=engine.unwrapped,
                     ).images
                 out = judge.score(images, prompts)
                 totals.add(judge.name, out)

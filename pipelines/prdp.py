@@ -17,9 +17,10 @@ per sampled epoch where the paper's full-batch steps are too slow. A `max_steps`
 
 Sampling: DDIM with `eta = 1` (the paper's DDPM sampler), classifier-free guidance in the policy (log-probs of the
 guided mean), per-step log-probs as element means (`visalign.sampling.ddim_step`, DDPO's convention); flow models
-use Flow-GRPO's SDE (`visalign.sampler.FlowSampler`), a port the paper does not make. `pi_ref` is the model with
-adapters disabled (or the frozen initial copy). The paper's `beta` (3e-5 / 3e-6) and `clip_range` (1e-6 / 1e-4)
-belong to its own, unstated, log-prob reduction: tune both for ours.
+(SD3, FLUX, Qwen-Image, Wan) use Flow-GRPO's SDE (`sde_kind`), a port the paper does not make; both are the family
+adapter's one sampler (`visalign.generators`). `pi_ref` is the model with adapters disabled (or the frozen initial
+copy). The paper's `beta` (3e-5 / 3e-6) and `clip_range` (1e-6 / 1e-4) belong to its own, unstated, log-prob
+reduction: tune both for ours.
 
 The gradient is exact and memory-light: the loss depends on the parameters only through the `[N, T]` log-probs, so
 one pass without gradient gives the log-probs and `g = dL / d log_prob` (autograd on a leaf), and a second pass
@@ -39,11 +40,11 @@ import torch
 from torch import Tensor
 
 from visalign.engine import peak_memory_gb
+from visalign.generators import Rollout, seeded_generators
 from visalign.loading import load_generator
 from visalign.pipelines.denoiser_trainer import DenoiserConfig, DenoiserTrainer, evaluation_from_config
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
-from visalign.sampler import seeded_generators
 from visalign.sampling import StepOutput, kl_penalty
 from visalign.types import check_scores
 
@@ -177,7 +178,9 @@ class PRDPConfig(DenoiserConfig):
     num_inference_steps: int = field(default=50, metadata={"help": "Sampling steps T (paper: 50)."})
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG while sampling (paper: 5.0)."})
     sample_batch_size: int = field(default=16, metadata={"help": "Trajectories per sampling batch and process."})
-    train_batch_size: int = field(default=16, metadata={"help": "Trajectories per backward micro-batch and process."})
+    per_device_train_batch_size: int = field(
+        default=16, metadata={"help": "Trajectories per backward micro-batch and process."}
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -186,7 +189,6 @@ class PRDPConfig(DenoiserConfig):
             "images_per_prompt",
             "inner_updates",
             "sample_batch_size",
-            "train_batch_size",
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
@@ -204,9 +206,14 @@ class PRDPConfig(DenoiserConfig):
             raise ValueError("`beta` and `clip_range` must be > 0 and `kl_coef` >= 0")
         if not 0 < self.eta <= 1:
             raise ValueError(f"`eta` must be in (0, 1]: a deterministic sampler has no log-prob, got {self.eta}")
-        if self.checkpointing_steps % self.inner_updates:
+        if self.gradient_accumulation_steps != 1:
             raise ValueError(
-                f"`checkpointing_steps` ({self.checkpointing_steps}) must be a multiple of `inner_updates` "
+                "`gradient_accumulation_steps` must be 1 in PRDP: a step's rows are set by `prompts_per_update` (its "
+                "micro-batches of per_device_train_batch_size are accumulated within the step)"
+            )
+        if self.save_steps % self.inner_updates:
+            raise ValueError(
+                f"`save_steps` ({self.save_steps}) must be a multiple of `inner_updates` "
                 f"({self.inner_updates}): checkpoints fall between epochs (an epoch's samples are not stored)"
             )
 
@@ -217,7 +224,7 @@ class Epoch:
     log-probs `[N, S]` and step means `[N, S, ...]` (KL term only) of the trained steps `[S]`, and the pair count
     of all processes."""
 
-    rollout: Any
+    rollout: Rollout
     rewards: Tensor
     group_ids: Tensor
     ref_log_probs: Tensor
@@ -230,7 +237,7 @@ class PRDPTrainer(DenoiserTrainer):
     """PRDP on the training engine (Algorithm 1: online sampling, `inner_updates` proximal steps per epoch).
 
     Args:
-        pipe: an SD, SDXL (DDIM) or SD3 (flow SDE) pipeline.
+        pipe: a pipeline of any generator family: DDIM on SD and SDXL, the flow SDE on the others.
         reward (`RewardModel`): the reward (black box: no gradient needed).
         config (`PRDPConfig`): the run.
         prompts (`list[str]`): training prompts.
@@ -264,7 +271,7 @@ class PRDPTrainer(DenoiserTrainer):
         """Build the pipeline, reward, prompts and evaluation the config names (what `visalign train` runs)."""
         reward = load_reward(config.reward, config.reward_pretrained)
         return cls(
-            load_generator(config.pretrained)[0],
+            load_generator(config.pretrained_model_name_or_path)[0],
             reward,
             config,
             load_prompts(config.prompts),
@@ -298,20 +305,20 @@ class PRDPTrainer(DenoiserTrainer):
     def sample_epoch(self) -> dict[str, float]:
         """Sample `images_per_prompt` trajectories for this process's share of `prompts_per_epoch` prompts from the
         current model (`pi_old`), score them, and record `pi_ref`'s log-probs of every trained step."""
-        c, engine, d = self.config, self.engine, self.denoiser
+        c, engine, a = self.config, self.engine, self.adapter
         epoch = self.prompt_sampler.iteration
         per_process = c.prompts_per_epoch // engine.num_processes
         drawn = self.prompt_sampler.draw(c.prompts_per_epoch)
         first = engine.process_index * per_process
         group_ids = torch.arange(first, first + per_process).repeat_interleave(c.images_per_prompt)
         texts = [drawn[g] for g in group_ids.tolist()]
-        d.model.eval()
+        a.model.eval()
         parts = []
         for index in torch.arange(len(texts)).split(c.sample_batch_size):
             keys = [(c.seed, 0xB0D, epoch, int(group_ids[i]), int(i) % c.images_per_prompt) for i in index]
             with engine.autocast():
                 parts.append(self._sample([texts[i] for i in index.tolist()], keys))
-        rollout = type(parts[0]).cat(parts)
+        rollout = Rollout.cat(parts)
         scored = self.reward.score(rollout.images, rollout.prompts)
         rewards = check_scores(scored.score, len(texts), f"{self.reward.name} reward").float()
         steps = self._trained_steps(rollout)
@@ -320,7 +327,7 @@ class PRDPTrainer(DenoiserTrainer):
         ref_means = torch.zeros(len(texts), n_steps, *latent_shape, device=ref_log_probs.device) if c.kl_coef else None
         with engine.reference() as reference, engine.autocast():
             for s, t in enumerate(steps.tolist()):
-                for rows in torch.arange(len(texts), device=ref_log_probs.device).split(c.train_batch_size):
+                for rows in torch.arange(len(texts), device=ref_log_probs.device).split(c.per_device_train_batch_size):
                     out = self._log_prob(rollout, rows, t, reference)
                     ref_log_probs[rows, s] = out.log_prob.float()
                     if ref_means is not None:
@@ -344,41 +351,31 @@ class PRDPTrainer(DenoiserTrainer):
             **engine.mean_across_processes(aspects),
         }
 
-    def _sample(self, prompts: list[str], keys: list[tuple[int, ...]]):
-        c, d = self.config, self.denoiser
+    def _sample(self, prompts: list[str], keys: list[tuple[int, ...]]) -> Rollout:
+        """Trajectories of `prompts` from the current model: DDIM with `eta` (epsilon/v families) or the flow SDE
+        (`sde_kind`, `noise_level`); each sample's generator draws its initial noise, then its step noise."""
+        c, a = self.config, self.adapter
         generators = seeded_generators(keys)
-        if d.target != "flow":
-            return d.sample(
-                prompts,
-                num_inference_steps=c.num_inference_steps,
-                guidance_scale=c.guidance_scale,
-                eta=c.eta,
-                generator=generators,
-                model=self.engine.unwrapped,
-            )
-        return d.flow.sample(
+        flow = a.target == "flow"
+        return a.sample(
             prompts,
-            d.flow.encode(prompts, c.guidance_scale),
-            d.flow.initial_latents(generators),
+            a.encode_prompts(prompts, c.guidance_scale),
+            a.initial_latents(generators),
             num_inference_steps=c.num_inference_steps,
             guidance_scale=c.guidance_scale,
-            noise_level=c.noise_level,
-            kind=c.sde_kind,
+            noise_level=c.noise_level if flow else c.eta,
+            kind=c.sde_kind if flow else a.default_kind,
             generator=generators,
-            transformer=self.engine.unwrapped,
+            model=self.engine.unwrapped,
         )
 
-    def _log_prob(self, rollout, rows: Tensor, step: int, model) -> StepOutput:
+    def _log_prob(self, rollout: Rollout, rows: Tensor, step: int, model) -> StepOutput:
         """The policy `model` at `step` for `rows`, scoring their stored transitions (DDIM or flow SDE)."""
-        d = self.denoiser
-        if d.target == "flow":
-            return d.flow.log_prob(rollout, rows, step, transformer=model)
-        return d.log_prob(rollout, rows, step, model)
+        return self.adapter.log_prob(rollout, rows, step, model)
 
-    def _trained_steps(self, rollout) -> Tensor:
+    def _trained_steps(self, rollout: Rollout) -> Tensor:
         """Steps with noise (a deterministic step has no log-prob and carries no gradient)."""
-        stds = rollout.stds if rollout.stds.ndim == 1 else rollout.stds.amax(dim=0)
-        steps = (stds > 0).nonzero().flatten().cpu()
+        steps = (rollout.stds.amax(dim=0) > 0).nonzero().flatten().cpu()
         if len(steps) == 0:
             raise ValueError("no stochastic step: PRDP needs eta > 0 (DDIM) or noise_level > 0 (flow)")
         return steps
@@ -415,8 +412,8 @@ class PRDPTrainer(DenoiserTrainer):
         if rows is None:
             rows = torch.arange(len(rollout), device=e.rewards.device)
         old = rollout.log_probs[rows][:, steps].float()
-        positions = list(torch.arange(len(rows), device=rows.device).split(c.train_batch_size))
-        self.denoiser.model.train()
+        positions = list(torch.arange(len(rows), device=rows.device).split(c.per_device_train_batch_size))
+        self.adapter.model.train()
         if reuse_old:
             current = old.clone()
         else:

@@ -42,9 +42,9 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from visalign.files import to_pil
+from visalign.generators import seeded_generators
 from visalign.pipelines.row_stores import StoredCell, find_shards
 from visalign.rewards import RewardModel
-from visalign.sampler import seeded_generators
 from visalign.types import check_pixels, check_prompts
 
 logger = logging.getLogger(__name__)
@@ -67,8 +67,8 @@ class BadRow(ValueError):
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """One comparison: `image_0` and `image_1` (`Tensor` `[3, H, W]` in [0, 1]) of `caption`, `label_0` as in
-    Pick-a-Pic, and `row`, its row in the source."""
+    """One comparison: `image_0` and `image_1` (`Tensor` `[3, H, W]` in [0, 1], or videos `[F, 3, H, W]`) of
+    `caption`, `label_0` as in Pick-a-Pic, and `row`, its row in the source."""
 
     caption: str
     image_0: Tensor
@@ -130,9 +130,10 @@ class PreferencePairs(Dataset):
         scores: list[tuple[float, float]] | None = None,
         skipped: dict[str, int] | None = None,
     ) -> PreferencePairs:
-        """Pairs from pixels `[N, 3, H, W]` in [0, 1] (labels default to 1: `images_0` preferred)."""
-        check_pixels(images_0, "images_0")
-        check_pixels(images_1, "images_1")
+        """Pairs from pixels `[N, 3, H, W]` (or videos `[N, F, 3, H, W]`, for video generators) in [0, 1] (labels
+        default to 1: `images_0` preferred). Video pairs live in memory (`save_pairs` writes images only)."""
+        check_pixels(images_0, "images_0", video=None)
+        check_pixels(images_1, "images_1", video=None)
         captions = check_prompts(captions, images_0.shape[0], "captions")
         if images_1.shape != images_0.shape:
             raise ValueError(f"`images_1` must have the shape of `images_0` {tuple(images_0.shape)}")
@@ -279,9 +280,10 @@ def sample_groups(
     progress: str | None = None,
     **generation_kwargs: Any,
 ) -> Tensor:
-    """`num_images_per_prompt` images per prompt from a diffusers pipeline: `[P, G, 3, H, W]` in [0, 1].
+    """`num_images_per_prompt` images per prompt from a diffusers pipeline: `[P, G, 3, H, W]` in [0, 1] (videos
+    `[P, G, F, 3, H, W]` from a video pipeline, whose output holds `frames`).
 
-    Image `g` of prompt `p` uses the generator keyed `(seed, p, g)` (`visalign.sampler.seeded_generators`), so the
+    Image `g` of prompt `p` uses the generator keyed `(seed, p, g)` (`visalign.generators.seeded_generators`), so the
     images do not depend on `batch_size`. `generation_kwargs` go to the pipeline (`num_inference_steps`,
     `guidance_scale`, `height`, `width`, `max_sequence_length`, ...); `output_type` is `"pt"`. `progress` labels a
     progress bar over the images (None: no bar; pass it on the main process only).
@@ -296,10 +298,17 @@ def sample_groups(
             chunk = jobs[start : start + batch_size]
             generators = seeded_generators([(seed, p, g) for p, g in chunk])
             out = pipe([prompts[p] for p, _ in chunk], generator=generators, output_type="pt", **generation_kwargs)
-            images.append(out.images.float().clamp(0, 1).cpu())
+            images.append(pipeline_pixels(out).cpu())
             bar.update(len(chunk))
     pixels = torch.cat(images)
     return pixels.view(len(prompts), num_images_per_prompt, *pixels.shape[1:])
+
+
+def pipeline_pixels(output: Any) -> Tensor:
+    """The float pixels in [0, 1] of a pipeline output called with `output_type="pt"`: `images` `[B, 3, H, W]`, or
+    a video pipeline's `frames` `[B, F, 3, H, W]`."""
+    pixels = output.frames if hasattr(output, "frames") else output.images
+    return pixels.float().clamp(0, 1)
 
 
 @torch.no_grad()
@@ -542,15 +551,22 @@ def _source(value: Any, root: Path, where: str) -> bytes | Path:
     return full
 
 
-def _open(source: bytes | Path | StoredCell, where: str) -> Image.Image:
-    """Decode an image fully (so truncated files fail here), as RGB."""
+def _open(source: bytes | Path | StoredCell, where: str) -> Image.Image | list[Image.Image]:
+    """Decode an image fully (so truncated files fail here), as RGB; an animated PNG (a video saved by `_png`) as its
+    list of frames."""
     if isinstance(source, StoredCell):
         source = _source(source.value(), source.root, where)
     try:
         data = source.read_bytes() if isinstance(source, Path) else source
         with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (OSError, ValueError, Image.DecompressionBombError) as e:
+            if getattr(image, "n_frames", 1) == 1:
+                return image.convert("RGB")
+            frames = []
+            for i in range(image.n_frames):
+                image.seek(i)
+                frames.append(image.convert("RGB"))
+            return frames
+    except (OSError, ValueError, EOFError, Image.DecompressionBombError) as e:
         raise BadRow(f"{where}: the image cannot be decoded ({type(e).__name__}: {e})", "corrupt") from None
 
 
@@ -566,25 +582,34 @@ def _raise_or_count(error: BadRow, on_error: str, counts: Counter) -> None:
     counts[error.reason] += 1
 
 
-def _to_tensor(image: Image.Image) -> Tensor:
+def _to_tensor(image: Image.Image | list[Image.Image]) -> Tensor:
+    """An image `[3, H, W]`, or a video's frames `[F, 3, H, W]`, in [0, 1]."""
+    if isinstance(image, list):
+        return torch.stack([_to_tensor(frame) for frame in image])
     return torch.from_numpy(np.asarray(image, dtype=np.float32) / 255).permute(2, 0, 1).contiguous()
 
 
 def _resize_center_crop(image: Tensor, size: int) -> Tensor:
-    """Resize the shorter side to `size` (bilinear, antialiased) and crop the center square."""
+    """Resize the shorter side to `size` (bilinear, antialiased) and crop the center square (of every frame of a
+    video `[F, 3, H, W]`)."""
     h, w = image.shape[-2:]
     if (h, w) == (size, size):
         return image
     scale = size / min(h, w)
     new = (max(size, round(h * scale)), max(size, round(w * scale)))
-    image = torch.nn.functional.interpolate(
-        image[None], size=new, mode="bilinear", antialias=True, align_corners=False
-    )
+    frames = image.reshape(-1, *image.shape[-3:])
+    frames = torch.nn.functional.interpolate(frames, size=new, mode="bilinear", antialias=True, align_corners=False)
     top, left = (new[0] - size) // 2, (new[1] - size) // 2
-    return image[0, :, top : top + size, left : left + size].clamp(0, 1)
+    cropped = frames[:, :, top : top + size, left : left + size].clamp(0, 1)
+    return cropped.reshape(*image.shape[:-2], size, size)
 
 
 def _png(image: Tensor) -> bytes:
+    """A PNG of an image `[3, H, W]`; a video `[F, 3, H, W]` as an animated PNG (lossless, one frame each)."""
     buffer = io.BytesIO()
-    to_pil(image).save(buffer, format="PNG")
+    if image.dim() == 4:
+        frames = [to_pil(frame) for frame in image]
+        frames[0].save(buffer, format="PNG", save_all=True, append_images=frames[1:])
+    else:
+        to_pil(image).save(buffer, format="PNG")
     return buffer.getvalue()

@@ -13,15 +13,17 @@ the gradient norm of z. The returned image is the iterate with the highest weigh
 
 Defaults are the reference code's (ExplainableML/ReNO `training/trainer.py` `LatentNoiseTrainer.train`,
 `training/optim.py`, `arguments.py`): 50 iterations, SGD lr 5 with Nesterov momentum 0.9, gradient-norm clip 0.1,
-lambda 0.01; Adam (eps 1e-2) and L-BFGS (10 inner iterations, history 3, strong Wolfe) share the `lr`. The reward
-weights are HPSv2.1 5, ImageReward 1, PickScore 0.05, CLIP (ViT-H-14, 100 * cos) 0.01 (`REFERENCE_REWARDS`).
+lambda 0.01; Adam (eps 1e-2) and L-BFGS (10 inner iterations, history 3, strong Wolfe) share the `learning_rate`. The
+reward weights are HPSv2.1 5, ImageReward 1, PickScore 0.05, CLIP (ViT-H-14, 100 * cos) 0.01 (`REFERENCE_REWARDS`).
 `ReNO.best_of_n` is the reference's `--imageselect` baseline: N random noises with the same number of generator calls,
 the best by the same weighted reward.
 
-The generator is any diffusers text-to-image pipeline whose `__call__` takes `latents`: SD/SD-Turbo and SDXL-Turbo
-(UNet), SD3 and FLUX-schnell (flow transformers; FLUX takes packed latents `[B, L, 4C]`), the shapes-world models.
-Diffusers decorates `__call__` with `torch.no_grad()`; ReNO calls the undecorated function (`inspect.unwrap`), so each
-pipeline's own prompt encoding, scheduler, guidance, latent packing and VAE decode run unchanged, with gradients.
+The generator is a pipeline of any family of the generator layer (`visalign.generators.adapter_for`) whose `__call__`
+takes `latents`: SD/SD-Turbo and SDXL-Turbo (UNet), SD3, FLUX-schnell and Qwen-Image (flow transformers; FLUX and
+Qwen-Image take packed latents `[B, L, 4C]`), the shapes-world models. The family's adapter gives the image size and
+draws the initial noise as the pipeline itself would from the same generator. Diffusers decorates `__call__` with
+`torch.no_grad()`; ReNO calls the undecorated function (`inspect.unwrap`), so each pipeline's own prompt encoding,
+scheduler, guidance, latent packing and VAE decode run unchanged, with gradients.
 
 Deliberate deviations from the reference:
 - Losses are the negated rewards: the reference's offsets (`1 - cos`, `30 - score`, `2 - score`, ...) are constants
@@ -52,6 +54,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from visalign.generators import adapter_for
 from visalign.reward_models.compose import CompositeReward, RewardPart
 from visalign.rewards import RewardModel
 from visalign.types import check_prompts
@@ -129,10 +132,12 @@ class ReNOConfig:
         default=50, metadata={"help": "iterations: renders of the noise; all but the last take an optimizer step"}
     )
     optimizer: str = field(default="sgd", metadata={"help": f"one of {OPTIMIZERS}"})
-    lr: float = field(default=5.0, metadata={"help": "learning rate of every optimizer (the reference's 5 is SGD's)"})
+    learning_rate: float = field(
+        default=5.0, metadata={"help": "learning rate of every optimizer (the reference's 5 is SGD's)"}
+    )
     momentum: float = field(default=0.9, metadata={"help": "SGD momentum"})
     nesterov: bool = field(default=True, metadata={"help": "Nesterov momentum for SGD"})
-    grad_clip: float = field(default=0.1, metadata={"help": "max gradient norm of each sample's noise"})
+    max_grad_norm: float = field(default=0.1, metadata={"help": "max gradient norm of each sample's noise"})
     reg_weight: float = field(default=0.01, metadata={"help": "lambda, the weight of the noise-norm regularizer"})
     num_inference_steps: int = field(default=1, metadata={"help": "generator steps per render"})
     guidance_scale: float = field(default=0.0, metadata={"help": "classifier-free guidance (0 for turbo models)"})
@@ -149,7 +154,7 @@ class ReNOConfig:
                 raise ValueError(f"`{name}` must be a positive int, got {value!r}")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"`optimizer` must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        numbers = {"lr": self.lr, "grad_clip": self.grad_clip}
+        numbers = {"learning_rate": self.learning_rate, "max_grad_norm": self.max_grad_norm}
         for name, value in numbers.items():
             if not _is_real(value) or not value > 0:
                 raise ValueError(f"`{name}` must be a positive number, got {value!r}")
@@ -226,9 +231,10 @@ class ReNO:
         out.images, out.noise, out.history
 
     Args:
-        pipe: a diffusers text-to-image pipeline whose `__call__` takes `latents` (and returns tensors with
-            `output_type="pt"`); no safety checker or watermark, which leave torch. Its weights are frozen only
-            while ReNO runs; disable its own progress bar (`pipe.set_progress_bar_config(disable=True)`).
+        pipe: a text-to-image pipeline of a supported family (`visalign.generators.ADAPTERS`) whose `__call__`
+            takes `latents` (and returns tensors with `output_type="pt"`); no safety checker or watermark, which
+            leave torch. Its weights are frozen only while ReNO runs; disable its own progress bar
+            (`pipe.set_progress_bar_config(disable=True)`).
         rewards: differentiable rewards: `RewardPart`s (reward, weight, calibration), a mapping `name -> reward`
             (weight 1), a single `RewardModel`, or a `CompositeReward` in `"weighted_raw"` mode.
         config: optimization and sampling settings.
@@ -253,18 +259,16 @@ class ReNO:
         reserved = sorted(set(self.pipeline_kwargs) & set(RESERVED_PIPELINE_KWARGS))
         if reserved:
             raise ValueError(f"`pipeline_kwargs` must not set {reserved}: ReNO passes them (use `config` for steps)")
-        self.height, self.width = _image_size(pipe, self.config.height, self.config.width)
-
-    def noise_shape(self, batch_size: int) -> tuple[int, ...]:
-        """Shape of the noise `latents` the pipeline takes for `batch_size` images of the configured size."""
-        return noise_shape(self.pipe, batch_size, self.height, self.width)
+        self.adapter = adapter_for(pipe, height=self.config.height, width=self.config.width)
+        if self.adapter.video:
+            raise ValueError(f"ReNO optimizes the noise of image generators; {type(pipe).__name__} makes videos")
+        self.height, self.width = self.adapter.height, self.adapter.width
 
     def initial_noise(self, seeds: Sequence[int]) -> Tensor:
-        """Standard Gaussian noise `[B, ...]` float32 on the pipeline's device; sample i from a CPU generator seeded
-        with `seeds[i]` (so a sample's noise does not depend on the batch or the device)."""
-        shape = self.noise_shape(1)[1:]
-        noise = [torch.randn(shape, generator=torch.Generator().manual_seed(s)) for s in seeds]
-        return torch.stack(noise).to(self.pipe.device)
+        """Standard Gaussian noise `[B, ...]` float32 on the pipeline's device, in the layout its `latents` take
+        (`GeneratorAdapter.initial_latents`); sample i from a CPU generator seeded with `seeds[i]` (so a sample's
+        noise does not depend on the batch or the device, and equals the pipeline's own for that generator)."""
+        return self.adapter.initial_latents([torch.Generator().manual_seed(s) for s in seeds])
 
     def render(self, noise: Tensor, prompts: list[str], seeds: Sequence[int]) -> Tensor:
         """Images `[B, 3, H, W]` in [0, 1] from initial noise `noise`, differentiable in it when grad is enabled.
@@ -333,11 +337,11 @@ class ReNO:
             if step:
                 optimizer.zero_grad(set_to_none=True)
                 total.sum().backward()
-                clip_grad_norm_per_sample_(z.grad, cfg.grad_clip)
+                clip_grad_norm_per_sample_(z.grad, cfg.max_grad_norm)
             return total.sum().detach()
 
         bar = _progress(cfg.num_iterations, progress)
-        with _noise_only_gradients(self.pipe, self.rewards, cfg.gradient_checkpointing):
+        with _noise_only_gradients(self.pipe, self.adapter.model, self.rewards, cfg.gradient_checkpointing):
             for iteration in range(cfg.num_iterations):
                 if iteration == cfg.num_iterations - 1:
                     evaluate(iteration, step=False)  # the last iterate is evaluated, not stepped
@@ -381,38 +385,17 @@ class ReNO:
         if not isinstance(n, int) or isinstance(n, bool) or n < 1:
             raise ValueError(f"`num_candidates` must be a positive int, got {n!r}")
         seeds = _seeds(seed, len(prompts))
-        shape = self.noise_shape(1)[1:]
         generators = [torch.Generator().manual_seed(s) for s in seeds]
         best: dict[str, Tensor] = {}
         rewards = []
         for j in range(n):
-            noise = torch.stack([torch.randn(shape, generator=g) for g in generators]).to(self.pipe.device)
+            noise = self.adapter.initial_latents(generators)
             images = self.render(noise, prompts, seeds).float()
             rewards.append(self.rewards.score(images, prompts).score)
             _keep_best(best, j, rewards[-1], images, noise)
         return BestOfNOutput(
             best["images"], best["noise"], best["reward"], best["index"].tolist(), torch.stack(rewards), n
         )
-
-
-def noise_shape(pipe: Any, batch_size: int, height: int, width: int) -> tuple[int, ...]:
-    """The shape of the initial noise `latents` a pipeline takes for images of `height x width`.
-
-    `[B, C, height / f, width / f]` with C the denoiser's input channels and f the VAE scale factor; FLUX takes
-    its latents packed in 2x2 patches: `[B, (h / 2) * (w / 2), C]` with `h = 2 * (height // 2f)` (FluxPipeline's
-    `prepare_latents`) and C = 4 x the VAE's latent channels.
-    """
-    from diffusers import FluxPipeline
-
-    factor = pipe.vae_scale_factor
-    denoiser = _denoiser(pipe)
-    if isinstance(pipe, FluxPipeline):
-        if height % (2 * factor) or width % (2 * factor):
-            raise ValueError(f"`height` and `width` must be multiples of {2 * factor} for FLUX, got {height}x{width}")
-        return (batch_size, (height // (2 * factor)) * (width // (2 * factor)), denoiser.config.in_channels)
-    if height % factor or width % factor:
-        raise ValueError(f"`height` and `width` must be multiples of the VAE factor {factor}, got {height}x{width}")
-    return (batch_size, denoiser.config.in_channels, height // factor, width // factor)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -433,31 +416,9 @@ def _differentiable_call(pipe: Any):
             f"`pipe` ({type(pipe).__name__}) cannot be differentiated by ReNO: its __call__ takes no {missing} "
             "(ReNO needs a text-to-image pipeline that accepts the initial noise as `latents`)"
         )
-    _denoiser(pipe)
     if not isinstance(pipe.components.get("vae"), nn.Module):
         raise ValueError(f"`pipe` ({type(pipe).__name__}) has no `vae` component to decode latents")
     return call
-
-
-def _denoiser(pipe: Any) -> nn.Module:
-    for name in ("unet", "transformer"):
-        if isinstance(pipe.components.get(name), nn.Module):
-            return pipe.components[name]
-    raise ValueError(f"`pipe` ({type(pipe).__name__}) has neither a `unet` nor a `transformer` component")
-
-
-def _image_size(pipe: Any, height: int | None, width: int | None) -> tuple[int, int]:
-    """`(height, width)`, defaulting to the denoiser's `sample_size` times the VAE factor (the pipelines' default)."""
-    if height is not None and width is not None:
-        return height, width
-    config = _denoiser(pipe).config
-    if "sample_size" not in config:
-        raise ValueError(
-            f"`height` and `width` must be given for {type(pipe).__name__}: its denoiser config has no sample_size"
-        )
-    sample_size = config.sample_size
-    side = (sample_size if isinstance(sample_size, int) else sample_size[0]) * pipe.vae_scale_factor
-    return height or side, width or side
 
 
 def _composite(rewards: Any) -> CompositeReward:
@@ -491,20 +452,22 @@ def _composite(rewards: Any) -> CompositeReward:
 
 def _optimizer(cfg: ReNOConfig, z: Tensor) -> torch.optim.Optimizer:
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD([z], lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD([z], lr=cfg.learning_rate, momentum=cfg.momentum, nesterov=cfg.nesterov)
     if cfg.optimizer == "adam":
-        return torch.optim.Adam([z], lr=cfg.lr, eps=ADAM_EPS)
-    return torch.optim.LBFGS([z], lr=cfg.lr, **LBFGS_OPTIONS)
+        return torch.optim.Adam([z], lr=cfg.learning_rate, eps=ADAM_EPS)
+    return torch.optim.LBFGS([z], lr=cfg.learning_rate, **LBFGS_OPTIONS)
 
 
 @contextmanager
-def _noise_only_gradients(pipe: Any, rewards: nn.Module, checkpointing: bool):
+def _noise_only_gradients(pipe: Any, denoiser: nn.Module, rewards: nn.Module, checkpointing: bool):
     """While ReNO runs: no parameter of the pipeline or the rewards requires grad (autograd then keeps only what the
-    gradient of the noise needs), and, with `checkpointing`, the denoiser and VAE recompute activations in the
-    backward pass. Everything is restored on exit."""
+    gradient of the noise needs), and, with `checkpointing`, the denoiser and the VAE (when its class supports it;
+    Qwen-Image's and Wan's do not) recompute activations in the backward pass. Everything is restored on exit."""
     modules = [m for m in pipe.components.values() if isinstance(m, nn.Module)] + [rewards]
     flags = [(p, p.requires_grad) for m in modules for p in m.parameters()]
-    checkpointed = [m for m in (_denoiser(pipe), pipe.components["vae"]) if not m.is_gradient_checkpointing]
+    vae = pipe.components["vae"]
+    candidates = [denoiser] + ([vae] if getattr(vae, "_supports_gradient_checkpointing", False) else [])
+    checkpointed = [m for m in candidates if not m.is_gradient_checkpointing]
     try:
         for p, _ in flags:
             p.requires_grad_(False)

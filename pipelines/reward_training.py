@@ -51,6 +51,7 @@ from transformers import CLIPModel
 
 from visalign.config import TrainConfig
 from visalign.engine import Engine
+from visalign.lifecycle import TrainingLoop
 from visalign.loading import load_generator
 from visalign.pipelines.preference_data import IndexSampler
 from visalign.pipelines.reward_data import WORLD_HELDOUT, WORLD_TRAIN, RewardPairs, ScoredImages, load_reward_data
@@ -249,7 +250,7 @@ class RewardConfig(TrainConfig):
     """`visalign train reward`: fine-tune a CLIP scorer or train heads from preference pairs or labelled images."""
 
     output_dir: str = field(default="runs/reward", metadata={"help": "The engine's files and the trained reward."})
-    pretrained: str = field(
+    pretrained_model_name_or_path: str = field(
         default="world:clip",
         metadata={
             "help": "The backbone: a transformers CLIPModel folder or hub id (`world:clip` = the shapes world's), or "
@@ -320,10 +321,13 @@ class RewardConfig(TrainConfig):
         default=True, metadata={"help": "Cosine head on pairs: start from the logit scale fitted on training pairs."}
     )
     calibration_pairs: int = field(default=1024, metadata={"help": "Training pairs the starting scale is fitted on."})
-    train_batch_size: int = field(
-        default=64, metadata={"help": "Pairs (or images) per optimizer step, all processes."}
+    per_device_train_batch_size: int = field(
+        default=64, metadata={"help": "Pairs (or images) per micro-batch and process."}
     )
-    eval_every: int = field(default=100, metadata={"help": "Evaluate every this many steps (0 = only at the end)."})
+    eval_steps: int = field(
+        default=100,
+        metadata={"help": "Evaluate every this many steps; always at the start and the end (0: only then)."},
+    )
     eval_batch_size: int = field(default=128, metadata={"help": "Pairs per evaluation batch."})
     world_pairs: int = field(default=10000, metadata={"help": "world:pairs: how many training pairs."})
     world_eval_pairs: int = field(default=1000, metadata={"help": "world:heldout-pairs: how many (clean, no ties)."})
@@ -340,7 +344,6 @@ class RewardConfig(TrainConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         for name in (
-            "train_batch_size",
             "eval_batch_size",
             "head_hidden",
             "world_pairs",
@@ -349,8 +352,6 @@ class RewardConfig(TrainConfig):
         ):
             if getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
-        if self.eval_every < 0:
-            raise ValueError(f"`eval_every` must be >= 0, got {self.eval_every}")
         if not 0 <= self.label_noise < 0.5:
             raise ValueError(f"`label_noise` must be in [0, 0.5), got {self.label_noise}")
         if not 0 <= self.world_generated_fraction <= 1:
@@ -363,14 +364,15 @@ class RewardConfig(TrainConfig):
             raise ValueError(f"`score_scale` must be > 0 or null, got {self.score_scale}")
 
 
-class RewardTrainer:
-    """Train a `LearnedReward` on pairs (`RewardPairs`) or labelled images (`ScoredImages`) with the engine.
+class RewardTrainer(TrainingLoop):
+    """Train a `LearnedReward` on pairs (`RewardPairs`) or labelled images (`ScoredImages`) with the engine; the loop
+    is `visalign.lifecycle.TrainingLoop.train`.
 
     Args:
         config (`RewardConfig`): the recipe.
         reward (`LearnedReward`): the model; its `TrainedParts` (from `config.train_towers`) train.
         train_data: `visalign.pipelines.reward_data.RewardPairs` or `ScoredImages`.
-        eval_data: the same kinds, evaluated every `eval_every` steps and at the end.
+        eval_data: the same kinds, evaluated at the start, every `eval_steps` steps and at the end.
     """
 
     def __init__(
@@ -411,7 +413,9 @@ class RewardTrainer:
     def from_config(cls, config: RewardConfig) -> RewardTrainer:
         """Build the backbone, the heads and the data the config names (what `visalign train reward` runs)."""
         torch.manual_seed(config.seed)
-        model, tokenizer, architecture = load_backbone(config.pretrained, config.architecture, config.checkpoint_key)
+        model, tokenizer, architecture = load_backbone(
+            config.pretrained_model_name_or_path, config.architecture, config.checkpoint_key
+        )
         transform = None
         if config.image_transform is not None:
             size = (
@@ -441,38 +445,50 @@ class RewardTrainer:
             evaluation = load_reward_data(config.eval_data, config, split=config.eval_split, pipe=pipe)
         return cls(config, reward, train, evaluation)
 
-    def train(self) -> list[dict[str, float]]:
-        """Train to `max_steps` (resuming when `resume_from` says so), evaluate, export; returns the history."""
-        engine, c = self.engine, self.config
-        state = engine.resume()
+    @property
+    def evaluates(self) -> bool:
+        return self.eval_data is not None
+
+    def begin(self, state: dict[str, Any] | None) -> None:
+        """Resume the data order, or (a fresh run) fit the cosine head's starting logit scale; then train mode."""
         if state is not None:
-            self.sampler.load_state_dict(state["sampler"])
-        elif c.calibrate_logit_scale and self.is_pairs and self.reward.heads.head == "cosine":
+            self.load_state_dict(state)
+        elif self.config.calibrate_logit_scale and self.is_pairs and self.reward.heads.head == "cosine":
             self.calibrate_logit_scale()
         self.reward.train()
-        while engine.step < c.max_steps:
-            indices = self.sampler.draw(c.train_batch_size)[engine.process_index :: engine.num_processes]
-            with engine.accumulate(sync=True), engine.autocast():
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step over `gradient_accumulation_steps` micro-batches of `per_device_train_batch_size` rows
+        per process; the cosine head's logit scale is clamped after it (HPSv2)."""
+        engine, c = self.engine, self.config
+        micro = c.per_device_train_batch_size * engine.num_processes  # one micro-batch, all processes
+        drawn = self.sampler.draw(micro * c.gradient_accumulation_steps)
+        sums: dict[str, float] = {}
+        for m in range(c.gradient_accumulation_steps):
+            indices = drawn[m * micro : (m + 1) * micro][engine.process_index :: engine.num_processes]
+            with engine.accumulate(sync=m == c.gradient_accumulation_steps - 1), engine.autocast():
                 loss, metrics = self.loss(indices)
-                engine.backward(loss)
-            metrics |= engine.optimizer_step()
-            if self.reward.heads.head == "cosine":
-                with torch.no_grad():
-                    self.reward.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
-            metrics = engine.mean_across_processes(metrics)
-            if self.eval_data is not None and c.eval_every and engine.step % c.eval_every == 0:
-                metrics |= self.evaluate()
-            engine.log(metrics)
-            engine.maybe_checkpoint({"sampler": self.sampler.state_dict()})
-        if self.eval_data is not None and not (c.eval_every and engine.step % c.eval_every == 0):
-            engine.log(self.evaluate())
-        engine.maybe_checkpoint({"sampler": self.sampler.state_dict()}, force=True)
+                engine.backward(loss / c.gradient_accumulation_steps)
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0.0) + v / c.gradient_accumulation_steps
+        sums |= engine.optimizer_step()
+        if self.reward.heads.head == "cosine":
+            with torch.no_grad():
+                self.reward.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+        return engine.mean_across_processes(sums)
+
+    def export(self) -> None:
+        """The trained reward in the loaders' layouts, in `output_dir` (EMA weights when on)."""
         self.reward.eval()
-        if engine.is_main_process:
-            with engine.ema_weights():
-                save_reward(self.reward, engine.output_dir)
-        engine.finish()
-        return engine.history
+        if self.engine.is_main_process:
+            with self.engine.ema_weights():
+                save_reward(self.reward, self.engine.output_dir)
 
     @torch.no_grad()
     def calibrate_logit_scale(self) -> float:

@@ -4,7 +4,7 @@ Flow-GRPO gives every step of a trajectory the trajectory's advantage. TempFlow-
 read in the official code (Shredded-Pork/TempFlow-GRPO `scripts/train_sd3_pr.py`,
 `sd3_pipeline_with_logprob_perstep.py`) and the authors' answers (issues #1, #3, #11):
 
-1. Trajectory branching (`FlowSampler.branch`): each seed follows the deterministic ODE; at a branch step k,
+1. Trajectory branching (`GeneratorAdapter.branch`): each seed follows the deterministic ODE; at a branch step k,
    `group_size` children (K = 6 in the paper) leave the seed's state x_k by one SDE step and finish by ODE. The
    children's rewards differ only through the noise at k, so normalizing them within the group of (seed, k)
    (population std, eps 1e-4: the paper's "seed group") credits step k alone, and only log pi(x_{k+1} | x_k) is
@@ -32,8 +32,8 @@ from typing import Literal
 import torch
 from torch import Tensor
 
+from visalign.generators import Rollout, seeded_generators
 from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
-from visalign.sampler import Rollout, seeded_generators
 
 
 @dataclass
@@ -46,7 +46,10 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
 
     group_size: int = field(default=6, metadata={"help": "SDE children per seed and branch step (K)."})
     sample_batch_size: int = field(default=1, metadata={"help": "Seeds per sampling batch and process."})
-    train_batch_size: int = field(default=6, metadata={"help": "Transitions per training micro-batch and process."})
+    per_device_train_batch_size: int = field(
+        default=6, metadata={"help": "Transitions per training micro-batch and process, at one branch step."}
+    )
+    eval_batch_size: int = field(default=1, metadata={"help": "Images per evaluation batch and process."})
     num_branch_steps: int = field(
         default=0,
         metadata={"help": "Branch at this many random steps of 0..T-2 in each sampling batch (0 = all of them)."},
@@ -57,8 +60,12 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
     beta: float = field(default=0.004, metadata={"help": "KL coefficient (GenEval: 0.004, PickScore: 0.001)."})
     kl_kind: Literal["exact", "flow_grpo"] = field(default="exact", metadata={"help": "`kl_penalty` kind."})
 
+    @property
+    def batch_rows(self) -> int:
+        """Children of one sampling batch (per process) at one branch step."""
+        return self.sample_batch_size * self.group_size
+
     def __post_init__(self) -> None:
-        super().__post_init__()
         if self.sde_window_size:
             raise ValueError("TempFlow-GRPO branches instead of using an SDE window: set `sde_window_size` to 0")
         if not 0 <= self.num_branch_steps <= self.num_inference_steps - 1:
@@ -66,6 +73,7 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
                 f"`num_branch_steps` must be in [0, {self.num_inference_steps - 1}] (0 = every step), "
                 f"got {self.num_branch_steps}"
             )
+        super().__post_init__()
 
 
 class TempFlowGRPOTrainer(FlowGRPOTrainer):
@@ -81,11 +89,11 @@ class TempFlowGRPOTrainer(FlowGRPOTrainer):
     def sample_batch(self, prompts: list[str], index: Tensor, iteration: int, batch: int) -> Rollout:
         """Branch the seeds `index` (positions in the iteration) at this batch's branch steps."""
         c = self.config
-        latents = self.sampler.initial_latents(seeded_generators([(c.seed, iteration, 0, i) for i in index]))
+        latents = self.adapter.initial_latents(seeded_generators([(c.seed, iteration, 0, i) for i in index]))
         with self.engine.autocast():
-            return self.sampler.branch(
+            return self.adapter.branch(
                 prompts,
-                self.sampler.encode(prompts, c.guidance_scale),
+                self.adapter.encode_prompts(prompts, c.guidance_scale),
                 latents,
                 num_inference_steps=c.num_inference_steps,
                 guidance_scale=c.guidance_scale,
@@ -95,7 +103,7 @@ class TempFlowGRPOTrainer(FlowGRPOTrainer):
                 kind=c.sde_kind,
                 generator=seeded_generators([(c.seed, iteration, 1, i) for i in index]),
                 group_ids=index.to(self.engine.device),
-                transformer=self.engine.unwrapped,
+                model=self.engine.unwrapped,
             )
 
     def branch_steps(self, iteration: int, batch: int) -> list[int]:

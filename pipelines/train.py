@@ -49,7 +49,7 @@ FLOW_METHODS = ("flow-grpo", "pref-grpo", "tempflow-grpo")
 # `--smoke`: values that make any recipe finish in seconds; a key the method's config lacks is skipped.
 SMOKE: dict[str, Any] = {
     "max_steps": 2,
-    "checkpointing_steps": 0,
+    "save_steps": 0,
     "report_to": "none",
     "eval_prompts": None,
     "eval_data": None,
@@ -66,7 +66,7 @@ SMOKE: dict[str, Any] = {
     "sample_batch_size": 4,
     "num_batches_per_iteration": 1,
     "gradient_accumulation_steps": 1,
-    "train_batch_size": 4,
+    "per_device_train_batch_size": 4,
     "num_branch_steps": 2,
     "sde_window_size": 0,
     # Diffusion-DPO online pairs and PRDP epochs
@@ -84,7 +84,7 @@ SMOKE: dict[str, Any] = {
     "world_pairs": 32,
     "world_eval_pairs": 16,
     "world_generator": None,
-    "eval_every": 0,
+    "eval_steps": 0,
 }
 
 
@@ -165,13 +165,16 @@ def smoke_values(method: str, config: Any) -> dict[str, Any]:
     """`SMOKE` restricted to the config's fields, plus the world model, reward and prompts for a real-model recipe."""
     names = {f.name for f in dataclasses.fields(config)}
     values = {k: v for k, v in SMOKE.items() if k in names}
-    pretrained = getattr(config, "pretrained", "")
+    pretrained = config.pretrained_model_name_or_path
     if "architecture" in names:  # the reward trainer: the world's CLIP and its pairs
         if config.architecture or not pretrained.startswith("world:"):
-            values |= {"pretrained": "world:clip", "architecture": None, "train_data": "world:pairs"}
+            values |= {"architecture": None, "train_data": "world:pairs"}
+            values["pretrained_model_name_or_path"] = "world:clip"
     elif not pretrained.startswith(("world:", "tiny:")):
         flow = method in FLOW_METHODS or re.search(r"stable-diffusion-3|sd3|flux", pretrained.lower())
-        values["pretrained"] = "world:sd3" if flow else "world:sd"
+        values["pretrained_model_name_or_path"] = "world:sd3" if flow else "world:sd"
+    if "num_branch_steps" in names:  # TempFlow-GRPO: a micro-batch holds a sampling batch's children at one step
+        values["per_device_train_batch_size"] = values["sample_batch_size"] * values["group_size"]
     worlds = {"prompts": "world:train"} | dict.fromkeys(("reward", "external_reward", "eval_reward"), "world-verifier")
     for field, world in worlds.items():
         if field in names and getattr(config, field) is not None and not getattr(config, field).startswith("world"):

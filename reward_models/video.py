@@ -84,6 +84,7 @@ FRAME_SAMPLING = ("official", "all")
 VIDEO_MIN_TOKENS = 128  # VIDEO_MIN_PIXELS = 128 * 28 * 28: merged tokens per frame pair at Qwen2-VL's 28-pixel factor
 DEFAULT_MAX_PIXELS = 448 * 448  # the released checkpoint's data_config.max_frame_pixels (200704)
 
+
 def _round_even(x: float) -> int:
     return round(x / 2) * 2
 

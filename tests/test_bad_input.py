@@ -68,13 +68,13 @@ import torch
 
 from visalign.config import TrainConfig
 from visalign.engine import Engine
-from visalign.sampler import FlowSampler, seeded_generators
+from visalign.generators import adapter_for, seeded_generators
 from visalign.testing import tiny_pipeline
 
 
 def config(output_dir, **kw):
     base = dict(output_dir=str(output_dir), report_to="none", lora_rank=4, lora_alpha=8, learning_rate=1e-2,
-                checkpointing_steps=2, ema_decay=0.5, ema_update_every=1, lr_scheduler="linear", max_steps=4)
+                save_steps=2, ema_decay=0.5, ema_update_every=1, lr_scheduler="linear", max_steps=4)
     return TrainConfig(**{**base, **kw})
 
 
@@ -82,13 +82,13 @@ def train(engine, pipe, until, kill_after=None):
     """Steps to `until` (after `resume_from`, if any), each drawing from the python, numpy and torch RNGs (a resume
     must restore all three)."""
     engine.resume()
-    sampler = FlowSampler(pipe, height=8, width=8, max_sequence_length=8)
-    conditioning = sampler.encode(["a red square"], 4.5)
+    sampler = adapter_for(pipe, height=8, width=8, max_sequence_length=8)
+    conditioning = sampler.encode_prompts(["a red square"], 4.5)
     while engine.step < until:
         latents = sampler.initial_latents(seeded_generators([(0, 0)])) + torch.randn(1, 1, 1, 1)
         scale = 1 + random.random() + float(np.random.rand())
         with engine.accumulate(sync=True), engine.autocast():
-            v = sampler.velocity(latents, torch.tensor(500.0), conditioning, 4.5, engine.model)
+            v = sampler.guided(latents, torch.tensor(500.0), conditioning, 4.5, engine.model)
             engine.backward(-v.mean() * scale)
         metrics = engine.optimizer_step()
         engine.log({"loss": -scale, "grad_norm": metrics["grad_norm"]})
@@ -370,14 +370,14 @@ class Nested:
 
 
 def nan_at_step_3(engine: Engine, pipe, kind: str) -> None:
-    from visalign.sampler import FlowSampler, seeded_generators
+    from visalign.generators import adapter_for, seeded_generators
 
-    sampler = FlowSampler(pipe, height=8, width=8, max_sequence_length=8)
+    sampler = adapter_for(pipe, height=8, width=8, max_sequence_length=8)
     latents = sampler.initial_latents(seeded_generators([(0, 0)]))
-    conditioning = sampler.encode(["a red square"], 4.5)
+    conditioning = sampler.encode_prompts(["a red square"], 4.5)
     for step in range(1, 4):
         with engine.accumulate(sync=True):
-            v = sampler.velocity(latents, torch.tensor(500.0), conditioning, 4.5, engine.model)
+            v = sampler.guided(latents, torch.tensor(500.0), conditioning, 4.5, engine.model)
             if step < 3:
                 loss = -v.mean()
             elif kind == "loss":
@@ -391,7 +391,7 @@ def nan_at_step_3(engine: Engine, pipe, kind: str) -> None:
 
 @pytest.mark.parametrize("kind,what", [("loss", "non-finite loss"), ("gradient", "non-finite gradient norm")])
 def test_a_non_finite_loss_or_gradient_stops_training_naming_the_step_and_checkpoint(tmp_path, kind, what):
-    engine = small_engine(tmp_path / "run", checkpointing_steps=2)
+    engine = small_engine(tmp_path / "run", save_steps=2)
     before = None
     with pytest.raises(NonFiniteError, match=rf"{what}.* at step 3.*last good checkpoint is .*checkpoint-2"):
         before = [p.detach().clone() for p in engine.parameters]

@@ -127,7 +127,7 @@ def test_train_finds_bundled_recipes_and_smoke_fits_every_one():
         config = load_config(cls, path)
         smoke = config_from_dict(cls, config_to_dict(config) | smoke_values(method, config))
         assert smoke.max_steps <= 2 and smoke.report_to == "none", name
-        assert smoke.pretrained.startswith(("world:", "tiny:")), name
+        assert smoke.pretrained_model_name_or_path.startswith(("world:", "tiny:")), name
         missing = [thing for thing, _, problem in config_problems(smoke) if problem is not None]
         # Diffusion-DRO's experts are world renders that `run` writes before the preflight
         assert missing == (["path smoke_experts"] if method == "diffusion-dro" else []), (name, missing)

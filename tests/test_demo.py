@@ -1,35 +1,38 @@
-"""`visalign demo` at reduced size on the shipped world model: it writes the report and the summary."""
+"""`visalign demo` at reduced size on the shipped world model: it trains a LoRA through the `visalign train`
+registry and reports base, best-of-N and the aligned model; an unknown method is an error listing the methods."""
 
 import json
+
+from safetensors.torch import load_file
 
 from visalign.cli import main
 
 
-def test_demo_writes_report_and_summary(tmp_path):
-    argv = [
-        "demo",
-        "--per-category",
-        "1",
-        "--images-per-prompt",
-        "1",
-        "--n",
-        "2",
-        "--steps",
-        "2",
-        "--out",
-        str(tmp_path),
-    ]
+def test_demo_trains_and_reports_three_columns(tmp_path):
+    argv = ["demo", "--per-category", "1", "--images-per-prompt", "2", "--max-steps", "2", "--steps", "2"]
+    argv += ["--set", "num_inference_steps=4", "num_branch_steps=2", "--out", str(tmp_path)]
     assert main(argv) == 0
+    # the LoRA trained: PEFT initializes lora_B to zero, so a nonzero lora_B means optimizer steps changed it
+    lora = load_file(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors")
+    lora_b = [v for k, v in lora.items() if "lora_B" in k]
+    assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["method"] == "best-of-2" and summary["prompts"] == 6
-    assert [c["n"] for c in summary["curve"]] == [1, 2]
-    assert summary["curve"][1]["reward"] >= summary["curve"][0]["reward"]  # best-of-2 never picks a worse reward
+    assert summary["method"] == "tempflow-grpo" and summary["family"] == "sd3" and summary["max_steps"] == 2
+    assert summary["slice"]["prompts"] == 6 and set(summary["slice"]["per_category"].values()) == {1}
+    assert summary["selection"]["n"] == 2  # best-of-N spends the aligned model's k calls per prompt
+    for name in ("base", "best_of_n", "aligned"):
+        assert 0.0 <= summary[name]["overall"] <= 1.0
+    assert summary["reward_curve"] and [s for s, _ in summary["heldout_curve"]][0] == 0.0
     html = (tmp_path / "report.html").read_text()
     assert "Held-out verifier accuracy" in html and "<svg" in html and "data:image/png;base64," in html
+    assert "best-of-2" in html and "tempflow-grpo" in html and "Training reward" in html
     assert "<script" not in html
 
 
-def test_demo_rejects_bad_sizes(tmp_path, capsys):
-    assert main(["demo", "--n", "0", "--out", str(tmp_path)]) == 2
+def test_demo_rejects_unknown_method_listing_methods(tmp_path, capsys):
+    assert main(["demo", "--method", "nope", "--out", str(tmp_path)]) == 2
     err = capsys.readouterr().err
-    assert "visalign demo: error: `--n`" in err and "Traceback" not in err
+    assert "visalign demo: error: `--method` 'nope'" in err and "Traceback" not in err
+    for method in ("tempflow-grpo", "flow-grpo", "diffusion-dpo", "prdp"):
+        assert method in err
+    assert not (tmp_path / "run").exists()  # nothing trained

@@ -10,19 +10,22 @@ import numpy as np
 import pytest
 import torch
 from diffusers import DDPMScheduler
-from preference_helpers import LORA, Redness, hub_snapshot, red_over_blue_pairs, sharp_tiny_pipeline, trained_weights
+from preference_helpers import (
+    LORA,
+    Redness,
+    hub_snapshot,
+    red_blue_images,
+    red_over_blue_pairs,
+    sharp_tiny_pipeline,
+    trained_weights,
+)
 
 from visalign.cli import main
-from visalign.pipelines.denoiser import (
-    Denoiser,
-    forward_noise,
-    logit_normal_sigmas,
-    per_sample_mse,
-    prediction_target,
-)
+from visalign.generators import adapter_for
+from visalign.generators.objective import forward_noise, logit_normal_sigmas, per_sample_mse, prediction_target
 from visalign.pipelines.dpo import DPOConfig, DPOTrainer, dpo_loss
 from visalign.pipelines.pickapic import load_pairs, save_pairs
-from visalign.pipelines.preference_data import IndexSampler
+from visalign.pipelines.preference_data import IndexSampler, PreferencePairs
 from visalign.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,11 +55,11 @@ def dpo_config(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path / "run"),
         report_to="none",
-        pretrained="tiny:sd",
+        pretrained_model_name_or_path="tiny:sd",
         height=32,
         width=32,
         max_sequence_length=8,
-        train_batch_size=8,
+        per_device_train_batch_size=8,
         max_steps=2,
         learning_rate=1e-3,
         beta=500.0,
@@ -170,9 +173,12 @@ def test_logit_normal_sigmas_are_sd3s_density_with_the_scheduler_shift():
     torch.testing.assert_close(shifted, 3 * sigmas / (1 + 2 * sigmas))
 
 
-@pytest.mark.parametrize("family, target", [("sd", "epsilon"), ("sdxl", "epsilon"), ("sd3", "flow")])
+@pytest.mark.parametrize(
+    "family, target",
+    [("sd", "epsilon"), ("sdxl", "epsilon"), ("sd3", "flow"), ("flux", "flow"), ("qwen-image", "flow")],
+)
 def test_denoiser_errors_on_every_family(family, target):
-    d = Denoiser(tiny_pipeline(family), height=32, width=32, max_sequence_length=8)
+    d = adapter_for(tiny_pipeline(family), height=32, width=32, max_sequence_length=8)
     assert d.target == target
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     x0 = d.encode_images(pixels, torch.Generator().manual_seed(0))
@@ -185,12 +191,12 @@ def test_denoiser_errors_on_every_family(family, target):
 def test_images_encode_to_the_posterior_mean_unless_sampling_is_asked():
     pixels = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     pipe = tiny_pipeline("sd")
-    mean = Denoiser(pipe, height=32, width=32)
+    mean = adapter_for(pipe, height=32, width=32)
     a, b = (mean.encode_images(pixels, torch.Generator().manual_seed(s)) for s in (0, 1))
     expected = pipe.vae.encode(pixels * 2 - 1).latent_dist.mean * pipe.vae.config.scaling_factor
     torch.testing.assert_close(a, expected)
     torch.testing.assert_close(b, expected)
-    sampled = Denoiser(pipe, height=32, width=32, vae_sample_posterior=True)
+    sampled = adapter_for(pipe, height=32, width=32, vae_sample_posterior=True)
     c, d = (sampled.encode_images(pixels, torch.Generator().manual_seed(s)) for s in (0, 1))
     assert not torch.allclose(c, d) and not torch.allclose(c, expected)
 
@@ -233,7 +239,12 @@ def test_lora_dpo_changes_only_the_adapters_and_the_adapter_loads(tmp_path):
 
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
     kw = dict(
-        max_steps=4, checkpointing_steps=2, caption_dropout=0.5, train_batch_size=4, ema_decay=0.5, ema_update_every=1
+        max_steps=4,
+        save_steps=2,
+        caption_dropout=0.5,
+        per_device_train_batch_size=4,
+        ema_decay=0.5,
+        ema_update_every=1,
     )
     pairs = red_over_blue_pairs(6)  # epochs of 6 pairs do not align with batches of 4
     uninterrupted = DPOTrainer(sharp_tiny_pipeline(), dpo_config(tmp_path / "a", **kw), pairs=pairs)
@@ -275,7 +286,7 @@ def test_online_pairs_are_built_from_the_current_model_saved_and_rebuilt(tmp_pat
         num_images_per_prompt=3,
         num_inference_steps=2,
         guidance_scale=1.0,
-        train_batch_size=2,
+        per_device_train_batch_size=2,
     )
     trainer = DPOTrainer(sharp_tiny_pipeline(), config, reward=Redness(), prompts=["a red square", "a blue circle"])
     trainer.train()
@@ -292,13 +303,13 @@ def test_online_pairs_resumed_in_a_copy_of_the_run_end_with_the_uninterrupted_we
     same float32 operations in the same order from exactly restored weights, optimizer, EMA and sampler states)."""
     kw = dict(
         max_steps=5,
-        checkpointing_steps=1,
+        save_steps=1,
         rebuild_every=3,
         prompts_per_round=3,
         num_images_per_prompt=3,
         num_inference_steps=2,
         guidance_scale=1.0,
-        train_batch_size=2,
+        per_device_train_batch_size=2,
         caption_dropout=0.5,
         ema_decay=0.5,
         ema_update_every=1,
@@ -332,15 +343,41 @@ def test_a_pair_sampler_state_of_another_dataset_size_is_refused():
     assert resumed.draw(4) == sampler.draw(4)
 
 
-@pytest.mark.parametrize("family", ["sdxl", "sd3"])
-def test_dpo_trains_sdxl_and_flow_models(tmp_path, family):
-    lora = {**LORA, "lora_target_modules": ["to_q", "to_k", "to_v", "to_out.0"]}
-    config = dpo_config(tmp_path, pretrained=f"tiny:{family}", max_steps=1, learning_rate=1e-2, **lora)
+@pytest.mark.parametrize("family", ["sd", "sdxl", "sd3", "flux", "qwen-image"])
+def test_one_dpo_step_on_every_family_changes_the_lora_and_the_saved_lora_changes_the_pipeline(tmp_path, family):
+    config = dpo_config(tmp_path, pretrained_model_name_or_path=f"tiny:{family}", max_steps=1, learning_rate=1e-2)
     trainer = DPOTrainer(tiny_pipeline(family), config, pairs=red_over_blue_pairs(4))
+    before = trained_weights(trainer)
+    history = trainer.train()
+    assert history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # model = reference at the start
+    assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
+    fresh = tiny_pipeline(family)
+    kw = dict(trainer.generation_kwargs(2, 1.0), output_type="pt")
+    base = fresh(["a red square"], generator=torch.Generator().manual_seed(0), **kw).images
+    fresh.load_lora_weights(tmp_path / "run" / "final")
+    tuned = fresh(["a red square"], generator=torch.Generator().manual_seed(0), **kw).images
+    assert tuned.shape == base.shape and (tuned - base).abs().max() > 1e-6
+
+
+def test_one_dpo_step_on_wan_video_pairs_changes_the_lora_and_the_saved_lora_changes_the_pipeline(tmp_path):
+    red, blue = red_blue_images(2)
+    frames = torch.linspace(0.5, 1.0, 9).view(1, 9, 1, 1, 1)  # 9 frames (the VAE's 4x time compression + 1)
+    pairs = PreferencePairs.from_tensors(["a red square"] * 2, red[:, None] * frames, blue[:, None] * frames)
+    config = dpo_config(
+        tmp_path, pretrained_model_name_or_path="tiny:wan", height=16, width=16, max_steps=1, learning_rate=1e-2
+    )
+    trainer = DPOTrainer(tiny_pipeline("wan"), config, pairs=pairs)
+    assert trainer.pairs[0].image_0.shape == (9, 3, 16, 16)  # every frame resized to the training size
     before = trained_weights(trainer)
     history = trainer.train()
     assert history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
+    fresh = tiny_pipeline("wan")
+    kw = dict(trainer.generation_kwargs(2, 1.0), num_frames=9, output_type="pt")
+    base = fresh(["a red square"], generator=torch.Generator().manual_seed(0), **kw).frames
+    fresh.load_lora_weights(tmp_path / "run" / "final")
+    tuned = fresh(["a red square"], generator=torch.Generator().manual_seed(0), **kw).frames
+    assert tuned.shape == base.shape == (1, 9, 3, 16, 16) and (tuned - base).abs().max() > 1e-6
 
 
 def test_bad_dpo_setups_raise(tmp_path):
@@ -353,8 +390,8 @@ def test_bad_dpo_setups_raise(tmp_path):
         DPOTrainer(
             tiny_pipeline("sd"), dpo_config(tmp_path), pairs=red_over_blue_pairs(2), reward=Redness(), prompts=["a"]
         )
-    with pytest.raises(ValueError, match="divisible by `gradient_accumulation_steps`"):
-        dpo_config(tmp_path, train_batch_size=6, gradient_accumulation_steps=4)
+    with pytest.raises(ValueError, match="`gradient_accumulation_steps` must be > 0"):
+        dpo_config(tmp_path, gradient_accumulation_steps=0)
     with pytest.raises(ValueError, match="`caption_dropout` must be in"):
         dpo_config(tmp_path, caption_dropout=1.0)
 

@@ -12,7 +12,7 @@ from preference_helpers import LORA, red_blue_images, sharp_tiny_pipeline, train
 from safetensors.torch import load_file
 
 from visalign.cli import main
-from visalign.pipelines.denoiser import Denoiser
+from visalign.generators import adapter_for
 from visalign.pipelines.dro import DROConfig, DROTrainer, ReplayBuffer, dro_loss
 from visalign.pipelines.preference_data import ExpertSet, save_experts
 from visalign.testing import tiny_pipeline
@@ -34,12 +34,12 @@ def dro_config(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path / "run"),
         report_to="none",
-        pretrained="tiny:sd",
+        pretrained_model_name_or_path="tiny:sd",
         experts="in-memory",
         height=32,
         width=32,
         num_inference_steps=4,
-        train_batch_size=8,
+        per_device_train_batch_size=8,
         rollouts_per_micro_step=4,
         buffer_size=4,
         max_steps=2,
@@ -104,16 +104,19 @@ def test_bad_inputs_raise(kw, match):
 
 
 def test_replay_buffer_keeps_the_newest_trajectories_and_rows_stay_consistent():
-    d = Denoiser(tiny_pipeline("sd"), height=32, width=32)
+    d = adapter_for(tiny_pipeline("sd"), height=32, width=32)
     buffer = ReplayBuffer(size=3)
     rollouts = []
     for k in range(2):
         gens = [torch.Generator().manual_seed(10 * k + j) for j in range(2)]
+        prompts = [f"p{k}{j}" for j in range(2)]
         rollout = d.sample(
-            [f"p{k}{j}" for j in range(2)],
+            prompts,
+            d.encode_prompts(prompts),
+            d.initial_latents(gens),
             num_inference_steps=4,
             guidance_scale=1.0,
-            eta=0.0,
+            noise_level=0.0,
             generator=gens,
             offset=k,
         )
@@ -130,7 +133,7 @@ def test_replay_buffer_keeps_the_newest_trajectories_and_rows_stay_consistent():
         step = int((rollout.timesteps == rows.t[i]).nonzero())
         assert torch.equal(rows.x_t[i], rollout.latents[row, step])
         assert torch.equal(rows.prediction[i], rollout.predictions[row, step])
-        assert torch.equal(rows.conditioning.embeds[i], rollout.conditioning.embeds[row])
+        assert torch.equal(rows.conditioning.prompt_embeds[i], rollout.conditioning.prompt_embeds[row])
     few = buffer.sample(3, torch.Generator().manual_seed(1))
     assert len({tuple(x.flatten()[:2].tolist()) for x in few.x0}) == 3  # without replacement when possible
     with pytest.raises(ValueError, match="empty"):
@@ -138,11 +141,12 @@ def test_replay_buffer_keeps_the_newest_trajectories_and_rows_stay_consistent():
 
 
 def test_perturbed_schedules_cover_every_timestep_and_end_at_the_final_alpha():
-    d = Denoiser(tiny_pipeline("sd"))
+    d = adapter_for(tiny_pipeline("sd"))
     ratio = d.max_offset(20)
     seen = set()
     for offset in range(ratio):
-        timesteps, prev = d.schedule(20, offset)
+        schedule = d.schedule(20, offset)
+        timesteps, prev = schedule.timesteps, schedule.prev_timesteps
         assert int(prev[-1]) == -1 and torch.equal(prev[:-1], timesteps[1:])
         seen |= set(timesteps.tolist())
     assert len(seen) == 20 * ratio
@@ -191,11 +195,27 @@ def test_the_policy_term_has_error_only_while_the_copy_lags(tmp_path):
     assert lagged[0]["train/policy_mse"] < 1e-10 and all(h["train/policy_mse"] > 1e-8 for h in lagged[1:])
 
 
+@pytest.mark.parametrize("family", ["sd3", "flux", "qwen-image"])
+def test_one_dro_step_on_a_flow_model_trains_the_lora_on_the_flow_objective(tmp_path, family):
+    # The rows' timesteps are the rollout's sigmas: the synced copy's velocities are then the model's own at those
+    # sigmas (zero policy error); FLUX samples at its training guidance so that they are the same function.
+    guidance = 3.5 if family == "flux" else 1.0
+    kw = dict(max_steps=2, learning_rate=1e-2, guidance_scale=guidance)
+    config = dro_config(tmp_path, pretrained_model_name_or_path=f"tiny:{family}", **kw)
+    trainer = DROTrainer(tiny_pipeline(family), config, red_experts())
+    before = trained_weights(trainer)
+    history = trainer.train()
+    assert history[0]["train/loss"] == pytest.approx(1e-3, abs=1e-9) and history[0]["train/diff"] == 0
+    assert all(h["train/policy_mse"] < 1e-10 for h in history)
+    assert 0 < float(trainer.buffer.t.min()) and float(trainer.buffer.t.max()) <= 1  # sigmas, not timesteps
+    assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
+
+
 @pytest.mark.parametrize("buffer_size", [4, 12])  # 12: the buffer carries trajectories of earlier steps
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, buffer_size):
     kw = dict(
         max_steps=4,
-        checkpointing_steps=2,
+        save_steps=2,
         caption_dropout=0.5,
         policy_update_steps=2,
         learning_rate=3e-2,
@@ -226,12 +246,13 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
 
 
 def test_bad_dro_setups_raise(tmp_path):
-    with pytest.raises(ValueError, match="epsilon or v model"):
-        DROTrainer(tiny_pipeline("sd3"), dro_config(tmp_path, pretrained="tiny:sd3"), red_experts())
+    with pytest.raises(ValueError, match="video family wan is not supported"):
+        wan = dro_config(tmp_path, pretrained_model_name_or_path="tiny:wan", height=16, width=16)
+        DROTrainer(tiny_pipeline("wan"), wan, red_experts())
     with pytest.raises(ValueError, match="`experts` must name"):
         dro_config(tmp_path, experts="")
     with pytest.raises(ValueError, match="multiple of `policy_update_steps`"):
-        dro_config(tmp_path, checkpointing_steps=3, policy_update_steps=2)
+        dro_config(tmp_path, save_steps=3, policy_update_steps=2)
 
 
 def test_visalign_train_diffusion_dro_runs_a_config_file(tmp_path):

@@ -8,9 +8,9 @@ import torch
 
 from visalign.config import TrainConfig, config_from_dict, load_config, parse_overrides
 from visalign.engine import Engine
+from visalign.generators import adapter_for, seeded_generators
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rundir import checkpoints, latest_checkpoint
-from visalign.sampler import FlowSampler, seeded_generators
 from visalign.testing import tiny_pipeline
 
 
@@ -124,22 +124,22 @@ def engine_config(tmp_path, **kw):
 
 def velocity(pipe, model=None):
     """The transformer's guided velocity on a fixed input (what the sampler trains and samples with)."""
-    sampler = FlowSampler(pipe, height=8, width=8, max_sequence_length=8)
+    sampler = adapter_for(pipe, height=8, width=8, max_sequence_length=8)
     latents = sampler.initial_latents(seeded_generators([(0, 0), (0, 1)]))
-    conditioning = sampler.encode(["a red square", "a circle"], 4.5)
+    conditioning = sampler.encode_prompts(["a red square", "a circle"], 4.5)
     with torch.no_grad():
-        return sampler.velocity(latents, torch.tensor(500.0), conditioning, 4.5, model)
+        return sampler.guided(latents, torch.tensor(500.0), conditioning, 4.5, model)
 
 
 def train_steps(engine, pipe, n):
     """`n` optimizer steps of a toy objective (push the velocity up) through the engine, two micro-steps each."""
-    sampler = FlowSampler(pipe, height=8, width=8, max_sequence_length=8)
+    sampler = adapter_for(pipe, height=8, width=8, max_sequence_length=8)
     latents = sampler.initial_latents(seeded_generators([(0, 0), (0, 1)]))
-    conditioning = sampler.encode(["a red square", "a circle"], 4.5)
+    conditioning = sampler.encode_prompts(["a red square", "a circle"], 4.5)
     for _ in range(n):
         for i in range(2):
             with engine.accumulate(sync=i == 1), engine.autocast():
-                v = sampler.velocity(
+                v = sampler.guided(
                     latents[i : i + 1], torch.tensor(500.0), conditioning.select(torch.tensor([i])), 4.5, engine.model
                 )
                 engine.backward(-v.mean() / 2)
@@ -196,7 +196,7 @@ def test_gradient_checkpointing_gives_the_same_update(tmp_path):
 
 
 def test_checkpoint_resume_continues_exactly(tmp_path):
-    config = engine_config(tmp_path, ema_decay=0.5, ema_update_every=1, checkpointing_steps=2, lr_scheduler="linear")
+    config = engine_config(tmp_path, ema_decay=0.5, ema_update_every=1, save_steps=2, lr_scheduler="linear")
     pipe = tiny_pipeline("sd3")
     engine = Engine(config, pipe)
     train_steps(engine, pipe, 2)
@@ -221,7 +221,7 @@ def test_checkpoint_resume_continues_exactly(tmp_path):
 
 
 def test_checkpoint_limit_and_latest(tmp_path):
-    config = engine_config(tmp_path, checkpointing_steps=1, checkpoints_total_limit=2, resume_from="latest")
+    config = engine_config(tmp_path, save_steps=1, checkpoints_total_limit=2, resume_from="latest")
     pipe = tiny_pipeline("sd3")
     engine = Engine(config, pipe)
     assert engine.resume() is None  # 'latest' with nothing saved starts fresh

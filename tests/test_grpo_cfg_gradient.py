@@ -25,7 +25,13 @@ STEP = 1
 
 def make_trainer(tmp_path, **kw):
     config = grpo_config(
-        tmp_path, guidance_scale=GUIDANCE, group_size=2, sample_batch_size=4, train_batch_size=4, noise_level=0.7, **kw
+        tmp_path,
+        guidance_scale=GUIDANCE,
+        group_size=2,
+        sample_batch_size=4,
+        per_device_train_batch_size=4,
+        noise_level=0.7,
+        **kw,
     )
     trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
     generator = torch.Generator().manual_seed(1)
@@ -119,8 +125,8 @@ def test_backprop_through_both_branches_is_an_option_and_changes_the_gradient(se
     reference = flat(reference_gradient(detached, rollout, rows, advantages, detach_uncond=True))
     assert float((both - reference).norm() / reference.norm()) > 0.05  # the two conventions really differ
     # the forward values do not depend on the option
-    out_a = detached.sampler.log_prob(rollout, rows, STEP, detach_uncond=True).log_prob
-    out_b = detached.sampler.log_prob(rollout, rows, STEP, detach_uncond=False).log_prob
+    out_a = detached.adapter.log_prob(rollout, rows, STEP, detach_uncond=True).log_prob
+    out_b = detached.adapter.log_prob(rollout, rows, STEP, detach_uncond=False).log_prob
     torch.testing.assert_close(out_a, out_b, rtol=0, atol=0)
 
 

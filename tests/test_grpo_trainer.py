@@ -37,7 +37,7 @@ def grpo_config(tmp_path, cls=FlowGRPOConfig, **kw):
         guidance_scale=1.0,
         group_size=4,
         sample_batch_size=8,
-        train_batch_size=8,
+        per_device_train_batch_size=8,
         num_batches_per_iteration=1,
         gradient_accumulation_steps=1,
         max_steps=2,
@@ -58,7 +58,7 @@ def trained_weights(trainer):
 def test_flow_grpo_raises_the_training_reward(tmp_path):
     # 2x2 images (2x2 latents) keep the policy gradient's dimension small enough for a dozen iterations to show.
     config = grpo_config(
-        tmp_path, height=2, width=2, sample_batch_size=32, train_batch_size=32, group_size=8, max_steps=12
+        tmp_path, height=2, width=2, sample_batch_size=32, per_device_train_batch_size=32, group_size=8, max_steps=12
     )
     trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
     before = trained_weights(trainer)
@@ -89,10 +89,10 @@ def test_the_monitor_flags_a_training_reward_that_rises_while_the_gold_one_falls
         height=2,
         width=2,
         sample_batch_size=32,
-        train_batch_size=32,
+        per_device_train_batch_size=32,
         group_size=8,
         max_steps=12,
-        checkpointing_steps=6,
+        save_steps=6,
     )
     trainer = FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS, external_reward=Darkness())
     history = trainer.train()
@@ -124,7 +124,7 @@ def test_flow_grpo_trains_flux_and_its_adapter_loads_into_a_fresh_pipeline(tmp_p
         generator = [torch.Generator().manual_seed(0)]
         return pipe(PROMPTS[:1], num_inference_steps=3, guidance_scale=3.5, generator=generator, **kw).images
 
-    trained = generate(trainer.sampler.pipe)
+    trained = generate(trainer.adapter.pipe)
     fresh = tiny_pipeline("flux")
     base = generate(fresh)
     fresh.load_lora_weights(Path(config.output_dir) / "final")
@@ -153,7 +153,7 @@ def crash_and_resume(tmp_path, crash_at, **kw):
 
 
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    kw = dict(max_steps=4, checkpointing_steps=2, ema_decay=0.5, ema_update_every=1, beta=0.04, timestep_fraction=0.5)
+    kw = dict(max_steps=4, save_steps=2, ema_decay=0.5, ema_update_every=1, beta=0.04, timestep_fraction=0.5)
     # dies sampling its third iteration, after the checkpoint at step 2
     _, _, history = crash_and_resume(tmp_path, crash_at=3, **kw)
     assert [m["step"] for m in history] == [3, 4]
@@ -164,7 +164,7 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
 def test_max_steps_inside_an_iteration_stops_partway_and_resumes_exactly(tmp_path):
     # 2 batches x 2 inner epochs = 4 optimizer steps per iteration; max_steps=5 takes one update of the second;
     # the crashed run dies sampling the second iteration, after the checkpoint at step 4
-    kw = dict(max_steps=5, num_batches_per_iteration=2, num_inner_epochs=2, checkpointing_steps=4, beta=0.04)
+    kw = dict(max_steps=5, num_batches_per_iteration=2, num_inner_epochs=2, save_steps=4, beta=0.04)
     uninterrupted, _, history = crash_and_resume(tmp_path, crash_at=3, **kw)
     assert uninterrupted.engine.step == 5 and [m["step"] for m in uninterrupted.engine.history] == [4, 5]
     assert [m["step"] for m in history] == [5]
@@ -173,8 +173,10 @@ def test_max_steps_inside_an_iteration_stops_partway_and_resumes_exactly(tmp_pat
 
 
 @pytest.mark.slow
-def test_two_processes_give_the_same_update_as_one(tmp_path):
-    """torchrun + gloo: 2 processes x 2 samples equal 1 process x 4 samples (global batch and micro-batch alike)."""
+@pytest.mark.parametrize("family", ["sd3", "qwen-image"])
+def test_two_processes_give_the_same_update_as_one(tmp_path, family):
+    """torchrun + gloo: 2 processes x 2 samples equal 1 process x 4 samples (global batch and micro-batch alike), on
+    SD3 and on Qwen-Image (true CFG with its norm rescale, masked prompt encodings)."""
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     common = [
@@ -186,11 +188,12 @@ def test_two_processes_give_the_same_update_as_one(tmp_path):
         "cpu=true",
         "max_steps=2",
         "num_batches_per_iteration=1",
-        "checkpointing_steps=0",
+        "save_steps=0",
+        f"pretrained_model_name_or_path=tiny:{family}",
     ]
     runs = {1: tmp_path / "one", 2: tmp_path / "two"}
-    one = common + [f"output_dir={runs[1]}", "sample_batch_size=4", "train_batch_size=4"]
-    two = common + [f"output_dir={runs[2]}", "sample_batch_size=2", "train_batch_size=2"]
+    one = common + [f"output_dir={runs[1]}", "sample_batch_size=4", "per_device_train_batch_size=4"]
+    two = common + [f"output_dir={runs[2]}", "sample_batch_size=2", "per_device_train_batch_size=2"]
     assert main(one) == 0
     subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "visalign.cli", *two], env=env, check=True, cwd=ROOT)
     weights = [load_file(str(runs[n] / "checkpoints" / "checkpoint-2" / "trainable.safetensors")) for n in (1, 2)]
@@ -212,7 +215,12 @@ def test_pref_grpo_trains_on_win_rates_and_logs_the_external_reward(tmp_path):
 
 def test_tempflow_grpo_trains_one_branch_transition_per_sample(tmp_path):
     config = grpo_config(
-        tmp_path, cls=TempFlowGRPOConfig, num_inference_steps=4, group_size=2, sample_batch_size=2, train_batch_size=4
+        tmp_path,
+        cls=TempFlowGRPOConfig,
+        num_inference_steps=4,
+        group_size=2,
+        sample_batch_size=2,
+        per_device_train_batch_size=4,
     )
     trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
     rollout = trainer.sample_batch(PROMPTS[:2], torch.tensor([0, 1]), iteration=0, batch=0)
@@ -233,7 +241,7 @@ def test_tempflow_grpo_with_random_branch_steps_per_batch(tmp_path):
         num_inference_steps=4,
         group_size=2,
         sample_batch_size=1,
-        train_batch_size=2,
+        per_device_train_batch_size=2,
         num_branch_steps=1,
         num_batches_per_iteration=2,
         gradient_accumulation_steps=2,
@@ -246,7 +254,14 @@ def test_tempflow_grpo_with_random_branch_steps_per_batch(tmp_path):
 
 
 def test_tempflow_noise_aware_weights_are_the_official_sd35m_constants(tmp_path):
-    config = grpo_config(tmp_path, cls=TempFlowGRPOConfig, num_inference_steps=4, group_size=2, sample_batch_size=2)
+    config = grpo_config(
+        tmp_path,
+        cls=TempFlowGRPOConfig,
+        num_inference_steps=4,
+        group_size=2,
+        sample_batch_size=2,
+        per_device_train_batch_size=4,
+    )
     trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
     rollout = trainer.sample_batch(PROMPTS[:2], torch.tensor([0, 1]), iteration=0, batch=0)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
@@ -308,7 +323,8 @@ def test_misconfigured_group_sizes_raise(tmp_path):
     "kw,match",
     [
         (dict(group_size=1), "group of one"),
-        (dict(num_batches_per_iteration=3, gradient_accumulation_steps=2), "multiple of `gradient_accumulation"),
+        (dict(num_batches_per_iteration=3, gradient_accumulation_steps=2), "must cover whole sampling batches"),
+        (dict(sample_batch_size=8, per_device_train_batch_size=3), "must cover whole sampling batches"),
         (dict(sde_window_size=3), "SDE window"),
         (dict(reward_mode="win_rate"), "needs `external_reward`"),
         (dict(bradley_terry_temperature=1.0), "win_rate"),

@@ -64,7 +64,7 @@ def probe(modules: list[str], cli_help: bool = False) -> dict[str, dict]:
 
 def test_the_core_module_list_is_complete():
     names = core_modules()
-    for name in ("visalign", "visalign.engine", "visalign.html", "visalign.monitor", "visalign.demo"):
+    for name in ("visalign", "visalign.engine", "visalign.html", "visalign.monitor", "visalign.lifecycle"):
         assert name in names
     assert "visalign.world.rewards" in names and not any(n.startswith(UPPER) for n in names)
 

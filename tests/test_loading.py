@@ -69,7 +69,7 @@ def test_wrong_model_names_say_what_to_pass(tmp_path):
     lora = tmp_path / "run" / "final"
     lora.mkdir(parents=True)
     (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
-    (tmp_path / "run" / "config.yaml").write_text("pretrained: world:sd3\n")
+    (tmp_path / "run" / "config.yaml").write_text("pretrained_model_name_or_path: world:sd3\n")
     with pytest.raises(FileNotFoundError, match=f"--model world:sd3 --lora {lora}"):
         load_generator(lora)
     with pytest.raises(FileNotFoundError, match="its adapter is in"):
@@ -88,7 +88,7 @@ def test_preflight_lists_everything_missing_at_once(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "cache"))
     config = FlowGRPOConfig(
-        pretrained="stabilityai/stable-diffusion-3.5-medium",
+        pretrained_model_name_or_path="stabilityai/stable-diffusion-3.5-medium",
         prompts=str(tmp_path / "train.txt"),
         reward="hpsv2",
         external_reward="nope",

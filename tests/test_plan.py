@@ -146,14 +146,14 @@ def test_shipped_recipes_resolve_their_architecture_and_method():
     with pytest.raises(ValueError, match="--method"):
         infer_method("recipe.yaml")
     values = {
-        "pretrained": "tiny:sd3",
+        "pretrained_model_name_or_path": "tiny:sd3",
         "use_lora": True,
         "lora_rank": 4,
         "lora_target_modules": ["to_q"],
         "mixed_precision": "no",
         "gradient_checkpointing": False,
         "ema_decay": 0.0,
-        "train_batch_size": 4,
+        "per_device_train_batch_size": 4,
     }
     with pytest.raises(ValueError, match="--model"):
         workload_from_config("flow-grpo", values, 1)
@@ -172,7 +172,7 @@ def test_cli_prints_a_plan_that_fits(capsys):
 def test_cli_says_why_a_recipe_does_not_fit_and_what_would(capsys):
     recipe = str(ROOT / "configs" / "sdxl_dpo.yaml")
     code = main(
-        ["plan", "--config", recipe, "--gpus", "1", "--gpu-memory", "24", "--set", "gradient_accumulation_steps=1"]
+        ["plan", "--config", recipe, "--gpus", "1", "--gpu-memory", "24", "--set", "per_device_train_batch_size=2048"]
     )
     out = capsys.readouterr().out
     assert code == 1
@@ -182,7 +182,7 @@ def test_cli_says_why_a_recipe_does_not_fit_and_what_would(capsys):
 
 def test_nearest_fit_turns_to_sharding_when_the_state_alone_is_too_big():
     work = Workload(family="flux1-dev", use_lora=False, gradient_checkpointing=True, micro_batch=1)
-    values = {"train_batch_size": 1}
+    values = {"per_device_train_batch_size": 1, "gradient_accumulation_steps": 1}
     strategy, gpus, settings = nearest_fit(work, values, 8, 80, "ddp")
     assert (strategy, gpus) == ("fsdp", 8) and settings == ""
     assert plan_memory(work, 8).total("fsdp") <= usable_bytes(80) < plan_memory(work, 8).total("ddp")

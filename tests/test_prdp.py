@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 
 from visalign.cli import main
 from visalign.config import ATTENTION_PROJECTIONS
-from visalign.pipelines.denoiser import Denoiser
+from visalign.generators import adapter_for
 from visalign.pipelines.prdp import PRDPConfig, PRDPTrainer, prdp_loss
 from visalign.testing import tiny_pipeline
 
@@ -161,18 +161,32 @@ def test_bad_inputs_raise(kw, match):
 
 def test_ddim_rollout_records_what_the_policy_rescores_and_eta_zero_is_the_pipeline():
     pipe = tiny_pipeline("sd")
-    d = Denoiser(pipe, height=32, width=32)
+    d = adapter_for(pipe, height=32, width=32)
     generators = [torch.Generator().manual_seed(i) for i in range(2)]
+    prompts = ["a red square", "a cat"]
     rollout = d.sample(
-        ["a red square", "a cat"], num_inference_steps=3, guidance_scale=2.0, eta=1.0, generator=generators
+        prompts,
+        d.encode_prompts(prompts, 2.0),
+        d.initial_latents(generators),
+        num_inference_steps=3,
+        guidance_scale=2.0,
+        noise_level=1.0,
+        generator=generators,
     )
     assert rollout.latents.shape == (2, 4, 4, 16, 16) and rollout.log_probs.shape == (2, 3)
-    assert (rollout.stds > 0).all()  # set_alpha_to_one=False: the last DDPM step is noisy too
+    assert rollout.stds.shape == (2, 3) and (rollout.stds > 0).all()  # set_alpha_to_one=False: the last step too
     for step in range(3):
         out = d.log_prob(rollout, torch.tensor([1, 0]), step)
         torch.testing.assert_close(out.log_prob, rollout.log_probs[[1, 0], step], rtol=1e-5, atol=1e-5)
+    generator = [torch.Generator().manual_seed(0)]
     deterministic = d.sample(
-        ["a cat"], num_inference_steps=3, guidance_scale=1.0, eta=0.0, generator=[torch.Generator().manual_seed(0)]
+        ["a cat"],
+        d.encode_prompts(["a cat"]),
+        d.initial_latents(generator),
+        num_inference_steps=3,
+        guidance_scale=1.0,
+        noise_level=0.0,
+        generator=generator,
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     images = pipe(
@@ -191,7 +205,7 @@ def prdp_config(tmp_path, **kw):
     base = dict(
         output_dir=str(tmp_path / "run"),
         report_to="none",
-        pretrained="tiny:sd",
+        pretrained_model_name_or_path="tiny:sd",
         height=32,
         width=32,
         max_sequence_length=8,
@@ -201,7 +215,7 @@ def prdp_config(tmp_path, **kw):
         images_per_prompt=4,
         inner_updates=2,
         sample_batch_size=8,
-        train_batch_size=8,
+        per_device_train_batch_size=8,
         max_steps=2,
         learning_rate=1e-2,
         beta=0.01,
@@ -213,7 +227,7 @@ def prdp_config(tmp_path, **kw):
 
 @pytest.mark.parametrize("prompts_per_update", [None, 1])
 def test_two_pass_gradient_equals_the_full_graph_gradient(tmp_path, prompts_per_update):
-    config = prdp_config(tmp_path, train_batch_size=3, prompts_per_update=prompts_per_update)
+    config = prdp_config(tmp_path, per_device_train_batch_size=3, prompts_per_update=prompts_per_update)
     trainer = PRDPTrainer(tiny_pipeline("sd"), Brightness(), config, PROMPTS)
     trainer.sample_epoch()
     trainer.engine.optimizer_step()  # move off pi_old so that the clip and both branches matter
@@ -268,7 +282,7 @@ def test_prdp_raises_the_reward_of_a_tiny_model(tmp_path):
     # 2x2 images of the tiny SD3 model keep the policy's dimension small enough for a dozen epochs to show.
     config = prdp_config(
         tmp_path,
-        pretrained="tiny:sd3",
+        pretrained_model_name_or_path="tiny:sd3",
         height=2,
         width=2,
         noise_level=1.0,
@@ -277,7 +291,7 @@ def test_prdp_raises_the_reward_of_a_tiny_model(tmp_path):
         prompts_per_epoch=4,
         images_per_prompt=8,
         sample_batch_size=32,
-        train_batch_size=32,
+        per_device_train_batch_size=32,
         learning_rate=3e-2,
         beta=1e-3,
         lora_rank=4,
@@ -291,7 +305,7 @@ def test_prdp_raises_the_reward_of_a_tiny_model(tmp_path):
 
 
 def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_path):
-    kw = dict(max_steps=4, checkpointing_steps=2, kl_coef=0.1)
+    kw = dict(max_steps=4, save_steps=2, kl_coef=0.1)
     uninterrupted = PRDPTrainer(tiny_pipeline("sd"), Brightness(), prdp_config(tmp_path / "a", **kw), PROMPTS)
     uninterrupted.train()
     crashing = PRDPTrainer(
@@ -309,7 +323,7 @@ def test_resume_after_a_crash_ends_with_the_weights_of_an_uninterrupted_run(tmp_
 
 
 def test_max_steps_inside_an_epoch_stops_there_and_its_checkpoint_is_not_resumed_further(tmp_path):
-    kw = dict(max_steps=3, checkpointing_steps=2)  # epochs of 2 steps: the second epoch takes one of its two
+    kw = dict(max_steps=3, save_steps=2)  # epochs of 2 steps: the second epoch takes one of its two
     trainer = PRDPTrainer(tiny_pipeline("sd"), Brightness(), prdp_config(tmp_path, **kw), PROMPTS)
     assert [m["step"] for m in trainer.train()] == [1, 2, 3]
     checkpoints = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
@@ -319,9 +333,11 @@ def test_max_steps_inside_an_epoch_stops_there_and_its_checkpoint_is_not_resumed
         PRDPTrainer(tiny_pipeline("sd"), Brightness(), longer, PROMPTS).train()
 
 
-def test_prdp_trains_a_flow_model_through_the_sde_sampler(tmp_path):
-    config = prdp_config(tmp_path, pretrained="tiny:sd3", height=8, width=8, noise_level=0.7, max_steps=2)
-    trainer = PRDPTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+@pytest.mark.parametrize("family, size", [("sd3", 8), ("flux", 32), ("qwen-image", 32)])
+def test_prdp_trains_a_flow_model_through_the_sde_sampler(tmp_path, family, size):
+    kw = dict(height=size, width=size, noise_level=0.7, max_steps=2)
+    config = prdp_config(tmp_path, pretrained_model_name_or_path=f"tiny:{family}", **kw)
+    trainer = PRDPTrainer(tiny_pipeline(family), Brightness(), config, PROMPTS)
     before = trained_weights(trainer)
     history = trainer.train()
     assert history[0]["train/pairs"] == 12
@@ -329,8 +345,8 @@ def test_prdp_trains_a_flow_model_through_the_sde_sampler(tmp_path):
 
 
 def test_bad_prdp_setups_raise(tmp_path):
-    with pytest.raises(ValueError, match="`checkpointing_steps` .* multiple of `inner_updates`"):
-        prdp_config(tmp_path, checkpointing_steps=3, inner_updates=2)
+    with pytest.raises(ValueError, match="`save_steps` .* multiple of `inner_updates`"):
+        prdp_config(tmp_path, save_steps=3, inner_updates=2)
     with pytest.raises(ValueError, match="`images_per_prompt` must be >= 2"):
         prdp_config(tmp_path, images_per_prompt=1)
     with pytest.raises(ValueError, match="`eta` must be in \\(0, 1\\]"):
@@ -350,10 +366,10 @@ def test_two_processes_give_the_same_update_as_one(tmp_path):
         "--set",
         "cpu=true",
         "max_steps=2",
-        "checkpointing_steps=2",
+        "save_steps=2",
         # the same batches of 4 trajectories on one process as on each of two (see the tolerance below)
         "sample_batch_size=4",
-        "train_batch_size=4",
+        "per_device_train_batch_size=4",
     ]
     runs = {1: tmp_path / "one", 2: tmp_path / "two"}
     assert main(common + [f"output_dir={runs[1]}"]) == 0

@@ -327,6 +327,27 @@ def test_online_pairs_rank_a_model_sample_group_and_round_trip_to_disk(tmp_path)
         build_pairs(pipe, ["a red square"], reward, num_images_per_prompt=2, margin=10.0, **kw)
 
 
+class VideoRedness(RewardModel):
+    """Mean red minus mean blue over every frame of a video."""
+
+    name = "video-redness"
+    modalities = ("video",)
+
+    def _score(self, pixels: torch.Tensor, prompts: list[str]) -> torch.Tensor:
+        return pixels[:, :, 0].mean(dim=(1, 2, 3)) - pixels[:, :, 2].mean(dim=(1, 2, 3))
+
+
+def test_online_pairs_from_a_video_pipeline_are_video_pairs():
+    kw = dict(num_inference_steps=2, guidance_scale=1.0, height=16, width=16, num_frames=5, max_sequence_length=8)
+    pipe = tiny_pipeline("wan")
+    groups = sample_groups(pipe, ["a red square"], num_images_per_prompt=2, **kw)
+    assert groups.shape == (1, 2, 5, 3, 16, 16)  # the pipeline's `frames`
+    pairs = build_pairs(pipe, ["a red square"], VideoRedness(), num_images_per_prompt=2, **kw)
+    scores = VideoRedness().score(groups[0], ["a red square"] * 2).score
+    assert torch.equal(pairs[0].image_0, groups[0, int(scores.argmax())])
+    assert pairs.at_resolution(8)[0].image_1.shape == (5, 3, 8, 8)  # every frame resized and center-cropped
+
+
 def test_expert_sets_top_k_by_reward_round_trip_and_bad_rows(tmp_path):
     images = torch.zeros(5, 3, 4, 4)
     images[:, 0] = torch.tensor([0.1, 0.9, 0.5, 0.7, 0.3])[:, None, None]
@@ -369,3 +390,17 @@ def test_index_sampler_is_deterministic_resumable_and_covers_each_epoch():
     resumed.load_state_dict(state)
     assert resumed.draw(6) == rest
     assert IndexSampler(5, seed=3).draw(7) == first
+
+
+def test_saved_video_pairs_read_back_frame_for_frame(tmp_path):
+    """Online video pairs (Wan) are saved as animated PNGs and read back with every frame, static ones included."""
+    from visalign.pipelines.pickapic import load_pairs, save_pairs
+
+    moving = torch.rand(5, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    static = moving[:1].repeat(5, 1, 1, 1)
+    pairs = PreferencePairs(["a red square"], [(moving, static)], [1.0], [0])
+    loaded = load_pairs(save_pairs(pairs, tmp_path / "pairs"))[0]
+    quantized = (moving * 255).round() / 255
+    assert loaded.image_0.shape == loaded.image_1.shape == (5, 3, 8, 8)
+    torch.testing.assert_close(loaded.image_0, quantized, rtol=0, atol=0)
+    torch.testing.assert_close(loaded.image_1, quantized[:1].repeat(5, 1, 1, 1), rtol=0, atol=0)

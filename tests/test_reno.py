@@ -173,8 +173,16 @@ def test_checkpointing_gives_the_same_result_and_the_pipeline_is_restored(sd):
     assert {name: [p.requires_grad for p in m.parameters()] for name, m in modules.items()} == flags
 
 
-@pytest.mark.parametrize(("family", "steps", "shape"), [("sd3", 1, (2, 4, 32, 32)), ("flux", 2, (2, 256, 4))])
-def test_flow_families(family, steps, shape):
+@pytest.mark.parametrize(
+    ("family", "steps", "shape"),
+    [
+        ("sd3", 1, (2, 4, 32, 32)),
+        ("flux", 2, (2, 256, 4)),
+        ("qwen-image", 2, (2, 16, 16)),
+        ("sdxl", 2, (2, 4, 16, 16)),
+    ],
+)
+def test_other_families(family, steps, shape):
     pipe = tiny_pipeline(family)
     reno = ReNO(pipe, Redness(), config(num_iterations=3, num_inference_steps=steps))
     out = reno(PROMPTS)
@@ -201,7 +209,7 @@ def test_best_of_n_at_equal_calls(sd):
 
 @pytest.mark.parametrize(("optimizer", "lr"), [("adam", 0.05), ("lbfgs", 1.0)])
 def test_other_optimizers(sd, optimizer, lr):
-    out = ReNO(sd, Redness(), config(num_iterations=3, optimizer=optimizer, lr=lr))(PROMPTS[:1])
+    out = ReNO(sd, Redness(), config(num_iterations=3, optimizer=optimizer, learning_rate=lr))(PROMPTS[:1])
     r = rewards_of(out)
     assert r.max() > r[0]
     if optimizer == "lbfgs":  # several evaluations per step, each a generator call
@@ -261,6 +269,8 @@ def test_pipelines_that_cannot_be_differentiated_are_refused(sd):
     )
     with pytest.raises(ValueError, match=r"DDPMPipeline\) cannot be differentiated by ReNO: its __call__ takes no"):
         ReNO(DDPMPipeline(unet=unet, scheduler=DDPMScheduler()), Redness())
+    with pytest.raises(ValueError, match="WanPipeline makes videos"):
+        ReNO(tiny_pipeline("wan"), Redness())
     layers = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
     checker = StableDiffusionSafetyChecker(
         CLIPConfig(text_config=layers, vision_config=layers | dict(image_size=32, patch_size=8), projection_dim=32)
@@ -278,8 +288,8 @@ def test_pipelines_that_cannot_be_differentiated_are_refused(sd):
     ("overrides", "message"),
     [
         ({"optimizer": "rmsprop"}, "`optimizer` must be one of"),
-        ({"lr": 0}, "`lr` must be a positive number"),
-        ({"grad_clip": -1.0}, "`grad_clip` must be a positive number"),
+        ({"learning_rate": 0}, "`learning_rate` must be a positive number"),
+        ({"max_grad_norm": -1.0}, "`max_grad_norm` must be a positive number"),
         ({"num_iterations": 0}, "`num_iterations` must be a positive int"),
         ({"reg_weight": -0.1}, "`reg_weight` must be a number >= 0"),
         ({"momentum": 1.0}, r"`momentum` must be in \[0, 1\)"),
@@ -295,7 +305,7 @@ def test_config_errors(overrides, message):
 def test_call_errors(sd):
     with pytest.raises(ValueError, match="`pipeline_kwargs` must not set"):
         ReNO(sd, Redness(), config(), {"latents": None})
-    with pytest.raises(ValueError, match="multiples of the VAE factor 2"):
+    with pytest.raises(ValueError, match="multiples of 2 for sd, got 33x32"):
         ReNO(sd, Redness(), config(height=33))(PROMPTS)
     reno = ReNO(sd, Redness(), config())
     with pytest.raises(ValueError, match="`seed` must be an int or a list of 2 ints"):

@@ -156,7 +156,9 @@ def red_pairs(tmp_path):
 
 
 def _config(tmp_path, **values) -> RewardConfig:
-    base = dict(output_dir=str(tmp_path / "run"), max_steps=8, train_batch_size=8, learning_rate=3e-3, seed=0)
+    base = dict(
+        output_dir=str(tmp_path / "run"), max_steps=8, per_device_train_batch_size=8, learning_rate=3e-3, seed=0
+    )
     return config_from_dict(RewardConfig, base | values)
 
 
@@ -166,7 +168,9 @@ def _scores(reward, images, prompts):
 
 
 def test_cosine_head_full_finetune_learns_and_round_trips(tmp_path, clip_folder, red_pairs):
-    config = _config(tmp_path, pretrained=clip_folder, train_data=red_pairs, eval_data=red_pairs, eval_every=4)
+    config = _config(
+        tmp_path, pretrained_model_name_or_path=clip_folder, train_data=red_pairs, eval_data=red_pairs, eval_steps=4
+    )
     trainer = RewardTrainer.from_config(config)
     assert trainer.train_data.pairs.has_ties
     text_before = trainer.reward.model.text_projection.weight.detach().clone()
@@ -189,7 +193,12 @@ def test_cosine_head_full_finetune_learns_and_round_trips(tmp_path, clip_folder,
 
 def test_lora_on_the_vision_tower_keeps_the_text_tower_and_base_weights(tmp_path, clip_folder, red_pairs):
     config = _config(
-        tmp_path, pretrained=clip_folder, train_data=red_pairs, use_lora=True, train_towers="vision", lora_rank=4
+        tmp_path,
+        pretrained_model_name_or_path=clip_folder,
+        train_data=red_pairs,
+        use_lora=True,
+        train_towers="vision",
+        lora_rank=4,
     )
     trainer = RewardTrainer.from_config(config)
     model = trainer.reward.model
@@ -210,7 +219,12 @@ def test_lora_on_the_vision_tower_keeps_the_text_tower_and_base_weights(tmp_path
 
 def test_head_only_mlp_trains_the_head_only_and_loads_as_the_aesthetic_predictor(tmp_path, clip_folder, red_pairs):
     config = _config(
-        tmp_path, pretrained=clip_folder, train_data=red_pairs, head="mlp", head_input="image", train_towers="none"
+        tmp_path,
+        pretrained_model_name_or_path=clip_folder,
+        train_data=red_pairs,
+        head="mlp",
+        head_input="image",
+        train_towers="none",
     )
     trainer = RewardTrainer.from_config(config)
     backbone = {k: v.clone() for k, v in trainer.reward.model.state_dict().items()}
@@ -229,7 +243,7 @@ def test_open_clip_backbone_trains_with_lora_and_loads_as_hpsv2(tmp_path, red_pa
     save_hps(tmp_path / "hps")
     config = _config(
         tmp_path,
-        pretrained=str(tmp_path / "hps" / "HPS_v2.1_compressed.pt"),
+        pretrained_model_name_or_path=str(tmp_path / "hps" / "HPS_v2.1_compressed.pt"),
         architecture=TINY_OPEN_CLIP,
         checkpoint_key="state_dict",
         image_transform="hpsv2",
@@ -277,7 +291,7 @@ def test_aspects_with_learned_weights_and_a_heatmap_head_from_labelled_images(tm
     data = _scored_dataset(tmp_path / "scored")
     config = _config(
         tmp_path,
-        pretrained=clip_folder,
+        pretrained_model_name_or_path=clip_folder,
         train_data=data,
         eval_data=data,
         data_format="scores",
@@ -317,7 +331,7 @@ def test_aspect_preferences_with_fixed_weights(tmp_path, clip_folder):
     (folder / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     config = _config(
         tmp_path,
-        pretrained=clip_folder,
+        pretrained_model_name_or_path=clip_folder,
         train_data=str(folder),
         head="aspects",
         aspects=["alignment", "aesthetic"],
@@ -337,12 +351,14 @@ def test_aspect_preferences_with_fixed_weights(tmp_path, clip_folder):
 
 def test_train_and_eval_data_read_their_own_split_of_a_sharded_dataset(tmp_path, clip_folder):
     root = str(hub_snapshot(tmp_path / "pickapic"))  # data/{split}-NNNNN-of-MMMMM-*.parquet, a tie ending each shard
-    trainer = RewardTrainer.from_config(_config(tmp_path, pretrained=clip_folder, train_data=root, eval_data=root))
+    trainer = RewardTrainer.from_config(
+        _config(tmp_path, pretrained_model_name_or_path=clip_folder, train_data=root, eval_data=root)
+    )
     assert trainer.train_data.captions == [f"train {k} {r}" for k in (0, 1) for r in ("0", "1", "tie")]
     assert trainer.eval_data.captions == ["validation 0 0", "validation 0 1", "validation 0 tie"]  # the default
     splits = dict(split="test", eval_split="test_unique")
     trainer = RewardTrainer.from_config(
-        _config(tmp_path / "b", pretrained=clip_folder, train_data=root, eval_data=root, **splits)
+        _config(tmp_path / "b", pretrained_model_name_or_path=clip_folder, train_data=root, eval_data=root, **splits)
     )
     assert trainer.train_data.captions[0] == "test 0 0" and trainer.eval_data.captions[0] == "test_unique 0 0"
 
@@ -355,12 +371,17 @@ def test_config_errors_name_the_field(tmp_path, clip_folder):
     with pytest.raises(ValueError, match="unknown RewardConfig key"):
         _config(tmp_path, learning_rat=1.0)
     with pytest.raises(ValueError, match="aspects"):
-        RewardTrainer.from_config(_config(tmp_path, pretrained=clip_folder, head="aspects", train_data="x"))
+        RewardTrainer.from_config(
+            _config(tmp_path, pretrained_model_name_or_path=clip_folder, head="aspects", train_data="x")
+        )
 
 
 def test_cli_trains_from_yaml_then_benchmarks_the_result(tmp_path, clip_folder, red_pairs, capsys):
     recipe = tmp_path / "recipe.yaml"
-    recipe.write_text(f"pretrained: {clip_folder}\ntrain_data: {red_pairs}\ntrain_batch_size: 8\nlearning_rate: 3e-3")
+    recipe.write_text(
+        f"pretrained_model_name_or_path: {clip_folder}\ntrain_data: {red_pairs}\n"
+        "per_device_train_batch_size: 8\nlearning_rate: 3e-3"
+    )
     out = tmp_path / "cli_run"
     assert main(["train", "reward", "--config", str(recipe), "--set", "max_steps=6", f"output_dir={out}"]) == 0
     assert load_config(RewardConfig, out / "config.yaml").learning_rate == 3e-3

@@ -76,11 +76,12 @@ def as_if_killed_after(run: Path, copy: Path, step: int) -> None:
 
 @pytest.mark.slow
 def test_fsdp_full_fine_tuning_dpo_on_two_processes_equals_one(tmp_path):
-    """Diffusion-DPO, whole UNet and its frozen reference sharded over 2 processes = the same global batch on one."""
+    """Diffusion-DPO, whole UNet and its frozen reference sharded over 2 processes = the same global batch on one
+    (4 pairs a step: 4 on one process, 2 on each of two)."""
     common = ["train", "diffusion-dpo", "--config", str(ROOT / "configs" / "tiny_dpo.yaml"), "--set", "cpu=true"]
-    common += ["use_lora=false", "max_steps=2", "checkpointing_steps=2"]
-    assert main(common + [f"output_dir={tmp_path / 'one'}"]) == 0
-    torchrun(common + [f"output_dir={tmp_path / 'two'}", "fsdp=true"])
+    common += ["use_lora=false", "max_steps=2", "save_steps=2"]
+    assert main(common + [f"output_dir={tmp_path / 'one'}", "per_device_train_batch_size=4"]) == 0
+    torchrun(common + [f"output_dir={tmp_path / 'two'}", "fsdp=true", "per_device_train_batch_size=2"])
     for file in ("checkpoints/checkpoint-2/trainable.safetensors", "final/unet/diffusion_pytorch_model.safetensors"):
         one, two = (load_file(str(tmp_path / run / file)) for run in ("one", "two"))
         # float32 sums over 4 pairs vs 2 x 2 (reduce-scattered); Adam at lr 1e-3 turns that roundoff into ~1e-5
@@ -93,10 +94,12 @@ def test_fsdp_full_fine_tuning_dpo_on_two_processes_equals_one(tmp_path):
 @pytest.mark.slow
 def test_fsdp_lora_flow_grpo_equals_one_process_resumes_exactly_and_exports(tmp_path):
     common = ["train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml"), "--set", "cpu=true"]
-    common += ["max_steps=4", "num_batches_per_iteration=1", "checkpointing_steps=2", "ema_decay=0.5"]
+    common += ["max_steps=4", "num_batches_per_iteration=1", "save_steps=2", "ema_decay=0.5"]
     common += ["ema_update_every=1"]
-    assert main(common + [f"output_dir={tmp_path / 'one'}", "sample_batch_size=4", "train_batch_size=4"]) == 0
-    sharded = common + ["sample_batch_size=2", "train_batch_size=2", "fsdp=true"]
+    assert (
+        main(common + [f"output_dir={tmp_path / 'one'}", "sample_batch_size=4", "per_device_train_batch_size=4"]) == 0
+    )
+    sharded = common + ["sample_batch_size=2", "per_device_train_batch_size=2", "fsdp=true"]
     torchrun(sharded + [f"output_dir={tmp_path / 'two'}"])
     files = ("checkpoints/checkpoint-4/trainable.safetensors", "final/pytorch_lora_weights.safetensors")
     for file in files:
@@ -148,11 +151,16 @@ def deepspeed_torchrun(args: list[str], tmp_path: Path) -> None:
 def test_deepspeed_zero2_lora_flow_grpo_equals_one_process_resumes_exactly_and_exports(tmp_path):
     """ZeRO-2 on 2 processes: DeepSpeed clips and steps; the gathered masters, EMA and grad norms equal one process."""
     common = ["train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml"), "--set"]
-    common += ["max_steps=4", "num_batches_per_iteration=1", "checkpointing_steps=2", "ema_decay=0.5"]
+    common += ["max_steps=4", "num_batches_per_iteration=1", "save_steps=2", "ema_decay=0.5"]
     common += ["ema_update_every=1", "max_grad_norm=0.003"]  # below the tiny run's norms: DeepSpeed's clip acts
-    one = common + ["cpu=true", f"output_dir={tmp_path / 'one'}", "sample_batch_size=4", "train_batch_size=4"]
+    one = common + [
+        "cpu=true",
+        f"output_dir={tmp_path / 'one'}",
+        "sample_batch_size=4",
+        "per_device_train_batch_size=4",
+    ]
     assert main(one) == 0
-    sharded = common + ["sample_batch_size=2", "train_batch_size=2"]
+    sharded = common + ["sample_batch_size=2", "per_device_train_batch_size=2"]
     deepspeed_torchrun(sharded + [f"output_dir={tmp_path / 'two'}"], tmp_path)
     files = ["final/pytorch_lora_weights.safetensors"]
     files += [f"checkpoints/checkpoint-4/{name}.safetensors" for name in ("trainable", "ema")]
@@ -182,7 +190,7 @@ def test_deepspeed_zero2_lora_flow_grpo_equals_one_process_resumes_exactly_and_e
 @needs_deepspeed
 def test_deepspeed_zero2_full_fine_tuning_dpo_with_its_reference_equals_one_process(tmp_path):
     common = ["train", "diffusion-dpo", "--config", str(ROOT / "configs" / "tiny_dpo.yaml"), "--set"]
-    common += ["use_lora=false", "max_steps=2", "checkpointing_steps=2"]
+    common += ["use_lora=false", "max_steps=2", "save_steps=2"]
     assert main(common + ["cpu=true", f"output_dir={tmp_path / 'one'}"]) == 0
     deepspeed_torchrun(common + [f"output_dir={tmp_path / 'two'}"], tmp_path)
     for file in ("checkpoints/checkpoint-2/trainable.safetensors", "final/unet/diffusion_pytorch_model.safetensors"):
@@ -201,8 +209,8 @@ def test_deepspeed_zero2_bf16_on_gpus_trains_and_exports(tmp_path):
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file"]
     command += [str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"), "--num_processes", "2"]
     command += ["-m", "visalign.cli", "train", "flow-grpo", "--config", str(ROOT / "configs" / "tiny_flow_grpo.yaml")]
-    command += ["--set", "mixed_precision=bf16", "max_steps=2", "checkpointing_steps=2", "sample_batch_size=2"]
-    command += ["train_batch_size=2", f"output_dir={tmp_path}"]
+    command += ["--set", "mixed_precision=bf16", "max_steps=2", "save_steps=2", "sample_batch_size=2"]
+    command += ["per_device_train_batch_size=2", f"output_dir={tmp_path}"]
     subprocess.run(command, env={**os.environ, "HF_HUB_OFFLINE": "1"}, check=True, cwd=ROOT)
     weights = load_file(str(tmp_path / "checkpoints" / "checkpoint-2" / "trainable.safetensors"))
     assert weights and all(t.dtype == torch.float32 and torch.isfinite(t).all() for t in weights.values())

@@ -187,6 +187,43 @@ def test_train_base_smoke(tmp_path):
         train_base(cfg, ("vae", "gan"))
 
 
+def test_adaln_zero_makes_every_sd3_block_the_identity_and_the_output_zero():
+    """adaLN-Zero (DiT): gates 0 -> blocks are the identity; final projection 0 -> the velocity is 0; grads flow."""
+    from visalign.world.models import build_transformer
+    from visalign.world.train import adaln_zero_
+
+    torch.manual_seed(0)
+    model = adaln_zero_(build_transformer(num_layers=2, num_heads=2))
+    assert model.config.num_layers == 2 and model.config.caption_projection_dim == 32
+    x = torch.randn(2, 4, 16, 16)
+    kw = dict(encoder_hidden_states=torch.randn(2, 8, 128), pooled_projections=torch.randn(2, 128))
+    out = model(hidden_states=x, timestep=torch.tensor([10.0, 900.0]), **kw).sample
+    assert torch.equal(out, torch.zeros_like(out))
+    block = model.transformer_blocks[0]
+    hidden = model.pos_embed(x)
+    temb = model.time_text_embed(torch.tensor([10.0, 900.0]), kw["pooled_projections"])
+    ctx = model.context_embedder(kw["encoder_hidden_states"])
+    ctx_out, hidden_out = block(hidden_states=hidden, encoder_hidden_states=ctx, temb=temb)
+    torch.testing.assert_close(hidden_out, hidden)
+    torch.testing.assert_close(ctx_out, ctx)
+    out.sum().backward()
+    assert model.proj_out.weight.grad.abs().sum() > 0
+
+
+def test_sd3_recipe_config_and_lr_schedule():
+    from visalign.config import config_from_dict
+    from visalign.world.train import TrainBaseConfig, _lr_factor
+
+    cfg = config_from_dict(TrainBaseConfig, {"sd3_lr": "1e-3", "sd3_adaln_zero": "true", "sd3_layers": "10"})
+    assert cfg.sd3_lr == 1e-3 and cfg.sd3_adaln_zero is True and cfg.sd3_layers == 10
+    assert TrainBaseConfig().sd3_lr is None and TrainBaseConfig().sd3_lr_schedule == "constant"
+    assert _lr_factor(0, 1000, False) == 1 / 200 and _lr_factor(999, 1000, False) == 1.0
+    assert _lr_factor(200, 1000, True) == pytest.approx(1.0) and _lr_factor(1000, 1000, True) == pytest.approx(0.1)
+    for bad in ({"sd3_lr": 0.0}, {"sd3_layers": 0}, {"sd3_lr_schedule": "linear"}):
+        with pytest.raises(ValueError, match=next(iter(bad))):
+            config_from_dict(TrainBaseConfig, bad)
+
+
 def test_load_pipeline_loads_a_trained_lora_into_the_world_model(tmp_path):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers

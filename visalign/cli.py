@@ -35,7 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "reno": ("visalign.pipelines.reno_cli:run", "ReNO: optimize the initial noise of a one-step generator per prompt"),
     "train": ("visalign.pipelines.train:run", "align a generator with a method recipe (YAML config)"),
     "bench": ("visalign.benchmarks.cli:run", "evaluate a generator on prompt sets with judges"),
-    "demo": ("visalign.demo:run", "a few-minute CPU demo: align a shapes-world model and show before/after"),
+    "demo": ("visalign.pipelines.demo:run", "a few-minute CPU demo: train a shapes-world model and show before/after"),
     "world": ("visalign.world.cli:run", "the shapes world: render data, train its generators and verifiers"),
     "plan": ("visalign.plan:run", "memory per process of a training recipe under DDP, FSDP and ZeRO, per GPU size"),
 }

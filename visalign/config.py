@@ -13,7 +13,18 @@ Booleans are strict: `true`/`false`, `yes`/`no` (any case) and `1`/`0`; anything
 error naming the key and the value, never a silent False. This is the one override parser: every `--set` of every
 command goes through `parse_overrides`.
 
-`TrainConfig` holds what the training engine (`visalign.engine.Engine`) reads; method configs extend it.
+One vocabulary, transformers' and trl's training names, means the same in every method: `TrainConfig` holds what the
+training engine (`visalign.engine.Engine`) and the run loop (`visalign.lifecycle`) read, `GeneratorConfig` adds the
+generator and its evaluation (diffusers' argument names), and method configs add only their own fields.
+
+- `per_device_train_batch_size`: the micro-batch of one process (one forward and backward);
+- `gradient_accumulation_steps`: micro-batches per optimizer step, so one step sees
+  `per_device_train_batch_size x gradient_accumulation_steps x processes` examples;
+- `max_steps`, `eval_steps`, `save_steps`: counted in optimizer steps in every method (a GRPO iteration takes
+  several).
+
+Keys of the earlier vocabulary are errors naming their replacement (`RENAMED`, and `MEANING_CHANGED` where the
+value must be converted, not just renamed); there are no silent aliases.
 """
 
 from __future__ import annotations
@@ -55,6 +66,39 @@ def _load_yaml(text: str) -> Any:
     return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
 
 
+# Keys of the earlier vocabulary -> their name now. `config_from_dict` turns an old key into a `ValueError` naming the
+# new one (only when the key is not a field of the config being read).
+RENAMED = {
+    "train_batch_size": "per_device_train_batch_size",
+    "eval_every": "eval_steps",
+    "checkpointing_steps": "save_steps",
+    "pretrained": "pretrained_model_name_or_path",
+    "lr": "learning_rate",  # ReNO
+    "grad_clip": "max_grad_norm",  # ReNO
+}
+# Where the value changes meaning with the name: how to convert an old value.
+MEANING_CHANGED = {
+    "train_batch_size": (
+        "it was the micro-batch per process in flow-grpo, pref-grpo, tempflow-grpo and prdp (same value), but a whole "
+        "optimizer step across processes in diffusion-dpo, diffusion-dro and reward: there set "
+        "per_device_train_batch_size = train_batch_size / gradient_accumulation_steps / processes (reward: "
+        "train_batch_size / processes)"
+    ),
+    "eval_every": (
+        "it counted iterations in flow-grpo, pref-grpo and tempflow-grpo: there set eval_steps = eval_every x "
+        "optimizer steps per iteration (num_inner_epochs x the iteration's steps); elsewhere it already counted steps"
+    ),
+}
+
+
+def renamed_key_error(cls_name: str, key: str) -> str:
+    """The message for an earlier-vocabulary `key` read into the config `cls_name`."""
+    message = f"{cls_name} key `{key}` was renamed `{RENAMED[key]}`"
+    if key in MEANING_CHANGED:
+        message += f"; {MEANING_CHANGED[key]}"
+    return message
+
+
 # peft targets: the joint-attention projections of SD3 and FLUX blocks (Flow-GRPO's LoRA targets).
 ATTENTION_PROJECTIONS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
 
@@ -66,6 +110,16 @@ class TrainConfig:
     output_dir: str = field(default="runs/visalign", metadata={"help": "Folder for checkpoints, logs and the result."})
     seed: int = field(default=0, metadata={"help": "Seed of the LoRA init, the prompts and every noise draw."})
     max_steps: int = field(default=100, metadata={"help": "Optimizer steps to train for."})
+    per_device_train_batch_size: int = field(
+        default=8, metadata={"help": "Examples per micro-batch and process: what one forward and backward sees."}
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata={
+            "help": "Micro-batches per optimizer step: a step sees per_device_train_batch_size x this x processes "
+            "examples."
+        },
+    )
     learning_rate: float = field(default=3e-4, metadata={"help": "AdamW learning rate (Flow-GRPO LoRA: 3e-4)."})
     adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.999, metadata={"help": "AdamW beta2."})
@@ -96,7 +150,11 @@ class TrainConfig:
         default="tensorboard", metadata={"help": "accelerate tracker: tensorboard, wandb, all, or none."}
     )
     project_name: str = field(default="visalign", metadata={"help": "Tracker project name."})
-    checkpointing_steps: int = field(
+    eval_steps: int = field(
+        default=0,
+        metadata={"help": "Evaluate every this many optimizer steps; always at the start and the end (0: only then)."},
+    )
+    save_steps: int = field(
         default=0, metadata={"help": "Checkpoint every this many optimizer steps (0 = only at the end)."}
     )
     checkpoints_total_limit: int | None = field(default=None, metadata={"help": "Keep at most this many."})
@@ -129,13 +187,16 @@ class TrainConfig:
             "lora_rank": self.lora_rank,
             "lora_alpha": self.lora_alpha,
             "ema_update_every": self.ema_update_every,
+            "per_device_train_batch_size": self.per_device_train_batch_size,
+            "gradient_accumulation_steps": self.gradient_accumulation_steps,
         }.items():
             if not value > 0:
                 raise ValueError(f"`{name}` must be > 0, got {value!r}")
         for name, value in {
             "max_grad_norm": self.max_grad_norm,
             "lr_warmup_steps": self.lr_warmup_steps,
-            "checkpointing_steps": self.checkpointing_steps,
+            "eval_steps": self.eval_steps,
+            "save_steps": self.save_steps,
             "adam_weight_decay": self.adam_weight_decay,
         }.items():
             if value < 0:
@@ -146,6 +207,63 @@ class TrainConfig:
             raise ValueError(f"`checkpoints_total_limit` must be >= 1 or None, got {self.checkpoints_total_limit}")
         if self.report_to not in ("tensorboard", "wandb", "all", "none"):
             raise ValueError(f"`report_to` must be tensorboard, wandb, all or none, got {self.report_to!r}")
+
+
+@dataclass
+class GeneratorConfig(TrainConfig):
+    """What every trainer of a text-to-image generator shares: the pipeline, how it samples, and its evaluation
+    (diffusers' argument names). Method configs change defaults here and add only their own fields."""
+
+    pretrained_model_name_or_path: str = field(
+        default="world:sd3",
+        metadata={
+            "help": "The pipeline: a diffusers folder or hub id, `world:sd` / `world:sd3`, `tiny:sd` / `tiny:sd3`."
+        },
+    )
+    height: int | None = field(default=None, metadata={"help": "Image height (None: the denoiser's native size)."})
+    width: int | None = field(default=None, metadata={"help": "Image width (None: the denoiser's native size)."})
+    num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps of the method's own samples."})
+    guidance_scale: float = field(
+        default=7.5, metadata={"help": "CFG scale of the method's own samples (FLUX.1-dev: its guidance embedding)."}
+    )
+    num_frames: int | None = field(
+        default=None, metadata={"help": "Video families (Wan): frames per video, (F - 1) % 4 == 0 (None: 81)."}
+    )
+    max_sequence_length: int | None = field(
+        default=None,
+        metadata={"help": "Text tokens (None: the family's: 256 for SD3, 512 for FLUX, Qwen-Image, Wan; world: 16)."},
+    )
+    negative_prompt: str | None = field(
+        default=None,
+        metadata={"help": 'The CFG negative prompt (None: the family\'s: "", Qwen-Image\'s " ").'},
+    )
+    eval_prompts: str | None = field(
+        default=None, metadata={"help": "Evaluation prompts (`world:heldout`, a file); None: no evaluation."}
+    )
+    eval_reward: str | None = field(
+        default=None,
+        metadata={
+            "help": "The evaluation judge (`list_rewards()`); GRPO's None: the external reward, else the reward."
+        },
+    )
+    eval_num_inference_steps: int = field(default=20, metadata={"help": "Sampling steps at evaluation."})
+    eval_guidance_scale: float = field(default=7.5, metadata={"help": "Guidance scale at evaluation."})
+    eval_images_per_prompt: int = field(default=1, metadata={"help": "Images per evaluation prompt."})
+    eval_batch_size: int = field(default=32, metadata={"help": "Images per evaluation batch and process."})
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for name in (
+            "num_inference_steps",
+            "eval_num_inference_steps",
+            "eval_images_per_prompt",
+            "eval_batch_size",
+        ):
+            if getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be >= 1, got {getattr(self, name)}")
+        for name in ("height", "width", "num_frames", "max_sequence_length"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ValueError(f"`{name}` must be a positive integer or None, got {getattr(self, name)}")
 
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
@@ -220,6 +338,9 @@ def config_from_dict(cls: type[C], values: dict[str, Any]) -> C:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls) if f.init]
     unknown = sorted(set(values) - set(names))
+    for key in unknown:
+        if key in RENAMED and RENAMED[key] in names:
+            raise ValueError(renamed_key_error(cls.__name__, key))
     if unknown:
         raise ValueError(f"unknown {cls.__name__} key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}")
     coerced = {k: coerce(v, hints[k], k) for k, v in values.items()}

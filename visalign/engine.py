@@ -56,7 +56,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from diffusers import DiffusionPipeline
 from diffusers.optimization import get_scheduler
 from diffusers.training_utils import cast_training_params
@@ -178,6 +178,8 @@ class Engine:
         component (`str`): the trained component's name in `pipe.components` (`"transformer"`, `"unet"`).
         keep_reference (`bool`): under full fine-tuning, keep a frozen copy of the initial weights as the reference
             policy (LoRA needs none: the reference is the model with adapters disabled).
+        find_unused_parameters (`bool`): DDP looks for trained parameters without a gradient in each backward (for
+            denoisers whose outputs are not all used, `GeneratorAdapter.has_unused_outputs`).
     """
 
     def __init__(
@@ -187,6 +189,7 @@ class Engine:
         *,
         component: str = "transformer",
         keep_reference: bool = False,
+        find_unused_parameters: bool = False,
     ):
         if component not in pipe.components or not isinstance(pipe.components[component], nn.Module):
             raise ValueError(f"`component` must name a model of the pipeline, got {component!r}")
@@ -200,6 +203,7 @@ class Engine:
             project_dir=str(self.output_dir),
             cpu=config.cpu,
             step_scheduler_with_optimizer=False,
+            kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)],
         )
         start = claim_output_dir(config)  # on every process, before any process writes there (and before loading)
         self.accelerator.wait_for_everyone()
@@ -298,6 +302,18 @@ class Engine:
         self._paused = 0  # depth of `pause_progress()`
 
     # -- distribution -------------------------------------------------------------------------------------------
+
+    @classmethod
+    def for_generator(cls, config: TrainConfig, adapter: Any, *, keep_reference: bool = False) -> Engine:
+        """The engine training a generator adapter's denoiser (`visalign.generators.GeneratorAdapter`): its pipeline
+        component, with DDP told when the denoiser has outputs its prediction never uses."""
+        return cls(
+            config,
+            adapter.pipe,
+            component=adapter.component,
+            find_unused_parameters=adapter.has_unused_outputs,
+            keep_reference=keep_reference,
+        )
 
     @property
     def device(self) -> torch.device:
@@ -517,8 +533,8 @@ class Engine:
             raise NonFiniteError(self._non_finite_message(f"weights in {what}", self.step))
 
     def maybe_checkpoint(self, state: dict[str, Any], *, force: bool = False) -> Path | None:
-        """Checkpoint when `checkpointing_steps` steps have passed since the last one (or `force`)."""
-        every = self.config.checkpointing_steps
+        """Checkpoint when `save_steps` steps have passed since the last one (or `force`)."""
+        every = self.config.save_steps
         due = every > 0 and self.step // every > self._last_checkpoint_step // every
         if not (due or force) or self.step == self._last_checkpoint_step:
             return None

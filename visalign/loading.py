@@ -64,7 +64,8 @@ def _not_a_pipeline(folder: Path) -> str:
         if config.is_file():
             import yaml
 
-            base = (yaml.safe_load(config.read_text()) or {}).get("pretrained", base)
+            recorded = yaml.safe_load(config.read_text()) or {}
+            base = recorded.get("pretrained_model_name_or_path", recorded.get("pretrained", base))  # runs before #16
         return (
             f"{folder} holds a LoRA adapter ({LORA_FILE}), not a pipeline: load the base model and the adapter "
             f"with `--model {base} --lora {folder}`"

@@ -336,25 +336,20 @@ def workload_from_config(method: str, values: dict[str, Any], gpus: int, family:
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; known: {', '.join(METHODS)}")
     if family is None:
-        family = HUB_IDS.get(values["pretrained"])
+        family = HUB_IDS.get(values["pretrained_model_name_or_path"])
         if family is None:
             raise ValueError(
-                f"`pretrained` {values['pretrained']!r} is not a known architecture: pass --model with one of "
+                f"`pretrained_model_name_or_path` {values['pretrained_model_name_or_path']!r} is not a known "
+                "architecture: pass --model with one of "
                 f"{', '.join(FAMILIES)}"
             )
     rewards = [r for r in (values.get("reward"), values.get("external_reward")) if r]
+    micro = values["per_device_train_batch_size"]
     if method in ("diffusion-dpo", "diffusion-dro"):
-        accumulation = values["gradient_accumulation_steps"]
-        if values["train_batch_size"] % (accumulation * gpus):
-            raise ValueError(
-                f"`train_batch_size` ({values['train_batch_size']}) must be divisible by gradient_accumulation_steps "
-                f"x gpus ({accumulation} x {gpus})"
-            )
-        micro, per_unit = values["train_batch_size"] // (accumulation * gpus), 2
+        per_unit = 2
         if values.get("dataset"):
             rewards = []  # offline pairs: no reward model in the run
     else:
-        micro = values["train_batch_size"]
         cfg = values.get("guidance_scale", 1.0) > 1 and not FAMILIES[family].guidance_embedded and method != "prdp"
         per_unit = 2 if cfg else 1
     return Workload(
@@ -369,24 +364,26 @@ def workload_from_config(method: str, values: dict[str, Any], gpus: int, family:
         rewards=rewards,
         height=values.get("height", 512),
         width=values.get("width", 512),
-        max_sequence_length=values.get("max_sequence_length", 256),
+        max_sequence_length=values.get("max_sequence_length") or 256,
         micro_batch=micro,
         images_per_unit=per_unit,
     )
 
 
 def micro_batch_setting(workload: Workload, micro: int, values: dict[str, Any], gpus: int) -> str:
-    """The `--set` that gives a micro-batch of `micro` (the method's unit) per process."""
-    if workload.method in ("diffusion-dpo", "diffusion-dro"):
-        return f"gradient_accumulation_steps={values['train_batch_size'] // (micro * gpus)}"
-    return f"train_batch_size={micro}"
+    """The `--set` that gives a micro-batch of `micro` (the method's unit) per process, with the same examples per
+    optimizer step (more accumulation; PRDP accumulates within its step by itself)."""
+    if workload.method == "prdp":
+        return f"per_device_train_batch_size={micro}"
+    per_step = values["per_device_train_batch_size"] * values["gradient_accumulation_steps"]
+    return f"per_device_train_batch_size={micro} gradient_accumulation_steps={per_step // micro}"
 
 
 def feasible_micro_batch(plan: Plan, strategy: str, gpu_gib: float, values: dict[str, Any]) -> int:
     """The largest micro-batch <= the recipe's that fits and that the method's batch arithmetic allows."""
     micro = min(plan.largest_micro_batch(strategy, gpu_gib), plan.workload.micro_batch)
-    if plan.workload.method in ("diffusion-dpo", "diffusion-dro"):
-        per_process = values["train_batch_size"] // plan.gpus  # pairs per update and process
+    if plan.workload.method != "prdp":
+        per_process = values["per_device_train_batch_size"] * values["gradient_accumulation_steps"]  # per step
         while micro > 0 and per_process % micro:
             micro -= 1
     return micro
@@ -458,7 +455,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--method", default=None, help="the method (default: from the file name)")
     parser.add_argument(
-        "--model", default=None, choices=sorted(FAMILIES), help="the architecture (default: from `pretrained`)"
+        "--model",
+        default=None,
+        choices=sorted(FAMILIES),
+        help="the architecture (default: from `pretrained_model_name_or_path`)",
     )
     parser.add_argument("--gpus", type=int, default=1, help="processes (GPUs) the run uses")
     parser.add_argument(

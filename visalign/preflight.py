@@ -197,7 +197,7 @@ def check(items: Iterable[tuple[str, str, str | None]]) -> None:
 
 # config field -> kind; the method configs of `visalign train` use these names
 _CONFIG_FIELDS = {
-    "pretrained": "model",
+    "pretrained_model_name_or_path": "model",
     "world_generator": "model",
     "prompts": "prompts",
     "eval_prompts": "prompts",
@@ -225,14 +225,14 @@ def config_problems(config: Any) -> list[tuple[str, str, str | None]]:
     """`(thing, field, problem)` for every model, reward, prompt file and dataset a method config names."""
     fields = {f.name: f for f in dataclasses.fields(config)}
     values = {name: getattr(config, name) for name in fields}
-    backbone = "architecture" in values  # the reward trainer's `pretrained` is a CLIP backbone, not a pipeline
+    backbone = "architecture" in values  # the reward trainer's model is a CLIP backbone, not a pipeline
     out = []
     for name, kind in _CONFIG_FIELDS.items():
         value = values.get(name)
         if not value:
             continue
         if kind == "model":
-            problem = model_problem(value, pipeline=not (backbone and name == "pretrained"))
+            problem = model_problem(value, pipeline=not (backbone and name == "pretrained_model_name_or_path"))
         elif kind == "prompts":
             problem = prompts_problem(value)
             if problem is None and str(values.get("reward", "")).startswith("world-"):

@@ -476,7 +476,7 @@ class PromptSampler:
         self.iteration = 0
 
     def draw(self, n: int) -> list[str]:
-        from visalign.sampler import seeded_generators  # the sampler imports diffusers; prompt sets need not
+        from visalign.generators.rollout import seeded_generators  # the generator layer imports diffusers
 
         generator = seeded_generators([(self.seed, 0x5EED, self.iteration)])[0]
         order = torch.randperm(len(self.prompts), generator=generator)

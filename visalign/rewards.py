@@ -126,6 +126,17 @@ REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "imagedoctor": "visalign.reward_models.imagedoctor:ImageDoctor",
     "frame-aggregate": "visalign.reward_models.video:FrameAggregate",
     "videoreward": "visalign.reward_models.video:VideoReward",
+    # Flow-GRPO's `video_ocr` (Wan recipe): OCR on 9 frames spread over the video (every 4th of 33), averaged
+    "video-ocr": ("visalign.reward_models.video:FrameAggregate", {"reward": "ocr", "num_frames": 9}),
+    # the shapes world's verifier and defect reward on every frame of a video, averaged (Wan on the world, tests)
+    "world-verifier-video": (
+        "visalign.reward_models.video:FrameAggregate",
+        {"reward": "world-verifier", "num_frames": None},
+    ),
+    "world-defects-video": (
+        "visalign.reward_models.video:FrameAggregate",
+        {"reward": "world-defects", "num_frames": None},
+    ),
     "geneval": "visalign.reward_models.geneval:GenEvalReward",
     "ocr": "visalign.reward_models.ocr:OCRReward",
 }

@@ -30,8 +30,8 @@ from typing import Any
 from harness import rss_mb, run_each, write_record
 
 CONFIGS: dict[str, dict[str, Any]] = {
-    "tiny": dict(height=32, width=32, train_batch_size=8, lora_rank=4, lora_alpha=4),
-    "unet-50m": dict(height=64, width=64, train_batch_size=2, lora_rank=8, lora_alpha=8),
+    "tiny": dict(height=32, width=32, per_device_train_batch_size=8, lora_rank=4, lora_alpha=4),
+    "unet-50m": dict(height=64, width=64, per_device_train_batch_size=2, lora_rank=8, lora_alpha=8),
 }
 RESULT = Path(__file__).resolve().parents[1] / "results" / "dpo_step.json"
 
@@ -68,7 +68,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     from visalign.pipelines.preference_data import PreferencePairs
 
     options = CONFIGS[name]
-    size, batch = options["height"], options["train_batch_size"]
+    size, batch = options["height"], options["per_device_train_batch_size"]
     g = torch.Generator().manual_seed(0)
     red, blue = torch.rand(2, 4 * batch, 3, size, size, generator=g) * 0.5
     red[:, 0] += 0.5
@@ -77,7 +77,7 @@ def run_one(name: str, steps: int) -> dict[str, Any]:
     config = DPOConfig(
         output_dir=tempfile.mkdtemp(prefix="dpo_step_"),
         report_to="none",
-        pretrained="in-memory",
+        pretrained_model_name_or_path="in-memory",
         max_steps=1000,
         beta=5000.0,
         lora_target_modules=["to_q", "to_k", "to_v", "to_out.0"],

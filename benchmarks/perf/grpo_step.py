@@ -18,6 +18,8 @@ included) and its rise over the resident set before the first iteration.
 
     python benchmarks/perf/grpo_step.py                 # writes benchmarks/results/grpo_step.json
     python benchmarks/perf/grpo_step.py --only tiny --iterations 5
+    # the same configs on another checkout of the project, alternating, with the speed ratio per config:
+    python benchmarks/perf/grpo_step.py --baseline ../old --baseline-python ../old-venv/bin/python
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         guidance_scale=4.5,
         group_size=8,
         sample_batch_size=16,
-        train_batch_size=16,
+        per_device_train_batch_size=16,
         beta=0.04,
         lora_rank=4,
         lora_alpha=4,
@@ -52,7 +54,7 @@ CONFIGS: dict[str, dict[str, Any]] = {
         guidance_scale=4.5,
         group_size=4,
         sample_batch_size=4,
-        train_batch_size=4,
+        per_device_train_batch_size=4,
         beta=0.0,
         lora_rank=32,
         lora_alpha=64,
@@ -135,7 +137,7 @@ def run_one(name: str, iterations: int) -> dict[str, Any]:
         update_seconds = time.perf_counter() - tick
         update_calls = calls["n"] - start_calls - sampling_calls
         trained = int(trainer.trained_steps(rollout, iteration).sum())
-        units = trained * -(-len(rollout) // config.train_batch_size)
+        units = trained * -(-len(rollout) // config.per_device_train_batch_size)
         if i == 0:
             continue  # warm-up
         total = metrics["time/sampling"] + metrics["time/reward"] + update_seconds
@@ -182,6 +184,8 @@ def main() -> None:
     parser.add_argument("--iterations", type=int, default=2, help="timed iterations after one warm-up")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     parser.add_argument("--out", default=str(RESULT))
+    parser.add_argument("--baseline", default=None, help="another checkout to time alongside (its own script)")
+    parser.add_argument("--baseline-python", default=None, help="the interpreter that imports that checkout")
     args = parser.parse_args()
     if args.only:
         import torch
@@ -189,7 +193,21 @@ def main() -> None:
         torch.set_num_threads(args.threads)
         print(json.dumps(run_one(args.only, args.iterations)))
         return
-    results = run_each(__file__, list(CONFIGS), ["--iterations", str(args.iterations)], args.threads)
+    flags = ["--iterations", str(args.iterations)]
+    if args.baseline:
+        results: dict[str, Any] = {}
+        baseline_script = str(Path(args.baseline) / "benchmarks" / "perf" / Path(__file__).name)
+        for name in CONFIGS:  # alternate, so that machine load affects both alike
+            ours = run_each(__file__, [name], flags, args.threads)[name]
+            theirs = run_each(
+                baseline_script, [name], flags, args.threads, python=args.baseline_python, cwd=args.baseline
+            )[name]
+            ratio = ours["samples_per_second"] / theirs["samples_per_second"]
+            results[name] = {**ours, "baseline": theirs, "speed_ratio_vs_baseline": ratio}
+            ours_s, theirs_s = ours["samples_per_second"], theirs["samples_per_second"]
+            print(name, f"{ours_s:.2f} vs baseline {theirs_s:.2f} samples/s: x{ratio:.3f}")
+    else:
+        results = run_each(__file__, list(CONFIGS), flags, args.threads)
     for name in results:
         print(name, json.dumps(results[name]["seconds_per_iteration"]))
     write_record(args.out, __file__, args.threads, results)

@@ -19,14 +19,16 @@ def rss_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
 
 
-def run_each(script: str, names: list[str], flags: list[str], threads: int) -> dict[str, dict[str, Any]]:
+def run_each(
+    script: str, names: list[str], flags: list[str], threads: int, *, python: str | None = None, cwd: str | None = None
+) -> dict[str, dict[str, Any]]:
     """Run `script --only NAME *flags --threads T` in a fresh process per name (so peak memory is the config's own)
-    and parse the JSON its last output line holds."""
+    and parse the JSON its last output line holds. `python` and `cwd` run another checkout's copy (a baseline)."""
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"}
     results = {}
     for name in names:
-        command = [sys.executable, script, "--only", name, *flags, "--threads", str(threads)]
-        out = subprocess.run(command, env=env, check=True, capture_output=True, text=True).stdout
+        command = [python or sys.executable, script, "--only", name, *flags, "--threads", str(threads)]
+        out = subprocess.run(command, env=env, check=True, capture_output=True, text=True, cwd=cwd).stdout
         results[name] = json.loads(out.strip().splitlines()[-1])
     return results
 

@@ -141,17 +141,18 @@ def build_unet() -> UNet2DConditionModel:
     )
 
 
-def build_transformer() -> SD3Transformer2DModel:
+def build_transformer(num_layers: int = 6, num_heads: int = 6) -> SD3Transformer2DModel:
+    """The world's SD3 transformer on 16x16x4 latents (2x2 patches: 64 image tokens), width `16 * num_heads`."""
     return SD3Transformer2DModel(
         sample_size=LATENT,
         patch_size=2,
         in_channels=4,
         out_channels=4,
-        num_layers=6,
+        num_layers=num_layers,
         attention_head_dim=16,
-        num_attention_heads=6,
+        num_attention_heads=num_heads,
         joint_attention_dim=128,
-        caption_projection_dim=96,
+        caption_projection_dim=16 * num_heads,
         pooled_projection_dim=128,
         pos_embed_max_size=LATENT // 2,
     )

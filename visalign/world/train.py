@@ -19,14 +19,16 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDPMScheduler
+from diffusers import AutoencoderKL, DDPMScheduler, SD3Transformer2DModel
 from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
@@ -73,6 +75,21 @@ class TrainBaseConfig:
         default=0.1, metadata={"help": "Share of generator captions replaced by '' (for classifier-free guidance)."}
     )
     ema_decay: float = field(default=0.998, metadata={"help": "Decay of the generators' weight EMA (what is saved)."})
+    sd3_layers: int = field(default=6, metadata={"help": "Joint-attention blocks of the `sd3` transformer."})
+    sd3_heads: int = field(
+        default=6, metadata={"help": "Attention heads (of 16 channels) of the `sd3` transformer: width 16 x heads."}
+    )
+    sd3_lr: float | None = field(
+        default=None, metadata={"help": "Peak learning rate of the `sd3` generator (None: `lr`)."}
+    )
+    sd3_adaln_zero: bool = field(
+        default=False,
+        metadata={"help": "DiT's adaLN-Zero init of the `sd3` transformer: every block starts as the identity."},
+    )
+    sd3_lr_schedule: Literal["constant", "cosine"] = field(
+        default="constant",
+        metadata={"help": "`sd3` learning rate after warm-up: constant, or cosine decay to 10% at the last step."},
+    )
     eval_every: int = field(
         default=400, metadata={"help": "Generator steps between held-out verifier evaluations (and at the end)."}
     )
@@ -84,6 +101,7 @@ class TrainBaseConfig:
         check_finite(self)
         positive = ("num_images", "batch_size", "vae_steps", "vae_batch_size", "vae_lr", "clip_steps")
         positive += ("clip_batch_size", "clip_lr", "sd_steps", "sd3_steps", "lr", "eval_every", "eval_per_category")
+        positive += ("sd3_layers", "sd3_heads")
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}")
@@ -92,6 +110,8 @@ class TrainBaseConfig:
         for name in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
+        if self.sd3_lr is not None and not self.sd3_lr > 0:
+            raise ValueError(f"`sd3_lr` must be > 0 or None, got {self.sd3_lr!r}")
 
 
 def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -176,6 +196,23 @@ def clip_retrieval_accuracy(clip: CLIPModel, tok: CLIPTokenizer, n: int = 256, s
     return float((logits.argmax(1) == torch.arange(len(prompts))).float().mean())
 
 
+def adaln_zero_(transformer: SD3Transformer2DModel) -> SD3Transformer2DModel:
+    """DiT's adaLN-Zero initialization (Peebles & Xie 2023, sec. 3.2) of an SD3 transformer, in place.
+
+    Zeroing the linear layers that regress each block's shift, scale and gate from the timestep/pooled-text
+    embedding makes every gate 0, so each block starts as the identity; the final adaptive norm and output
+    projection start at zero too, so the untrained model predicts velocity 0. DiT found this init to train fastest.
+    """
+    layers = [transformer.norm_out.linear, transformer.proj_out]
+    for block in transformer.transformer_blocks:
+        layers += [block.norm1.linear, block.norm1_context.linear]
+    with torch.no_grad():
+        for layer in layers:
+            layer.weight.zero_()
+            layer.bias.zero_()
+    return transformer
+
+
 class _EMA:
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -193,13 +230,27 @@ class _EMA:
                 p.copy_(s)
 
 
+def _lr_factor(step: int, steps: int, cosine: bool, warmup: int = 200) -> float:
+    """Linear warm-up over `warmup` steps, then 1 or a cosine from 1 down to 0.1 at `steps`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if not cosine:
+        return 1.0
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+
 def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, captions: list[str], out: Path) -> dict:
     """Train the `sd` (epsilon) or `sd3` (flow) generator on VAE latents and save the pipeline under `out/family`."""
     vae = AutoencoderKL.from_pretrained(out / "vae").eval()
     clip = CLIPModel.from_pretrained(out / "clip").eval()
     tok = CLIPTokenizer.from_pretrained(out / "clip")
     torch.manual_seed(cfg.seed)
-    denoiser = build_unet() if family == "sd" else build_transformer()
+    if family == "sd":
+        denoiser = build_unet()
+    else:
+        denoiser = build_transformer(cfg.sd3_layers, cfg.sd3_heads)
+        if cfg.sd3_adaln_zero:
+            adaln_zero_(denoiser)
     pipe = assemble(family, clip, tok, vae, denoiser)
     pipe.set_progress_bar_config(disable=True)
     vocab = sorted(set(captions)) + [""]
@@ -221,9 +272,11 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
             )
     ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     denoiser.train()
-    opt = torch.optim.AdamW(denoiser.parameters(), lr=cfg.lr, weight_decay=0.01)
+    lr = cfg.sd3_lr if family == "sd3" and cfg.sd3_lr is not None else cfg.lr
+    opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.01)
     steps = cfg.sd_steps if family == "sd" else cfg.sd3_steps
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 200))
+    cosine = family == "sd3" and cfg.sd3_lr_schedule == "cosine"
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, cosine))
     ema = _EMA(denoiser, cfg.ema_decay)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     evals, losses = [], []

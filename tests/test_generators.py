@@ -1,9 +1,12 @@
-"""FlowSampler on real tiny SD3 and FLUX pipelines: pipeline parity, log-prob recomputation, windows, branching."""
+"""The generator layer on real tiny pipelines of every image family: pipeline parity at noise level 0, log-prob
+recomputation, SDE windows, branching, one Rollout, and bad input."""
 
 import pytest
 import torch
+from diffusers import DDIMScheduler
 
-from visalign.sampler import FlowSampler, Rollout, seeded_generators
+from visalign.generators import Rollout, adapter_for, seeded_generators
+from visalign.generators.sd3 import SD3Adapter
 from visalign.sampling import sde_step
 from visalign.testing import tiny_pipeline
 
@@ -16,22 +19,29 @@ def sd3():
 
 
 def make_sampler(pipe, size=16):
-    return FlowSampler(pipe, height=size, width=size, max_sequence_length=8)
+    return adapter_for(pipe, height=size, width=size, max_sequence_length=8)
 
 
 def sample(sampler, guidance_scale=4.5, steps=4, **kw):
     n = len(PROMPTS)
     latents = sampler.initial_latents(seeded_generators([(0, i) for i in range(n)]))
-    conditioning = sampler.encode(PROMPTS, guidance_scale)
+    conditioning = sampler.encode_prompts(PROMPTS, guidance_scale)
     return sampler.sample(
         PROMPTS, conditioning, latents, num_inference_steps=steps, guidance_scale=guidance_scale, **kw
     ), latents
 
 
-@pytest.mark.parametrize("family,size,guidance", [("sd3", 16, 4.5), ("sd3", 16, 1.0), ("flux", 32, 3.5)])
+@pytest.mark.parametrize(
+    "family,size,guidance",
+    [("sd3", 16, 4.5), ("sd3", 16, 1.0), ("flux", 32, 3.5), ("sd", 32, 4.5), ("sd", 32, 1.0), ("sdxl", 32, 4.5)],
+)
 def test_noise_level_zero_reproduces_the_pipeline(family, size, guidance):
     pipe = tiny_pipeline(family)
-    rollout, latents = sample(make_sampler(pipe, size), guidance_scale=guidance)
+    sampler = make_sampler(pipe, size)
+    if family in ("sd", "sdxl"):  # the sampler steps DDIM; the pipeline must too
+        pipe.scheduler = DDIMScheduler.from_config(sampler.ddim.config)
+    rollout, latents = sample(sampler, guidance_scale=guidance)
+    options = {} if family in ("sd", "sdxl") else {"max_sequence_length": 8}
     expected = pipe(
         PROMPTS,
         num_inference_steps=4,
@@ -39,11 +49,32 @@ def test_noise_level_zero_reproduces_the_pipeline(family, size, guidance):
         height=size,
         width=size,
         latents=latents,
-        max_sequence_length=8,
         output_type="pt",
+        **options,
     ).images
-    torch.testing.assert_close(rollout.images, expected, atol=1e-6, rtol=0)
+    assert (rollout.images - expected).abs().max() <= 1e-5
     assert (rollout.stds == 0).all() and (rollout.log_probs == 0).all()
+    assert rollout.stds.shape == rollout.log_probs.shape == (len(PROMPTS), 4)
+
+
+def test_ddim_rollouts_rescore_their_transitions_and_keep_stds_per_sample():
+    sampler = make_sampler(tiny_pipeline("sd"), 32)
+    rollout, _ = sample(
+        sampler, guidance_scale=2.0, noise_level=1.0, generator=seeded_generators([(3, i) for i in range(3)])
+    )
+    assert rollout.kind == "ddim" and rollout.stds.shape == (3, 4) and rollout.prev_timesteps is not None
+    for step in range(4):
+        out = sampler.log_prob(rollout, torch.tensor([1, 0]), step)
+        torch.testing.assert_close(out.log_prob, rollout.log_probs[[1, 0], step], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ddim"):
+        sampler.sample(
+            PROMPTS,
+            sampler.encode_prompts(PROMPTS),
+            rollout.latents[:, 0],
+            num_inference_steps=2,
+            guidance_scale=1.0,
+            kind="sde",
+        )
 
 
 def test_recomputed_log_probs_equal_the_sampled_ones_on_policy(sd3):
@@ -81,7 +112,7 @@ def test_sde_window_is_noisy_inside_and_euler_outside(sd3):
     assert (rollout.stds[:, [1, 2]] > 0).all() and (rollout.stds[:, [0, 3]] == 0).all()
     assert (rollout.log_probs[:, [0, 3]] == 0).all()
     x, t = rollout.latents[:, 3], rollout.timesteps[3]
-    velocity = sampler.velocity(x, t, rollout.conditioning, rollout.guidance_scale)
+    velocity = sampler.guided(x, t, rollout.conditioning, rollout.guidance_scale)
     euler = sde_step(velocity, x, rollout.sigmas, 3, 0.0).prev_sample
     torch.testing.assert_close(rollout.latents[:, 4], euler, atol=1e-6, rtol=0)
     with pytest.raises(ValueError, match="deterministic"):
@@ -95,7 +126,7 @@ def test_groups_share_initial_noise_when_keyed_by_group_but_not_sde_noise(sd3):
     assert torch.equal(latents[0], latents[1]) and not torch.equal(latents[0], latents[2])
     rollout = sampler.sample(
         ["a red square"] * 3,
-        sampler.encode(["a red square"] * 3, 4.5),
+        sampler.encode_prompts(["a red square"] * 3, 4.5),
         latents,
         num_inference_steps=4,
         guidance_scale=4.5,
@@ -114,14 +145,14 @@ def test_samples_do_not_depend_on_their_batch(sd3):
     kw = dict(num_inference_steps=4, guidance_scale=4.5, noise_level=0.7)
     together = sampler.sample(
         PROMPTS,
-        sampler.encode(PROMPTS, 4.5),
+        sampler.encode_prompts(PROMPTS, 4.5),
         sampler.initial_latents(seeded_generators(keys)),
         generator=seeded_generators(keys),
         **kw,
     )
     alone = sampler.sample(
         PROMPTS[2:],
-        sampler.encode(PROMPTS[2:], 4.5),
+        sampler.encode_prompts(PROMPTS[2:], 4.5),
         sampler.initial_latents(seeded_generators(keys[2:])),
         generator=seeded_generators(keys[2:]),
         **kw,
@@ -135,7 +166,7 @@ def test_branching_is_ode_then_one_sde_step_then_ode(sd3):
     generators = seeded_generators([(2, i) for i in range(3)])
     branched = sampler.branch(
         PROMPTS,
-        sampler.encode(PROMPTS, 4.5),
+        sampler.encode_prompts(PROMPTS, 4.5),
         latents,
         num_inference_steps=4,
         guidance_scale=4.5,
@@ -164,7 +195,7 @@ def test_branching_is_ode_then_one_sde_step_then_ode(sd3):
         torch.testing.assert_close(recomputed.log_prob, branched.log_probs[rows, k], atol=1e-5, rtol=0)
     # after its branch step a child follows the ODE: the last transition is the Euler step
     x = branched.latents[:, 3]
-    velocity = sampler.velocity(x, branched.timesteps[3], branched.conditioning, 4.5)
+    velocity = sampler.guided(x, branched.timesteps[3], branched.conditioning, 4.5)
     euler = sde_step(velocity, x, branched.sigmas, 3, 0.0).prev_sample
     torch.testing.assert_close(branched.latents[:, 4], euler, atol=1e-5, rtol=0)
 
@@ -183,14 +214,20 @@ def test_rollouts_select_and_concatenate(sd3):
         Rollout.cat([rollout, other])
 
 
+class Sampler:  # not a diffusers pipeline
+    pass
+
+
 def test_bad_input_is_rejected(sd3):
-    with pytest.raises(ValueError, match="StableDiffusion3Pipeline or a FluxPipeline"):
-        FlowSampler(tiny_pipeline("sd"), height=16, width=16)
-    with pytest.raises(ValueError, match="multiples"):
-        FlowSampler(tiny_pipeline("flux"), height=31, width=32)
+    with pytest.raises(ValueError, match="needs a StableDiffusion3Pipeline, got StableDiffusionPipeline"):
+        SD3Adapter(tiny_pipeline("sd"), height=16, width=16)
+    with pytest.raises(ValueError, match="no generator adapter for a Sampler.*supported families: sd "):
+        adapter_for(Sampler())
+    with pytest.raises(ValueError, match="height. and .width. must be positive multiples of 2 for flux"):
+        adapter_for(tiny_pipeline("flux"), height=31, width=32)
     sampler = make_sampler(sd3)
     latents = sampler.initial_latents(seeded_generators([(0, i) for i in range(3)]))
-    conditioning = sampler.encode(PROMPTS, 4.5)
+    conditioning = sampler.encode_prompts(PROMPTS, 4.5)
     kw = dict(num_inference_steps=4, guidance_scale=4.5)
     with pytest.raises(ValueError, match="one per sample"):
         sampler.sample(PROMPTS, conditioning, latents, generator=seeded_generators([(0, 0)]), **kw)
@@ -201,4 +238,6 @@ def test_bad_input_is_rejected(sd3):
     with pytest.raises(ValueError, match="branch_steps"):
         sampler.branch(PROMPTS, conditioning, latents, noise_level=0.7, branch_steps=[3], num_branches=2, **kw)
     with pytest.raises(ValueError, match="negative"):
-        sampler.sample(PROMPTS, sampler.encode(PROMPTS, 1.0), latents, num_inference_steps=4, guidance_scale=4.5)
+        sampler.sample(
+            PROMPTS, sampler.encode_prompts(PROMPTS, 1.0), latents, num_inference_steps=4, guidance_scale=4.5
+        )
