@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from visalign.config import config_from_dict, parse_overrides
-    from visalign.pipelines.reno import ReNO, ReNOConfig, load_generator
+    from visalign.loading import load_generator
+    from visalign.pipelines.reno import ReNO, ReNOConfig, pipeline_kwargs
     from visalign.reward_models.compose import RewardPart
     from visalign.rewards import load_reward
     from visalign.world.evaluate import accuracy, generate, heldout_prompts
@@ -96,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     defaults = {"num_inference_steps": 4, "guidance_scale": 3.0, "height": 32, "width": 32}
     config = config_from_dict(ReNOConfig, defaults | parse_overrides(args.set))
-    pipe, pipeline_kwargs = load_generator(args.model or f"world:{args.family}", device="cpu", dtype=torch.float32)
+    pipe, defaults = load_generator(args.model or f"world:{args.family}", device="cpu", dtype=torch.float32)
+    call_kwargs = pipeline_kwargs(defaults)
     pipe.set_progress_bar_config(disable=True)
     clip = load_reward("world-clip", args.clip)
     defects = load_reward("world-defects")
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     images_by_method: dict[str, torch.Tensor] = {}
     rows = [measure("base_default", lambda t, s: generate(pipe, t, seed=s[0], batch_size=len(t), progress=False))]
     for label, parts in objectives.items():
-        reno = ReNO(pipe, parts, config, pipeline_kwargs)
+        reno = ReNO(pipe, parts, config, call_kwargs)
         if not rows[1:]:  # the few-step base model: one render of each seed's noise
             with torch.no_grad():
                 rows.append(measure("base", lambda t, s, reno=reno: reno.render(reno.initial_noise(s), t, s)))
@@ -170,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
         "prompts": len(prompts) // args.images_per_prompt,
         "images_per_prompt": args.images_per_prompt,
         "config": dataclasses.asdict(config),
-        "pipeline_kwargs": pipeline_kwargs,
+        "pipeline_kwargs": call_kwargs,
         "threads": args.threads,
         "torch": torch.__version__,
         "paired_images": paired,

@@ -20,12 +20,12 @@ from pathlib import Path
 def before_after(family: str, adapter: Path, prompts: list, images_per_prompt: int) -> dict:
     """`{"base": ..., "aligned": ...}`: the world model of `family` without and with the LoRA in `adapter`, on the
     same prompts and seeds (`visalign.world.evaluate.evaluate`)."""
+    from visalign.loading import load_generator
     from visalign.world.evaluate import evaluate
-    from visalign.world.models import load_pipeline
 
     result = {}
     for name, lora in (("base", None), ("aligned", adapter)):
-        pipe = load_pipeline(family, lora=lora)
+        pipe = load_generator(f"world:{family}", lora=lora)[0]
         pipe.set_progress_bar_config(disable=True)
         result[name] = evaluate(pipe, prompts, images_per_prompt=images_per_prompt)
         print(name, json.dumps(result[name]))

@@ -17,8 +17,9 @@ from pathlib import Path
 
 import torch
 
+from visalign.loading import load_generator
 from visalign.world.evaluate import evaluate, heldout_prompts
-from visalign.world.models import default_model_dir, load_pipeline
+from visalign.world.models import default_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -49,7 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():  # evaluating one family keeps the other's figures
         result["models"] = json.loads(out.read_text())["models"]
     for family in families:
-        pipe = load_pipeline(family, args.model)
+        pipe = load_generator(args.model or f"world:{family}")[0]
         pipe.set_progress_bar_config(disable=True)
         start = time.time()
         acc = evaluate(pipe, prompts, images_per_prompt=args.images_per_prompt)

@@ -22,8 +22,8 @@ from pathlib import Path
 
 import torch
 
+from visalign.loading import load_generator
 from visalign.world.evaluate import evaluate, heldout_prompts
-from visalign.world.models import load_pipeline
 
 
 def summary(values: list[float]) -> dict[str, float]:
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         result["models"]["base"] = earlier["models"]["base"]
         del adapters["base"]
     for name, folder in adapters.items():
-        pipe = load_pipeline(args.family, lora=folder)
+        pipe = load_generator(f"world:{args.family}", lora=folder)[0]
         pipe.set_progress_bar_config(disable=True)
         runs = []
         for seed in args.seeds:

@@ -91,10 +91,10 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from visalign import load_reward
+    from visalign.loading import load_generator
     from visalign.pipelines.train import METHODS, _resolve
     from visalign.preflight import check_config
     from visalign.world.evaluate import accuracy, generate, heldout_prompts
-    from visalign.world.models import load_pipeline
 
     torch.set_num_threads(args.threads)
     start, cpu0 = time.time(), time.process_time()
@@ -121,7 +121,7 @@ def run(args: argparse.Namespace) -> int:
     texts = [p.text for p in slots]
     images = {}
     for name, lora in (("base", None), ("aligned", Path(config.output_dir) / "final")):
-        pipe = load_pipeline(family, lora=lora)
+        pipe = load_generator(f"world:{family}", lora=lora)[0]
         pipe.set_progress_bar_config(disable=True)
         images[name] = generate(pipe, texts, seed=args.seed, num_inference_steps=args.steps, progress=False)
     reward = load_reward(args.reward)

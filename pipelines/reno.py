@@ -546,14 +546,8 @@ def _describe(value: object) -> str:
     return f"shape {tuple(value.shape)}, dtype {value.dtype}" if isinstance(value, Tensor) else type(value).__name__
 
 
-def load_generator(
-    model: str, *, device: str, dtype: torch.dtype, lora: str | None = None, lora_scale: float = 1.0
-) -> tuple[Any, dict[str, Any]]:
-    """A pipeline from `visalign.loading.load_generator` (a folder, hub id, `world:sd` / `world:sd3`, with an
-    optional LoRA), and the extra call arguments it needs: the model's `max_sequence_length` when it has one (the
-    shapes-world SD3 model was trained with 16 zero T5 tokens). ReNO sets steps and guidance itself."""
-    from visalign.loading import load_generator as load
-
-    pipe, defaults = load(model, lora=lora, lora_scale=lora_scale, device=device, dtype=dtype)
-    kwargs = {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}
-    return pipe, kwargs
+def pipeline_kwargs(defaults: dict[str, Any]) -> dict[str, Any]:
+    """The extra call arguments ReNO needs from a model's generation defaults (`visalign.loading.load_generator`'s
+    second value): its `max_sequence_length` when it has one (the shapes-world SD3 model was trained with 16 zero T5
+    tokens). ReNO sets steps and guidance itself."""
+    return {"max_sequence_length": defaults["max_sequence_length"]} if "max_sequence_length" in defaults else {}

@@ -17,13 +17,14 @@ import torch
 from torch import Tensor
 
 from visalign.files import to_pil
+from visalign.loading import load_generator
 from visalign.pipelines.reno import (
     OPTIMIZERS,
     REFERENCE_REWARD_OPTIONS,
     REFERENCE_REWARDS,
     ReNO,
     ReNOConfig,
-    load_generator,
+    pipeline_kwargs,
 )
 from visalign.reward_models.compose import RewardPart
 
@@ -98,10 +99,8 @@ def run(args: argparse.Namespace) -> int:
         opts = dict(options.get(name, {}))
         reward = load_reward(name, opts.pop("pretrained", None), device=device, dtype=dtype, **opts)
         parts.append(RewardPart(reward, weight, name=name))
-    pipe, pipeline_kwargs = load_generator(
-        args.model, device=device, dtype=dtype, lora=args.lora, lora_scale=args.lora_scale
-    )
-    reno = ReNO(pipe, parts, config, pipeline_kwargs)
+    pipe, defaults = load_generator(args.model, device=device, dtype=dtype, lora=args.lora, lora_scale=args.lora_scale)
+    reno = ReNO(pipe, parts, config, pipeline_kwargs(defaults))
 
     start = time.time()
     out = reno([args.prompt], seed=args.seed, progress=True)

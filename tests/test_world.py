@@ -158,7 +158,8 @@ def test_accuracy_is_per_category_mean():
 
 def test_train_base_smoke(tmp_path):
     """The whole recipe at toy size: every stage runs and the saved pipelines load through diffusers."""
-    from visalign.world.models import generation_kwargs, load_pipeline
+    from visalign.loading import load_generator
+    from visalign.world.models import generation_kwargs
     from visalign.world.train import TrainBaseConfig, train_base
 
     cfg = TrainBaseConfig(
@@ -179,7 +180,7 @@ def test_train_base_smoke(tmp_path):
     record = json.loads((tmp_path / "training_record.json").read_text())
     assert record["sd3"]["steps"] == 2 and record["sd"]["curve"][0]["step"] == 2
     for family in ("sd", "sd3"):
-        pipe = load_pipeline(family, tmp_path / family)
+        pipe = load_generator(str(tmp_path / family))[0]
         kw = generation_kwargs(tmp_path / family) | {"num_inference_steps": 2, "output_type": "pt"}
         images = pipe(["a red circle"], generator=torch.Generator().manual_seed(0), **kw).images
         assert images.shape == (1, 3, 32, 32)
@@ -224,21 +225,21 @@ def test_sd3_recipe_config_and_lr_schedule():
             config_from_dict(TrainBaseConfig, bad)
 
 
-def test_load_pipeline_loads_a_trained_lora_into_the_world_model(tmp_path):
+def test_load_generator_loads_a_trained_lora_into_the_world_model(tmp_path):
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    from visalign.world.models import load_pipeline
+    from visalign.loading import load_generator
 
-    trained = load_pipeline("sd")
+    trained = load_generator("world:sd")[0]
     torch.manual_seed(0)
     trained.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q"], init_lora_weights=False))
     state = convert_state_dict_to_diffusers(get_peft_model_state_dict(trained.unet))
     StableDiffusionPipeline.save_lora_weights(tmp_path / "lora", unet_lora_layers=state)
 
-    base, loaded = load_pipeline("sd"), load_pipeline("sd", lora=tmp_path / "lora")
+    base, loaded = load_generator("world:sd")[0], load_generator("world:sd", lora=tmp_path / "lora")[0]
     x, t = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([500])
     text = torch.randn(1, 16, base.unet.config.cross_attention_dim, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():

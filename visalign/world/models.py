@@ -209,21 +209,6 @@ def default_model_dir(family: str) -> Path:
     return Path(str(resources.files("visalign.assets"))) / "world" / family
 
 
-def load_pipeline(
-    family: str = "sd", path: str | Path | None = None, *, lora: str | Path | None = None, lora_scale: float = 1.0
-):
-    """Load a world generator (the shipped one of `family` by default, else the pipeline folder `path`) through
-    `visalign.loading.load_generator`, with a trained LoRA folder (`pytorch_lora_weights.safetensors`, as the
-    trainers write it) loaded at `lora_scale` when `lora` names one. Its generation defaults are registered on its
-    config, so `save_pretrained` keeps them."""
-    from visalign.loading import load_generator
-
-    if family not in FAMILIES:
-        raise ValueError(f"`family` must be one of {FAMILIES}, got {family!r}")
-    pipe, _ = load_generator(path if path is not None else f"world:{family}", lora=lora, lora_scale=lora_scale)
-    return pipe
-
-
 def generation_kwargs(folder: str | Path) -> dict:
     """Sampling defaults stored beside a world model (`visalign_world.json`)."""
     meta = Path(folder) / "visalign_world.json"
