@@ -47,9 +47,16 @@ class DenoiserConfig(GeneratorConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.negative_prompt:
-            raise ValueError("`negative_prompt` is not used by DPO, DRO or PRDP: they sample with an empty one")
+            raise ValueError(
+                "`negative_prompt` is not used by DPO, DRO or PRDP: they sample with the family's default one"
+            )
         if self.eval_prompts is not None and self.eval_reward is None:
             raise ValueError("`eval_prompts` needs an `eval_reward` to score them")
+
+    def adapter_options(self) -> dict[str, Any]:
+        """`GeneratorConfig.adapter_options` and the denoising objective's settings."""
+        objective = dict(logit_mean=self.logit_mean, logit_std=self.logit_std)
+        return super().adapter_options() | objective | {"vae_sample_posterior": self.vae_sample_posterior}
 
 
 class DenoiserTrainer(TrainingLoop):
@@ -76,16 +83,7 @@ class DenoiserTrainer(TrainingLoop):
         if (eval_prompts is None) != (eval_reward is None):
             raise ValueError("pass both `eval_prompts` and `eval_reward`, or neither")
         self.config = config
-        self.adapter = adapter_for(
-            pipe,
-            height=config.height,
-            width=config.width,
-            num_frames=config.num_frames,
-            max_sequence_length=config.max_sequence_length,
-            logit_mean=config.logit_mean,
-            logit_std=config.logit_std,
-            vae_sample_posterior=config.vae_sample_posterior,
-        )
+        self.adapter = adapter_for(pipe, **config.adapter_options())
         self.engine = Engine.for_generator(config, self.adapter, keep_reference=not config.use_lora)
         self.eval_prompts = eval_prompts
         self.eval_reward = None if eval_reward is None else eval_reward.to(self.engine.device).eval()

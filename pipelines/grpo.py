@@ -276,14 +276,7 @@ class FlowGRPOTrainer(TrainingLoop):
         if config.reward_mode == "win_rate" and external_reward is None:
             raise ValueError("reward_mode='win_rate' needs an `external_reward` to log (win rates average 0.5)")
         self.config = config
-        self.adapter = adapter_for(
-            pipe,
-            height=config.height,
-            width=config.width,
-            num_frames=config.num_frames,
-            max_sequence_length=config.max_sequence_length,
-            negative_prompt=config.negative_prompt,
-        )
+        self.adapter = adapter_for(pipe, **config.adapter_options())
         self.engine = Engine.for_generator(config, self.adapter, keep_reference=config.beta > 0)
         per_prompt, batch, processes = self.samples_per_prompt(), config.sample_batch_size, self.engine.num_processes
         if (processes * batch) % per_prompt:

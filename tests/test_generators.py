@@ -241,3 +241,14 @@ def test_bad_input_is_rejected(sd3):
         sampler.sample(
             PROMPTS, sampler.encode_prompts(PROMPTS, 1.0), latents, num_inference_steps=4, guidance_scale=4.5
         )
+
+
+def test_conditioning_pads_masked_encodings_only():
+    from visalign.generators import Conditioning
+
+    short = Conditioning(torch.ones(1, 2, 4), prompt_embeds_mask=torch.ones(1, 2))
+    long = Conditioning(torch.ones(1, 3, 4), prompt_embeds_mask=torch.ones(1, 3))
+    both = Conditioning.cat([short, long])
+    assert both.prompt_embeds.shape == (2, 3, 4) and both.prompt_embeds_mask.tolist() == [[1, 1, 0], [1, 1, 1]]
+    with pytest.raises(RuntimeError):  # without masks, zero tokens would be attended to: never padded silently
+        Conditioning.cat([Conditioning(torch.ones(1, 2, 4)), Conditioning(torch.ones(1, 3, 4))])

@@ -265,6 +265,16 @@ class GeneratorConfig(TrainConfig):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be a positive integer or None, got {getattr(self, name)}")
 
+    def adapter_options(self) -> dict[str, Any]:
+        """The keyword arguments of `visalign.generators.adapter_for` this config sets (None: the family's)."""
+        return dict(
+            height=self.height,
+            width=self.width,
+            num_frames=self.num_frames,
+            max_sequence_length=self.max_sequence_length,
+            negative_prompt=self.negative_prompt,
+        )
+
 
 def load_config(cls: type[C], path: str | Path | None = None, overrides: Sequence[str] = ()) -> C:
     """Build `cls` from its defaults, then the YAML mapping at `path`, then `key=value` `overrides`.

@@ -25,6 +25,8 @@ _ROW_FIELDS = (
     "negative_prompt_embeds_mask",
 )
 
+_MASKED = {"prompt_embeds": "prompt_embeds_mask", "negative_prompt_embeds": "negative_prompt_embeds_mask"}
+
 
 @dataclass
 class Conditioning:
@@ -72,7 +74,8 @@ class Conditioning:
             if ts[0] is None:
                 out[name] = None
                 continue
-            if ts[0].ndim >= 2 and name.endswith(("prompt_embeds", "prompt_embeds_mask")):
+            masked = name in _MASKED or name.endswith("_mask")  # unmasked encodings must match: no silent padding
+            if masked and all(getattr(p, _MASKED.get(name, name)) is not None for p in parts):
                 length = max(t.shape[1] for t in ts)
                 ts = [F.pad(t, (0, 0) * (t.ndim - 2) + (0, length - t.shape[1])) for t in ts]
             out[name] = torch.cat(ts)
