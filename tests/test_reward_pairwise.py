@@ -466,8 +466,11 @@ def test_http_judge_round_trip(serve):
     assert body["model"] == "judge" and body["max_tokens"] == 4096 and "temperature" not in body
     content = body["messages"][0]["content"]
     assert [c["type"] for c in content] == ["image_url", "image_url", "text"]
-    assert content[0]["image_url"]["url"] == image_data_url(pixels[0], "JPEG", 95)
     assert content[0]["image_url"]["url"].startswith("data:image/jpeg;base64,")
+    # requests arrive in any order from 4 workers: each of the 6 pairs is sent once, as the JPEG-95 data URLs
+    urls = [image_data_url(p, "JPEG", 95) for p in pixels]
+    sent = {frozenset(c["image_url"]["url"] for c in r["messages"][0]["content"][:2]) for r in server.requests}
+    assert sent == {frozenset((urls[i], urls[j])) for i in range(4) for j in range(i + 1, 4)}
     assert content[2]["text"] == PAIR_RANK_PROMPT.replace("{prompt}", "a {red} square")
     assert server.headers[0]["Authorization"] == "Bearer k"
 
