@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from visalign.loading import load_generator
+from visalign.loading import check_world_family, load_generator
 from visalign.world.evaluate import evaluate, heldout_prompts
 from visalign.world.models import default_model_dir
 
@@ -50,6 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if out.exists():  # evaluating one family keeps the other's figures
         result["models"] = json.loads(out.read_text())["models"]
     for family in families:
+        check_world_family(args.model or f"world:{family}", family)
         pipe = load_generator(args.model or f"world:{family}")[0]
         pipe.set_progress_bar_config(disable=True)
         start = time.time()

@@ -84,7 +84,8 @@ def build_world_experts(
     paper's experts are the best Pick-a-Pic images of stronger generators)."""
     import numpy as np
 
-    from visalign.pipelines.preference_data import ExpertSet, sample_groups, save_experts, top_k_experts
+    from visalign.pipelines.expert_sets import ExpertSet, save_experts, top_k_experts
+    from visalign.pipelines.preference_data import sample_groups
     from visalign.rewards import load_reward
     from visalign.world.scenes import prompt_split, render_prompt
 
@@ -162,8 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     command = "python benchmarks/world_preference.py " + " ".join(sys.argv[1:] if argv is None else argv)
     result: dict[str, Any] = {"command": command, "config_file": str(config_path.relative_to(ROOT))}
 
-    from visalign.loading import load_generator
+    from visalign.loading import check_world_family, load_generator
 
+    check_world_family(config.pretrained_model_name_or_path, args.family)
     pipe = load_generator(config.pretrained_model_name_or_path)[0]
     pipe.set_progress_bar_config(disable=True)
     protocol = dict(images_per_prompt=args.images_per_prompt, progress=False)

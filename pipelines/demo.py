@@ -1,7 +1,7 @@
 """`visalign demo`: train a LoRA on a shipped shapes-world generator on a CPU in a few minutes, and show base,
 best-of-N at the same generator calls, and the aligned model side by side.
 
-1. A recipe of `visalign train` (`METHODS`, the one registry; `--method`, default TempFlow-GRPO on the flow-matching
+1. A recipe of `visalign train` (`METHODS`, the one registry; `--method`, default Flow-GRPO on the flow-matching
    `world:sd3`) is cut to `--max-steps` and trained with its trainer (`from_config(config).train()`); its in-training
    evaluation on the demo's held-out slice (one image a prompt) gives the held-out accuracy curve.
 2. The evaluation slice: the first `--per-category` held-out prompts of each category (never trained on), with
@@ -44,10 +44,10 @@ def demo_methods() -> list[str]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--method", default="tempflow-grpo", help="the alignment method (a `visalign train` method)")
+    parser.add_argument("--method", default="flow-grpo", help="the alignment method (a `visalign train` method)")
     parser.add_argument("--config", default=None, help="a recipe (YAML file or bundled name); default: the method's")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--max-steps", type=int, default=160, help="optimizer steps of training")
+    parser.add_argument("--max-steps", type=int, default=120, help="optimizer steps of training")
     parser.add_argument("--out", default="visalign-demo", help="output folder for report.html and summary.json")
     parser.add_argument("--per-category", type=int, default=16, help="held-out prompts per category")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="k: images (generator calls) per prompt")
@@ -57,11 +57,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
 
 
-def _config(args: argparse.Namespace, slice_file: Path, run_dir: Path) -> Any:
-    """The method's recipe with the demo's length, output folder and held-out slice (then the user's `--set`)."""
+def _config(args: argparse.Namespace, slice_file: Path, run_dir: Path) -> tuple[Any, str]:
+    """The method's recipe with the demo's length, output folder and held-out slice (then the user's `--set`), and
+    the recipe's world family, which a `pretrained_model_name_or_path` override must keep (a `ValueError` else)."""
     import dataclasses
 
     from visalign.config import config_from_dict, config_to_dict, load_config, parse_overrides
+    from visalign.loading import check_world_family
     from visalign.pipelines.train import METHODS, _resolve, find_config
 
     cls = _resolve(METHODS[args.method][0])
@@ -79,7 +81,13 @@ def _config(args: argparse.Namespace, slice_file: Path, run_dir: Path) -> Any:
         "eval_num_inference_steps": args.steps,
     }
     demo = {k: v for k, v in demo.items() if k in names}
-    return config_from_dict(cls, config_to_dict(config) | demo | parse_overrides(args.overrides))
+    recipe_model = str(config.pretrained_model_name_or_path)
+    kind, _, family = recipe_model.partition(":")
+    if kind != "world" or not family:
+        raise ValueError(f"the demo runs on a shapes-world model: the recipe's model is {recipe_model!r}")
+    config = config_from_dict(cls, config_to_dict(config) | demo | parse_overrides(args.overrides))
+    check_world_family(config.pretrained_model_name_or_path, family)
+    return config, family
 
 
 def run(args: argparse.Namespace) -> int:
@@ -103,11 +111,11 @@ def run(args: argparse.Namespace) -> int:
     prompts = heldout_prompts(args.per_category)
     slice_file = out / "heldout_slice.txt"
     slice_file.write_text("".join(p.text + "\n" for p in prompts))
-    config = _config(args, slice_file, out / "run")
-    family = str(config.pretrained_model_name_or_path).removeprefix("world:")
+    config, family = _config(args, slice_file, out / "run")
+    model = str(config.pretrained_model_name_or_path)
     k = args.images_per_prompt
     print(
-        f"visalign demo: {args.method} on world:{family}, {config.max_steps} steps; {len(prompts)} held-out "
+        f"visalign demo: {args.method} on {model}, {config.max_steps} steps; {len(prompts)} held-out "
         f"prompts x {k} images",
         file=sys.stderr,
     )
@@ -121,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     texts = [p.text for p in slots]
     images = {}
     for name, lora in (("base", None), ("aligned", Path(config.output_dir) / "final")):
-        pipe = load_generator(f"world:{family}", lora=lora)[0]
+        pipe = load_generator(model, lora=lora)[0]
         pipe.set_progress_bar_config(disable=True)
         images[name] = generate(pipe, texts, seed=args.seed, num_inference_steps=args.steps, progress=False)
     reward = load_reward(args.reward)
@@ -138,6 +146,7 @@ def run(args: argparse.Namespace) -> int:
     summary = {
         "method": args.method,
         "family": family,
+        "model": model,
         "max_steps": config.max_steps,
         "selection": {"n": k, "reward": args.reward, "same_calls": f"{k} generator calls per evaluation prompt"},
         "slice": {"prompts": len(prompts), "images_per_prompt": k, "per_category": counts},
@@ -201,7 +210,7 @@ def report_sections(summary: dict, slots: list, images: dict) -> list:
         "Held-out verifier accuracy",
         [
             f"{summary['slice']['prompts']} held-out prompts x {summary['slice']['images_per_prompt']} images on "
-            f"world:{summary['family']}; an image is correct when every clause of its prompt holds.",
+            f"{summary['model']}; an image is correct when every clause of its prompt holds.",
             f"Same generator calls: each column spends {summary['selection']['same_calls']}; best-of-N picks one of "
             f"the base's images by {summary['selection']['reward']} (not the verifier). Training: {summary['method']}"
             f", {summary['max_steps']} steps, {summary['train_wall_minutes']:.1f} min.",

@@ -52,7 +52,8 @@ from visalign.pipelines.denoiser_trainer import (
     DenoiserTrainer,
     evaluation_from_config,
 )
-from visalign.pipelines.preference_data import ExpertSet, IndexSampler, load_experts
+from visalign.pipelines.expert_sets import ExpertSet, load_experts
+from visalign.pipelines.preference_data import IndexSampler
 from visalign.rewards import RewardModel
 
 logger = logging.getLogger(__name__)

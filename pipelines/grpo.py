@@ -4,9 +4,10 @@ Papers: Flow-GRPO (Liu et al. 2025, arXiv 2505.05470), DanceGRPO (Xue et al. 202
 (Wang et al. 2025, arXiv 2508.20751), TempFlow-GRPO (He et al. 2025, arXiv 2508.04324), GRPO-Guard (Wang et al.
 2025, arXiv 2510.22319), on PPO's clipped surrogate (Schulman et al. 2017, arXiv 1707.06347, Eq. 7).
 
-The pure math is in `grpo_loss.py` (`group_advantages`, `policy_loss`, `ratio_norm_log_prob`); the sampler step and
-its log-prob are `visalign.sampling.sde_step`, the KL to the reference `visalign.sampling.kl_penalty`, Pref-GRPO's
-win rates `visalign.reward_models.pairwise.win_rates`.
+The pure math is in `grpo_loss.py` (`group_advantages`, `policy_loss`, `ratio_norm_log_prob`), a rollout's rewards
+(pointwise, or Pref-GRPO's validated win rates) in `grpo_rewards.py`; the sampler step and its log-prob are
+`visalign.sampling.sde_step`, the KL to the reference `visalign.sampling.kl_penalty`, Pref-GRPO's win rates
+`visalign.reward_models.pairwise.win_rates`.
 
 This file's configs and trainer (`FlowGRPOConfig`, `PrefGRPOConfig`, `FlowGRPOTrainer`) compose them with the
 generator layer (`visalign.generators.adapter_for`: any family) and `visalign.engine.Engine`, following Flow-GRPO's
@@ -55,10 +56,10 @@ from visalign.lifecycle import TrainingLoop
 from visalign.loading import load_generator
 from visalign.monitor import RewardMonitor
 from visalign.pipelines.grpo_loss import group_advantages, policy_loss, ratio_norm_log_prob
+from visalign.pipelines.grpo_rewards import score_rollout
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
 from visalign.sampling import kl_penalty, noise_aware_weights, step_std
-from visalign.types import check_scores
 from visalign.world.evaluate import add_levels, category_sums
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -389,7 +390,7 @@ class FlowGRPOTrainer(TrainingLoop):
             self._synchronize()
             timing["time/sampling"] += time.perf_counter() - tick
             tick = time.perf_counter()
-            rewards.append(self.score(part, aspects))
+            rewards.append(score_rollout(part, self.reward, c.reward_mode, self.external_reward, aspects))
             timing["time/reward"] += time.perf_counter() - tick
             parts.append(part)
         rollout, rewards = Rollout.cat(parts), torch.cat(rewards)
@@ -436,36 +437,6 @@ class FlowGRPOTrainer(TrainingLoop):
         generator = seeded_generators([(c.seed, iteration, 2, batch)])[0]
         start = lo + int(torch.randint(hi - lo - c.sde_window_size + 1, (1,), generator=generator))
         return list(range(start, start + c.sde_window_size))
-
-    @torch.no_grad()
-    def score(self, rollout: Rollout, aspects: dict[str, list[Tensor]]) -> Tensor:
-        """Rewards `[N]` of a batch (validated: finite, one per sample); logs aspects and the external reward."""
-        n = len(rollout)
-        if self.config.reward_mode == "score":
-            out = self.reward.score(rollout.images, rollout.prompts)
-            rewards = check_scores(out.score, n, f"{self.reward.name} reward").float()
-            for name, values in out.aspects.items():
-                aspects[f"reward/{name}"].append(values.float())
-        else:
-            rewards = torch.empty(n, device=rollout.images.device)
-            for group in rollout.group_ids.unique():
-                rows = (rollout.group_ids == group).nonzero().flatten()
-                rates = self.reward.group(rollout.images[rows], rollout.prompts[int(rows[0])]).score
-                rates = check_scores(rates, len(rows), f"{self.reward.name} win rates").float()
-                if not ((rates >= 0) & (rates <= 1)).all() or abs(float(rates.mean()) - 0.5) > 1e-3:
-                    raise ValueError(
-                        f"{self.reward.name}.group() returned {rates.tolist()}, not win rates (in [0, 1], mean 0.5 "
-                        "in a group): reward_mode='win_rate' needs a pairwise judge, or a pointwise reward with "
-                        "`bradley_terry_temperature`"
-                    )
-                rewards[rows] = rates
-        if self.external_reward is not None:
-            out = self.external_reward.score(rollout.images, rollout.prompts)
-            name = self.external_reward.name
-            aspects[f"external/{name}"].append(check_scores(out.score, n, f"{name} external reward").float())
-            for aspect, values in out.aspects.items():
-                aspects[f"external/{name}/{aspect}"].append(values.float())
-        return rewards
 
     def advantages(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Group advantages over every process's rewards; returns this process's `[N]` and metrics."""

@@ -194,7 +194,7 @@ def smoke_experts(folder: Path, per_category: int = 2, seed: int = 0) -> Path:
     import numpy as np
     import torch
 
-    from visalign.pipelines.preference_data import ExpertSet, save_experts
+    from visalign.pipelines.expert_sets import ExpertSet, save_experts
     from visalign.world.scenes import prompt_split, render_prompt
 
     rng = np.random.default_rng(seed)

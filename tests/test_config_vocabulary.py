@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import pytest
 
@@ -10,10 +11,12 @@ from visalign.config import RENAMED, GeneratorConfig, TrainConfig, load_config
 from visalign.lifecycle import passes
 from visalign.pipelines.dpo import DPOConfig
 from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
+from visalign.pipelines.reno import ReNOConfig
 from visalign.pipelines.reward_training import RewardConfig
 from visalign.pipelines.tempflow import TempFlowGRPOConfig
 from visalign.rewards import load_reward
 from visalign.testing import tiny_pipeline
+from visalign.world.train import TrainBaseConfig
 
 
 @pytest.mark.parametrize(
@@ -23,6 +26,11 @@ from visalign.testing import tiny_pipeline
         (FlowGRPOConfig, "eval_every", "renamed `eval_steps`.*counted iterations in flow-grpo"),
         (RewardConfig, "checkpointing_steps", "renamed `save_steps`"),
         (FlowGRPOConfig, "pretrained", "renamed `pretrained_model_name_or_path`"),
+        (TrainBaseConfig, "eval_every", "TrainBaseConfig key `eval_every` was renamed `eval_steps`"),
+        (TrainBaseConfig, "lr", "renamed `learning_rate`"),
+        (TrainBaseConfig, "batch_size", "renamed `per_device_train_batch_size`"),
+        (TrainBaseConfig, "sd3_lr", "renamed `sd3_learning_rate`"),
+        (TrainBaseConfig, "vae_batch_size", "renamed `vae_per_device_train_batch_size`"),
     ],
 )
 def test_an_earlier_key_names_its_replacement(tmp_path, cls, key, match):
@@ -35,16 +43,14 @@ def test_an_earlier_key_names_its_replacement(tmp_path, cls, key, match):
 
 
 def test_every_renamed_key_is_gone_and_its_replacement_exists():
-    fields = {
-        f.name for cls in (TrainConfig, GeneratorConfig, DPOConfig, FlowGRPOConfig) for f in dataclasses.fields(cls)
-    }
+    configs = (TrainConfig, GeneratorConfig, DPOConfig, FlowGRPOConfig, ReNOConfig, TrainBaseConfig)
+    fields = {f.name for cls in configs for f in dataclasses.fields(cls)}
     for old, new in RENAMED.items():
-        if old not in ("lr", "grad_clip"):  # ReNO's
-            assert old not in fields and new in fields, old
+        assert old not in fields and new in fields, old
 
 
 def test_every_field_has_help():
-    for cls in (GeneratorConfig, DPOConfig, FlowGRPOConfig, TempFlowGRPOConfig, RewardConfig):
+    for cls in (GeneratorConfig, DPOConfig, FlowGRPOConfig, TempFlowGRPOConfig, RewardConfig, TrainBaseConfig):
         assert all(f.metadata.get("help") for f in dataclasses.fields(cls)), cls.__name__
 
 
@@ -65,8 +71,9 @@ def test_passes_counts_multiples_crossed_by_a_multi_step_train_step():
     assert not passes(0, 10, 0)
 
 
-def test_grpo_evaluates_on_optimizer_steps_not_iterations(tmp_path):
-    config = FlowGRPOConfig(
+def tiny_grpo_trainer(tmp_path, **kw) -> FlowGRPOTrainer:
+    """A Flow-GRPO run on the tiny SD3 pipeline small enough to train a few steps in a test (`kw` overrides)."""
+    settings = dict(
         output_dir=str(tmp_path / "run"),
         report_to="none",
         height=8,
@@ -78,19 +85,46 @@ def test_grpo_evaluates_on_optimizer_steps_not_iterations(tmp_path):
         sample_batch_size=2,
         per_device_train_batch_size=2,
         gradient_accumulation_steps=1,
-        num_batches_per_iteration=2,  # 2 optimizer steps per iteration
-        max_steps=6,
-        eval_steps=4,
+        num_batches_per_iteration=1,
         eval_num_inference_steps=2,
         eval_batch_size=2,
         beta=0.0,
         lora_rank=2,
         lora_alpha=2,
     )
-    trainer = FlowGRPOTrainer(
-        tiny_pipeline("sd3"), load_reward("world-defects"), config, ["a red square"], eval_prompts=["a red square"]
-    )
+    config = FlowGRPOConfig(**(settings | kw))
+    prompts = ["a red square"]
+    return FlowGRPOTrainer(tiny_pipeline("sd3"), load_reward("world-defects"), config, prompts, eval_prompts=prompts)
+
+
+def test_grpo_evaluates_on_optimizer_steps_not_iterations(tmp_path):
+    # 2 optimizer steps per iteration
+    trainer = tiny_grpo_trainer(tmp_path, num_batches_per_iteration=2, max_steps=6, eval_steps=4)
     history = trainer.train()
     evaluated = [m["step"] for m in history if any(k.startswith("eval/") for k in m)]
     assert evaluated == [0, 4, 6]  # the start, the iteration that passes step 4, the end
     assert trainer.history is trainer.engine.history
+
+
+TIME_KEYS = ("time/train_cpu_minutes", "time/train_wall_minutes")
+
+
+def test_evaluation_rows_carry_training_minutes_that_grow_with_the_step_and_survive_a_resume(tmp_path):
+    # save_steps 1: a checkpoint lands on the last step, and must still come after the last evaluation
+    history = tiny_grpo_trainer(tmp_path, max_steps=2, eval_steps=1, save_steps=1).train()
+    evals = [m for m in history if any(k.startswith("eval/") for k in m)]
+    assert [m["step"] for m in evals] == [0, 1, 2]
+    cpu = [m["time/train_cpu_minutes"] for m in evals]
+    assert cpu[0] == 0.0 and cpu[0] < cpu[1] < cpu[2]
+    assert all(m[TIME_KEYS[1]] > 0 for m in evals[1:])
+    assert not any(k in m for m in history if m not in evals for k in TIME_KEYS)  # training rows keep their own
+
+    # continue the finished run from its step-2 checkpoint, which kept the step-2 evaluation
+    tiny_grpo_trainer(tmp_path, max_steps=3, eval_steps=1, save_steps=1, resume_from="latest").train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]  # each evaluation logged once
+    assert evals[2]["time/train_cpu_minutes"] == cpu[2] < evals[3]["time/train_cpu_minutes"]
+    # the resumed step's wall time adds to the restored total, not to zero
+    step3 = next(r for r in rows if r["step"] == 3 and "time/iteration" in r)
+    assert evals[3][TIME_KEYS[1]] >= evals[2][TIME_KEYS[1]] + step3["time/iteration"] / 60

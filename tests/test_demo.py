@@ -10,14 +10,14 @@ from visalign.cli import main
 
 def test_demo_trains_and_reports_three_columns(tmp_path):
     argv = ["demo", "--per-category", "1", "--images-per-prompt", "2", "--max-steps", "2", "--steps", "2"]
-    argv += ["--set", "num_inference_steps=4", "num_branch_steps=2", "--out", str(tmp_path)]
+    argv += ["--set", "num_inference_steps=4", "--out", str(tmp_path)]
     assert main(argv) == 0
     # the LoRA trained: PEFT initializes lora_B to zero, so a nonzero lora_B means optimizer steps changed it
     lora = load_file(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors")
     lora_b = [v for k, v in lora.items() if "lora_B" in k]
     assert lora_b and any(float(v.abs().max()) > 0 for v in lora_b)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["method"] == "tempflow-grpo" and summary["family"] == "sd3" and summary["max_steps"] == 2
+    assert summary["method"] == "flow-grpo" and summary["family"] == "sd3" and summary["max_steps"] == 2
     assert summary["slice"]["prompts"] == 6 and set(summary["slice"]["per_category"].values()) == {1}
     assert summary["selection"]["n"] == 2  # best-of-N spends the aligned model's k calls per prompt
     for name in ("base", "best_of_n", "aligned"):
@@ -25,7 +25,7 @@ def test_demo_trains_and_reports_three_columns(tmp_path):
     assert summary["reward_curve"] and [s for s, _ in summary["heldout_curve"]][0] == 0.0
     html = (tmp_path / "report.html").read_text()
     assert "Held-out verifier accuracy" in html and "<svg" in html and "data:image/png;base64," in html
-    assert "best-of-2" in html and "tempflow-grpo" in html and "Training reward" in html
+    assert "best-of-2" in html and "flow-grpo" in html and "Training reward" in html
     assert "<script" not in html
 
 

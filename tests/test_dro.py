@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from visalign.cli import main
 from visalign.generators import adapter_for
 from visalign.pipelines.dro import DROConfig, DROTrainer, ReplayBuffer, dro_loss
-from visalign.pipelines.preference_data import ExpertSet, save_experts
+from visalign.pipelines.expert_sets import ExpertSet, save_experts
 from visalign.testing import tiny_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]

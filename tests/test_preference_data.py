@@ -12,18 +12,15 @@ import torch
 from PIL import Image
 from preference_helpers import hub_snapshot, pickapic_parquet, png
 
+from visalign.pipelines.expert_sets import ExpertSet, load_experts, save_experts, top_k_experts
 from visalign.pipelines.pickapic import load_pairs, save_pairs
 from visalign.pipelines.preference_data import (
-    ExpertSet,
     IndexSampler,
     PreferencePairs,
     build_pairs,
     collate_pairs,
-    load_experts,
     rank_pairs,
     sample_groups,
-    save_experts,
-    top_k_experts,
 )
 from visalign.rewards import RewardModel
 from visalign.testing import tiny_pipeline

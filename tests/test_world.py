@@ -165,14 +165,14 @@ def test_train_base_smoke(tmp_path):
     cfg = TrainBaseConfig(
         out=str(tmp_path),
         num_images=128,
-        batch_size=8,
+        per_device_train_batch_size=8,
         vae_steps=2,
-        vae_batch_size=8,
+        vae_per_device_train_batch_size=8,
         clip_steps=2,
-        clip_batch_size=16,
+        clip_per_device_train_batch_size=16,
         sd_steps=2,
         sd3_steps=2,
-        eval_every=2,
+        eval_steps=2,
         eval_per_category=1,
     )
     results = train_base(cfg)
@@ -215,12 +215,15 @@ def test_sd3_recipe_config_and_lr_schedule():
     from visalign.config import config_from_dict
     from visalign.world.train import TrainBaseConfig, _lr_factor
 
-    cfg = config_from_dict(TrainBaseConfig, {"sd3_lr": "1e-3", "sd3_adaln_zero": "true", "sd3_layers": "10"})
-    assert cfg.sd3_lr == 1e-3 and cfg.sd3_adaln_zero is True and cfg.sd3_layers == 10
-    assert TrainBaseConfig().sd3_lr is None and TrainBaseConfig().sd3_lr_schedule == "constant"
+    cfg = config_from_dict(TrainBaseConfig, {"sd3_learning_rate": "3e-4", "sd3_adaln_zero": "no", "sd3_layers": "6"})
+    assert cfg.sd3_learning_rate == 3e-4 and cfg.sd3_adaln_zero is False and cfg.sd3_layers == 6
+    default = TrainBaseConfig()  # the shipped flow model's recipe
+    assert (default.sd3_learning_rate, default.sd3_adaln_zero, default.sd3_layers) == (1e-3, True, 10)
+    assert default.sd3_steps == 2400 and default.sd3_lr_schedule == "constant"
+    assert config_from_dict(TrainBaseConfig, {"sd3_learning_rate": None}).sd3_learning_rate is None
     assert _lr_factor(0, 1000, False) == 1 / 200 and _lr_factor(999, 1000, False) == 1.0
     assert _lr_factor(200, 1000, True) == pytest.approx(1.0) and _lr_factor(1000, 1000, True) == pytest.approx(0.1)
-    for bad in ({"sd3_lr": 0.0}, {"sd3_layers": 0}, {"sd3_lr_schedule": "linear"}):
+    for bad in ({"sd3_learning_rate": 0.0}, {"sd3_layers": 0}, {"sd3_lr_schedule": "linear"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             config_from_dict(TrainBaseConfig, bad)
 

@@ -73,8 +73,14 @@ RENAMED = {
     "eval_every": "eval_steps",
     "checkpointing_steps": "save_steps",
     "pretrained": "pretrained_model_name_or_path",
-    "lr": "learning_rate",  # ReNO
+    "lr": "learning_rate",  # ReNO, world train-base
     "grad_clip": "max_grad_norm",  # ReNO
+    "batch_size": "per_device_train_batch_size",  # world train-base, and its stage-prefixed keys:
+    "vae_batch_size": "vae_per_device_train_batch_size",
+    "clip_batch_size": "clip_per_device_train_batch_size",
+    "vae_lr": "vae_learning_rate",
+    "clip_lr": "clip_learning_rate",
+    "sd3_lr": "sd3_learning_rate",
 }
 # Where the value changes meaning with the name: how to convert an old value.
 MEANING_CHANGED = {

@@ -461,7 +461,7 @@ class Engine:
         if self.is_main_process:
             with open(self.output_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": self.step, **metrics}) + "\n")
-            shown = [(k, v) for k, v in metrics.items() if not k.startswith("eval/")][:3]  # the training signals
+            shown = [(k, v) for k, v in metrics.items() if not k.startswith(("eval/", "time/train_"))][:3]  # training
             if shown:
                 self.progress.set_postfix({k: f"{v:.4g}" for k, v in shown}, refresh=False)
 

@@ -130,14 +130,23 @@ def bar_plot(
 
 
 def line_plot(
-    series: dict[str, Sequence[tuple[float, float]]], *, title: str = "", xlabel: str = "", ylabel: str = ""
+    series: dict[str, Sequence[tuple[float, float]]],
+    *,
+    title: str = "",
+    xlabel: str = "",
+    ylabel: str = "",
+    markers: Sequence[tuple[float, float, str]] = (),
 ) -> Plot:
     """Lines: `series` maps a name to `(x, y)` points (e.g. reward per training step); non-finite points are
-    skipped."""
+    skipped. `markers` are labelled `(x, y, label)` points (e.g. a goal), drawn as hollow diamonds with dashed
+    guides to both axes and kept inside the axes' range."""
     clean = {name: [(a, b) for a, b in pts if math.isfinite(a) and math.isfinite(b)] for name, pts in series.items()}
+    if not all(math.isfinite(a) and math.isfinite(b) for a, b, _ in markers):
+        raise ValueError(f"`markers` must be finite (x, y, label) points, got {list(markers)}")
     points = [p for pts in clean.values() for p in pts]
     if not points:
         raise ValueError("`series` has no finite points")
+    points += [(a, b) for a, b, _ in markers]
     xt = _ticks(min(p[0] for p in points), max(p[0] for p in points))
     yt = _ticks(min(p[1] for p in points), max(p[1] for p in points))
     left, plot_w, top_pad, plot_h = 64, 440, 30, 220
@@ -153,6 +162,17 @@ def line_plot(
             f'<polyline points="{coords}" fill="none" stroke="{_PALETTE[k % 8]}" stroke-width="2">'
             f"<title>{html.escape(name)}</title></polyline>"
         )
+    for a, b, label in markers:
+        x, y = px(a), py(b)
+        guide = 'stroke="#888" stroke-dasharray="4 3"'
+        out.append(f'<line x1="{left}" x2="{x:.1f}" y1="{y:.1f}" y2="{y:.1f}" {guide}/>')
+        out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{y:.1f}" y2="{top_pad + plot_h}" {guide}/>')
+        out.append(
+            f'<path d="M{x:.1f},{y - 6:.1f} L{x + 6:.1f},{y:.1f} L{x:.1f},{y + 6:.1f} L{x - 6:.1f},{y:.1f} Z" '
+            f'fill="none" stroke="#222" stroke-width="1.5"><title>{html.escape(label)}</title></path>'
+        )
+        right_half = x > left + plot_w / 2
+        out.append(_text(x - 8 if right_half else x + 8, y - 8, label, "end" if right_half else "start", 10))
     out += _legend(list(clean), left + plot_w + 20, top_pad)
     return Plot("\n".join(out + ["</svg>"]))
 

@@ -13,17 +13,22 @@ The schedule, in optimizer steps (`TrainConfig.max_steps`, `eval_steps`, `save_s
 fresh run; then call `train_step` until `max_steps`, evaluating whenever the step count passes a multiple of
 `eval_steps` (a GRPO iteration takes several steps at once, so "passes", not "equals") and checkpointing whenever it
 passes a multiple of `save_steps`; evaluate once more at the end, write the last checkpoint, let the trainer export
-what it owns (`export`), and write the final weights (`Engine.finish`). Metrics go through `Engine.log` (tracker,
+what it owns (`export`), and write the final weights (`Engine.finish`). Each evaluation row also records the CPU and
+wall minutes spent in `train_step` so far (`time/train_cpu_minutes`, `time/train_wall_minutes`; kept across resumes):
+held-out accuracy against training cost, without the evaluations' own time. Metrics go through `Engine.log` (tracker,
 `metrics.jsonl`, `Engine.history`); the progress bar and the non-finite checks are the engine's
 (`Engine.optimizer_step`).
 """
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from visalign.config import TrainConfig
 from visalign.engine import Engine
+
+_SPENT = "train_seconds"  # the loop's own entry in a checkpoint's trainer state
 
 
 class TrainingLoop:
@@ -35,18 +40,29 @@ class TrainingLoop:
     def train(self) -> list[dict[str, float]]:
         """Train to `max_steps` (resuming first when `resume_from` says so); returns the logged metrics."""
         engine, config = self.engine, self.config
-        self.begin(engine.resume())
+        state = engine.resume()
+        spent = {"cpu": 0.0, "wall": 0.0} if state is None else state.pop(_SPENT, {"cpu": 0.0, "wall": 0.0})
+        self.begin(state)
+
+        def evaluate() -> dict[str, float]:
+            minutes = {f"time/train_{k}_minutes": v / 60 for k, v in spent.items()}
+            return {**self.evaluate(), **minutes}
+
         if self.evaluates and engine.step == 0:
-            engine.log(self.evaluate())
+            engine.log(evaluate())
         while engine.step < config.max_steps:
-            before = engine.step
-            engine.log(self.train_step())
-            if self.evaluates and passes(before, engine.step, config.eval_steps) and engine.step < config.max_steps:
-                engine.log(self.evaluate())
-            engine.maybe_checkpoint(self.state_dict())
+            before, cpu, wall = engine.step, time.process_time(), time.perf_counter()
+            metrics = self.train_step()
+            spent["cpu"] += time.process_time() - cpu
+            spent["wall"] += time.perf_counter() - wall
+            engine.log(metrics)
+            if engine.step < config.max_steps:  # the last checkpoint comes after the final evaluation
+                if self.evaluates and passes(before, engine.step, config.eval_steps):
+                    engine.log(evaluate())
+                engine.maybe_checkpoint({**self.state_dict(), _SPENT: dict(spent)})
         if self.evaluates:
-            engine.log(self.evaluate())
-        engine.maybe_checkpoint(self.state_dict(), force=True)
+            engine.log(evaluate())
+        engine.maybe_checkpoint({**self.state_dict(), _SPENT: dict(spent)}, force=True)
         self.export()
         engine.finish()
         return engine.history

@@ -8,6 +8,9 @@
   `transformer_2`, load as None);
 - a Hugging Face Hub repo id (the cache and `HF_HUB_OFFLINE=1` behave as usual).
 
+Where a world family is expected (`world:<family>`, the world commands' `--family`, a recipe's `world:` model),
+`check_world_family` refuses a folder whose `model_index.json` names the other family's pipeline class.
+
 `lora` loads a trained adapter folder (`pytorch_lora_weights.safetensors`, what the trainers write to
 `output_dir/final`) into the pipeline at `lora_scale`.
 
@@ -38,6 +41,8 @@ SETTING_NAMES = (
     "max_sequence_length",
 )
 WORLD_FAMILIES = ("sd", "sd3")
+# The diffusers pipeline class of each world family (`_class_name` in a saved folder's model_index.json).
+WORLD_PIPELINES = {"sd": "StableDiffusionPipeline", "sd3": "StableDiffusion3Pipeline"}
 
 
 def model_folder(model: str | Path) -> Path | None:
@@ -54,6 +59,29 @@ def model_folder(model: str | Path) -> Path | None:
         return None
     path = Path(name)
     return path if path.is_dir() else None
+
+
+def check_world_family(model: str | Path, family: str) -> None:
+    """`ValueError` when the world model `model` (`world:<family>` or a pipeline folder) is of another family than
+    `family` ("sd": the epsilon UNet `StableDiffusionPipeline`, "sd3": the flow `StableDiffusion3Pipeline`), as its
+    `model_index.json` `_class_name` says. Names without a folder (`tiny:`, Hub ids) and folders without
+    `model_index.json` pass: loading reports those."""
+    if family not in WORLD_PIPELINES:
+        raise ValueError(f"`family` must be one of {WORLD_FAMILIES}, got {family!r}")
+    folder = model_folder(model)
+    index = None if folder is None else folder / "model_index.json"
+    if index is None or not index.is_file():
+        return
+    found = json.loads(index.read_text()).get("_class_name")
+    expected = WORLD_PIPELINES[family]
+    if found != expected:
+        other = {cls: name for name, cls in WORLD_PIPELINES.items()}.get(found)
+        what = f"the `{other}` family's {found}" if other else f"a {found}"
+        where = str(model) if Path(model) == folder else f"{model} ({folder})"
+        raise ValueError(
+            f"model {where}: expected a world model of the `{family}` family (a {expected}), but its "
+            f"model_index.json names {what}"
+        )
 
 
 def _not_a_pipeline(folder: Path) -> str:
@@ -121,6 +149,8 @@ def load_generator(
             if kind == "world":
                 raise FileNotFoundError(f"model {name}: no world model at {folder} (`visalign world train-base`)")
             raise FileNotFoundError(_not_a_pipeline(folder))
+        if kind == "world":
+            check_world_family(name, rest)
         from diffusers import DiffusionPipeline
 
         index = json.loads((folder / "model_index.json").read_text())

@@ -100,7 +100,16 @@ def model_problem(model: str, *, pipeline: bool = True) -> str | None:
         from visalign.world.models import default_model_dir
 
         folder = default_model_dir(rest)
-        return None if folder.is_dir() else f"no shipped world model at {folder} (`visalign world train-base`)"
+        if not folder.is_dir():
+            return f"no shipped world model at {folder} (`visalign world train-base`)"
+        if pipeline:
+            from visalign.loading import check_world_family
+
+            try:
+                check_world_family(model, rest)
+            except ValueError as e:
+                return str(e)
+        return None
     path = Path(model)
     if path.exists():
         if pipeline and not (path / "model_index.json").is_file():

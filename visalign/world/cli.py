@@ -25,7 +25,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="override TrainBaseConfig fields (booleans: true/false, yes/no, 1/0)",
     )
     ev = sub.add_parser("eval", help="held-out verifier accuracy of a world generator (GenEval protocol)")
-    ev.add_argument("--family", choices=("sd", "sd3"), default="sd")
+    ev.add_argument(
+        "--family",
+        choices=("sd", "sd3"),
+        default=None,
+        help="the world family: its shipped model, or the family --model must be (default: sd without --model)",
+    )
     ev.add_argument(
         "--model", default=None, help="world:sd, world:sd3 or a pipeline folder (default: world:FAMILY, shipped)"
     )
@@ -54,10 +59,13 @@ def run(args: argparse.Namespace) -> int:
             print(stage, json.dumps({k: v for k, v in info.items() if k not in ("curve", "run")}))
         return 0
     from visalign.files import run_record, write_run_record
-    from visalign.loading import load_generator
+    from visalign.loading import check_world_family, load_generator
     from visalign.world.evaluate import evaluate, heldout_prompts
 
-    model = args.model or f"world:{args.family}"
+    family = args.family or (None if args.model else "sd")
+    model = args.model or f"world:{family}"
+    if family is not None:
+        check_world_family(model, family)
     pipe, defaults = load_generator(model, lora=args.lora, lora_scale=args.lora_scale)
     start = time.time()
     result = evaluate(
@@ -68,13 +76,18 @@ def run(args: argparse.Namespace) -> int:
         **defaults,
     )
     result |= {
-        "family": args.family,
+        "family": family,
         "model": model,
         "lora": args.lora,
         "lora_scale": args.lora_scale if args.lora else None,
         "seconds": time.time() - start,
     }
-    settings = {k: getattr(args, k) for k in ("family", "images_per_prompt", "limit_per_category", "lora_scale")}
+    settings = {
+        "family": family,
+        "images_per_prompt": args.images_per_prompt,
+        "limit_per_category": args.limit_per_category,
+        "lora_scale": args.lora_scale,
+    }
     result |= run_record(config=settings, seeds={"seed": args.seed}, inputs={"model": model, "lora": args.lora})
     print(json.dumps(result, indent=2))
     if args.json:

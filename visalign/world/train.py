@@ -60,37 +60,45 @@ class TrainBaseConfig:
     out: str = field(default="assets/world", metadata={"help": "Output folder: one subfolder per stage."})
     seed: int = field(default=0, metadata={"help": "Seed of the rendered data, every init and every noise draw."})
     num_images: int = field(default=20000, metadata={"help": "Rendered train-split scenes (images and captions)."})
-    batch_size: int = field(default=64, metadata={"help": "Batch of the `sd` and `sd3` generator stages."})
+    per_device_train_batch_size: int = field(
+        default=64, metadata={"help": "Batch of the `sd` and `sd3` generator stages (one process)."}
+    )
     vae_steps: int = field(default=800, metadata={"help": "AdamW steps of the VAE stage."})
-    vae_batch_size: int = field(default=32, metadata={"help": "Batch of the VAE stage."})
-    vae_lr: float = field(default=2e-3, metadata={"help": "Learning rate of the VAE stage."})
+    vae_per_device_train_batch_size: int = field(default=32, metadata={"help": "Batch of the VAE stage."})
+    vae_learning_rate: float = field(default=2e-3, metadata={"help": "Learning rate of the VAE stage."})
     kl_weight: float = field(default=1e-6, metadata={"help": "Weight of the VAE's KL term beside the MSE."})
     clip_steps: int = field(default=1500, metadata={"help": "AdamW steps of the contrastive CLIP stage."})
-    clip_batch_size: int = field(default=256, metadata={"help": "Batch of the CLIP stage (its negatives)."})
-    clip_lr: float = field(default=1e-3, metadata={"help": "Peak learning rate of the CLIP stage (one-cycle)."})
+    clip_per_device_train_batch_size: int = field(
+        default=256, metadata={"help": "Batch of the CLIP stage (its negatives)."}
+    )
+    clip_learning_rate: float = field(
+        default=1e-3, metadata={"help": "Peak learning rate of the CLIP stage (one-cycle)."}
+    )
     sd_steps: int = field(default=2400, metadata={"help": "Steps of the `sd` (UNet, epsilon) generator."})
-    sd3_steps: int = field(default=2000, metadata={"help": "Steps of the `sd3` (transformer, flow) generator."})
-    lr: float = field(default=5e-4, metadata={"help": "Learning rate of both generators (200 warm-up steps)."})
+    sd3_steps: int = field(default=2400, metadata={"help": "Steps of the `sd3` (transformer, flow) generator."})
+    learning_rate: float = field(
+        default=5e-4, metadata={"help": "Learning rate of both generators (200 warm-up steps)."}
+    )
     caption_dropout: float = field(
         default=0.1, metadata={"help": "Share of generator captions replaced by '' (for classifier-free guidance)."}
     )
     ema_decay: float = field(default=0.998, metadata={"help": "Decay of the generators' weight EMA (what is saved)."})
-    sd3_layers: int = field(default=6, metadata={"help": "Joint-attention blocks of the `sd3` transformer."})
+    sd3_layers: int = field(default=10, metadata={"help": "Joint-attention blocks of the `sd3` transformer."})
     sd3_heads: int = field(
         default=6, metadata={"help": "Attention heads (of 16 channels) of the `sd3` transformer: width 16 x heads."}
     )
-    sd3_lr: float | None = field(
-        default=None, metadata={"help": "Peak learning rate of the `sd3` generator (None: `lr`)."}
+    sd3_learning_rate: float | None = field(
+        default=1e-3, metadata={"help": "Peak learning rate of the `sd3` generator (None: `learning_rate`)."}
     )
     sd3_adaln_zero: bool = field(
-        default=False,
+        default=True,
         metadata={"help": "DiT's adaLN-Zero init of the `sd3` transformer: every block starts as the identity."},
     )
     sd3_lr_schedule: Literal["constant", "cosine"] = field(
         default="constant",
         metadata={"help": "`sd3` learning rate after warm-up: constant, or cosine decay to 10% at the last step."},
     )
-    eval_every: int = field(
+    eval_steps: int = field(
         default=400, metadata={"help": "Generator steps between held-out verifier evaluations (and at the end)."}
     )
     eval_per_category: int = field(
@@ -99,9 +107,10 @@ class TrainBaseConfig:
 
     def __post_init__(self) -> None:
         check_finite(self)
-        positive = ("num_images", "batch_size", "vae_steps", "vae_batch_size", "vae_lr", "clip_steps")
-        positive += ("clip_batch_size", "clip_lr", "sd_steps", "sd3_steps", "lr", "eval_every", "eval_per_category")
-        positive += ("sd3_layers", "sd3_heads")
+        positive = ("num_images", "per_device_train_batch_size", "vae_steps", "vae_per_device_train_batch_size")
+        positive += ("vae_learning_rate", "clip_steps", "clip_per_device_train_batch_size", "clip_learning_rate")
+        positive += ("sd_steps", "sd3_steps", "learning_rate", "eval_steps", "eval_per_category", "sd3_layers")
+        positive += ("sd3_heads",)
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ValueError(f"`{name}` must be > 0, got {getattr(self, name)!r}")
@@ -110,8 +119,8 @@ class TrainBaseConfig:
         for name in ("caption_dropout", "ema_decay"):
             if not 0 <= getattr(self, name) < 1:
                 raise ValueError(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
-        if self.sd3_lr is not None and not self.sd3_lr > 0:
-            raise ValueError(f"`sd3_lr` must be > 0 or None, got {self.sd3_lr!r}")
+        if self.sd3_learning_rate is not None and not self.sd3_learning_rate > 0:
+            raise ValueError(f"`sd3_learning_rate` must be > 0 or None, got {self.sd3_learning_rate!r}")
 
 
 def render_dataset(n: int, seed: int) -> tuple[torch.Tensor, list[str]]:
@@ -137,11 +146,11 @@ def _record(out: Path, stage: str, info: dict) -> None:
 def train_vae(cfg: TrainBaseConfig, images: torch.Tensor) -> AutoencoderKL:
     torch.manual_seed(cfg.seed)
     vae = build_vae().train()
-    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr)
+    opt = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_learning_rate)
     g = torch.Generator().manual_seed(cfg.seed)
     bar = tqdm(range(cfg.vae_steps), desc="vae")
     for step in bar:
-        x = images[torch.randint(len(images), (cfg.vae_batch_size,), generator=g)] * 2 - 1
+        x = images[torch.randint(len(images), (cfg.vae_per_device_train_batch_size,), generator=g)] * 2 - 1
         post = vae.encode(x).latent_dist
         rec = vae.decode(post.sample(generator=g)).sample
         loss = F.mse_loss(rec, x) + cfg.kl_weight * post.kl().mean()
@@ -168,12 +177,12 @@ def train_clip(cfg: TrainBaseConfig, images: torch.Tensor, captions: list[str], 
     torch.manual_seed(cfg.seed)
     clip = build_clip(len(tok)).train()
     ids = tok(captions, padding="max_length", return_tensors="pt").input_ids
-    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_lr, weight_decay=0.1)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.clip_lr, total_steps=cfg.clip_steps, pct_start=0.1)
+    opt = torch.optim.AdamW(clip.parameters(), lr=cfg.clip_learning_rate, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, cfg.clip_learning_rate, total_steps=cfg.clip_steps, pct_start=0.1)
     g = torch.Generator().manual_seed(cfg.seed + 1)
     bar = tqdm(range(cfg.clip_steps), desc="clip")
     for step in bar:
-        idx = torch.randint(len(images), (cfg.clip_batch_size,), generator=g)
+        idx = torch.randint(len(images), (cfg.clip_per_device_train_batch_size,), generator=g)
         loss = clip(input_ids=ids[idx], pixel_values=clip_pixels(images[idx]), return_loss=True).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -272,7 +281,7 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
             )
     ddpm = DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
     denoiser.train()
-    lr = cfg.sd3_lr if family == "sd3" and cfg.sd3_lr is not None else cfg.lr
+    lr = cfg.sd3_learning_rate if family == "sd3" and cfg.sd3_learning_rate is not None else cfg.learning_rate
     opt = torch.optim.AdamW(denoiser.parameters(), lr=lr, weight_decay=0.01)
     steps = cfg.sd_steps if family == "sd" else cfg.sd3_steps
     cosine = family == "sd3" and cfg.sd3_lr_schedule == "cosine"
@@ -284,7 +293,7 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
     start, cpu0 = time.time(), time.process_time()
     bar = tqdm(range(1, steps + 1), desc=family)
     for step in bar:
-        idx = torch.randint(len(z), (cfg.batch_size,), generator=g)
+        idx = torch.randint(len(z), (cfg.per_device_train_batch_size,), generator=g)
         x0, c = z[idx], cap_idx[idx].clone()
         c[torch.rand(len(c), generator=g) < cfg.caption_dropout] = index[""]
         noise = torch.randn(x0.shape, generator=g)
@@ -311,7 +320,7 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
-        if step % cfg.eval_every == 0 or step == steps:
+        if step % cfg.eval_steps == 0 or step == steps:
             live = copy.deepcopy(denoiser.state_dict())
             ema.copy_to(denoiser)
             denoiser.eval()
