@@ -3,19 +3,16 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 
 import pytest
 
 from visalign.config import RENAMED, GeneratorConfig, TrainConfig, load_config
 from visalign.lifecycle import passes
 from visalign.pipelines.dpo import DPOConfig
-from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
+from visalign.pipelines.grpo import FlowGRPOConfig
 from visalign.pipelines.reno import ReNOConfig
 from visalign.pipelines.reward_training import RewardConfig
 from visalign.pipelines.tempflow import TempFlowGRPOConfig
-from visalign.rewards import load_reward
-from visalign.testing import tiny_pipeline
 from visalign.world.train import TrainBaseConfig
 
 
@@ -69,62 +66,3 @@ def test_passes_counts_multiples_crossed_by_a_multi_step_train_step():
     assert [s for s in range(1, 9) if passes(s - 1, s, 3)] == [3, 6]
     assert [after for before, after in [(0, 2), (2, 4), (4, 6)] if passes(before, after, 3)] == [4, 6]
     assert not passes(0, 10, 0)
-
-
-def tiny_grpo_trainer(tmp_path, **kw) -> FlowGRPOTrainer:
-    """A Flow-GRPO run on the tiny SD3 pipeline small enough to train a few steps in a test (`kw` overrides)."""
-    settings = dict(
-        output_dir=str(tmp_path / "run"),
-        report_to="none",
-        height=8,
-        width=8,
-        max_sequence_length=8,
-        num_inference_steps=2,
-        guidance_scale=1.0,
-        group_size=2,
-        sample_batch_size=2,
-        per_device_train_batch_size=2,
-        gradient_accumulation_steps=1,
-        num_batches_per_iteration=1,
-        eval_num_inference_steps=2,
-        eval_batch_size=2,
-        beta=0.0,
-        lora_rank=2,
-        lora_alpha=2,
-    )
-    config = FlowGRPOConfig(**(settings | kw))
-    prompts = ["a red square"]
-    return FlowGRPOTrainer(tiny_pipeline("sd3"), load_reward("world-defects"), config, prompts, eval_prompts=prompts)
-
-
-def test_grpo_evaluates_on_optimizer_steps_not_iterations(tmp_path):
-    # 2 optimizer steps per iteration
-    trainer = tiny_grpo_trainer(tmp_path, num_batches_per_iteration=2, max_steps=6, eval_steps=4)
-    history = trainer.train()
-    evaluated = [m["step"] for m in history if any(k.startswith("eval/") for k in m)]
-    assert evaluated == [0, 4, 6]  # the start, the iteration that passes step 4, the end
-    assert trainer.history is trainer.engine.history
-
-
-TIME_KEYS = ("time/train_cpu_minutes", "time/train_wall_minutes")
-
-
-def test_evaluation_rows_carry_training_minutes_that_grow_with_the_step_and_survive_a_resume(tmp_path):
-    # save_steps 1: a checkpoint lands on the last step, and must still come after the last evaluation
-    history = tiny_grpo_trainer(tmp_path, max_steps=2, eval_steps=1, save_steps=1).train()
-    evals = [m for m in history if any(k.startswith("eval/") for k in m)]
-    assert [m["step"] for m in evals] == [0, 1, 2]
-    cpu = [m["time/train_cpu_minutes"] for m in evals]
-    assert cpu[0] == 0.0 and cpu[0] < cpu[1] < cpu[2]
-    assert all(m[TIME_KEYS[1]] > 0 for m in evals[1:])
-    assert not any(k in m for m in history if m not in evals for k in TIME_KEYS)  # training rows keep their own
-
-    # continue the finished run from its step-2 checkpoint, which kept the step-2 evaluation
-    tiny_grpo_trainer(tmp_path, max_steps=3, eval_steps=1, save_steps=1, resume_from="latest").train()
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
-    assert [r["step"] for r in evals] == [0, 1, 2, 3]  # each evaluation logged once
-    assert evals[2]["time/train_cpu_minutes"] == cpu[2] < evals[3]["time/train_cpu_minutes"]
-    # the resumed step's wall time adds to the restored total, not to zero
-    step3 = next(r for r in rows if r["step"] == 3 and "time/iteration" in r)
-    assert evals[3][TIME_KEYS[1]] >= evals[2][TIME_KEYS[1]] + step3["time/iteration"] / 60

@@ -358,3 +358,44 @@ def test_shipped_configs_load(name):
 
     method = "pref-grpo" if "pref" in name else "tempflow-grpo" if "tempflow" in name else "flow-grpo"
     load_config(_resolve(METHODS[method][0]), ROOT / "configs" / name)
+
+
+def evaluating_trainer(tmp_path, **kw) -> FlowGRPOTrainer:
+    """A tiny Flow-GRPO run (group 2, batch 2, one micro-batch an iteration) that evaluates on one prompt."""
+    settings = dict(group_size=2, sample_batch_size=2, per_device_train_batch_size=2, num_inference_steps=2)
+    settings |= dict(eval_num_inference_steps=2, eval_batch_size=2, learning_rate=1e-3, lora_rank=2, lora_alpha=2)
+    config = grpo_config(tmp_path, **(settings | kw))
+    return FlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS[:1], eval_prompts=PROMPTS[:1])
+
+
+def test_grpo_evaluates_on_optimizer_steps_not_iterations(tmp_path):
+    # 2 optimizer steps per iteration
+    trainer = evaluating_trainer(tmp_path, num_batches_per_iteration=2, max_steps=6, eval_steps=4)
+    history = trainer.train()
+    evaluated = [m["step"] for m in history if any(k.startswith("eval/") for k in m)]
+    assert evaluated == [0, 4, 6]  # the start, the iteration that passes step 4, the end
+    assert trainer.history is trainer.engine.history
+
+
+TIME_KEYS = ("time/train_cpu_minutes", "time/train_wall_minutes")
+
+
+def test_evaluation_rows_carry_training_minutes_that_grow_with_the_step_and_survive_a_resume(tmp_path):
+    # save_steps 1: a checkpoint lands on the last step, and must still come after the last evaluation
+    history = evaluating_trainer(tmp_path, max_steps=2, eval_steps=1, save_steps=1).train()
+    evals = [m for m in history if any(k.startswith("eval/") for k in m)]
+    assert [m["step"] for m in evals] == [0, 1, 2]
+    cpu = [m["time/train_cpu_minutes"] for m in evals]
+    assert cpu[0] == 0.0 and cpu[0] < cpu[1] < cpu[2]
+    assert all(m[TIME_KEYS[1]] > 0 for m in evals[1:])
+    assert not any(k in m for m in history if m not in evals for k in TIME_KEYS)  # training rows keep their own
+
+    # continue the finished run from its step-2 checkpoint, which kept the step-2 evaluation
+    evaluating_trainer(tmp_path, max_steps=3, eval_steps=1, save_steps=1, resume_from="latest").train()
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in rows if any(k.startswith("eval/") for k in r)]
+    assert [r["step"] for r in evals] == [0, 1, 2, 3]  # each evaluation logged once
+    assert evals[2]["time/train_cpu_minutes"] == cpu[2] < evals[3]["time/train_cpu_minutes"]
+    # the resumed step's wall time adds to the restored total, not to zero
+    step3 = next(r for r in rows if r["step"] == 3 and "time/iteration" in r)
+    assert evals[3][TIME_KEYS[1]] >= evals[2][TIME_KEYS[1]] + step3["time/iteration"] / 60

@@ -120,8 +120,8 @@ class QwenImageAdapter(GeneratorAdapter):
 
     def combine(self, uncond: Tensor, text: Tensor, guidance_scale: float) -> Tensor:
         """Qwen-Image's true CFG: `comb = uncond + w (text - uncond)`, rescaled to `||text||` along the last dim."""
-        uncond, text = uncond.float(), text.float()
-        comb = uncond + guidance_scale * (text - uncond)
+        text = text.float()
+        comb = super().combine(uncond.float(), text, guidance_scale)
         return comb * (torch.norm(text, dim=-1, keepdim=True) / torch.norm(comb, dim=-1, keepdim=True))
 
     def guided(
