@@ -32,6 +32,9 @@ GOAL_CPU_MINUTES = 15.0
 GOAL = f"+{GOAL_POINTS:g} points within {GOAL_CPU_MINUTES:g} CPU minutes"
 OVERALL = "eval/world-verifier/overall"  # the world verifier's GenEval overall (mean over categories), in [0, 1]
 CPU, WALL = "time/train_cpu_minutes", "time/train_wall_minutes"
+# the verifier's score of an iteration's samples (training prompts): Pref-GRPO logs it as its external reward (its
+# own, a win rate, has mean 0.5 by construction); the other recipes train on it
+REWARDS = ("external/world-verifier", "reward/mean")
 RECIPES = {"flow-grpo": "configs/world_flow_grpo.yaml", "tempflow-grpo": "configs/world_tempflow_grpo.yaml"}
 SETTINGS = (
     "pretrained_model_name_or_path",
@@ -49,7 +52,11 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def read_curve(run_dir: str | Path) -> list[dict[str, Any]]:
     """The evaluation rows of `run_dir/metrics.jsonl` as `[{step, train_cpu_minutes, train_wall_minutes, overall,
-    per_category}]` in step order (`overall` and categories in [0, 1]; a step logged twice keeps its last row).
+    per_category, train_reward}]` in step order (`overall` and categories in [0, 1]; a step logged twice keeps its
+    last row). `train_reward` is the mean training reward of the steps since the previous evaluation, the verifier's
+    score of the samples (`REWARDS`; None at step 0 and where none was logged): a flat one beside a flat held-out
+    accuracy says the policy did not learn, a rising one beside a flat accuracy that it learned the training prompts
+    only.
 
     Raises `ValueError` naming the folder when `metrics.jsonl` is missing or unreadable, has no evaluation row with
     `eval/world-verifier/overall`, lacks the training-time keys on an evaluation row, or has no step-0 (base) row.
@@ -60,7 +67,8 @@ def read_curve(run_dir: str | Path) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         raise ValueError(f"run folder {run_dir}: no metrics.jsonl (not a training run's folder, or not started)")
-    rows = {int(row["step"]): row for row in read_jsonl(path) if OVERALL in row}
+    logged = read_jsonl(path)
+    rows = {int(row["step"]): row for row in logged if OVERALL in row}
     if not rows:
         raise ValueError(
             f"run folder {run_dir}: metrics.jsonl has no evaluation row with `{OVERALL}`; train with "
@@ -75,16 +83,23 @@ def read_curve(run_dir: str | Path) -> list[dict[str, Any]]:
     if 0 not in rows:
         raise ValueError(f"run folder {run_dir}: metrics.jsonl has no step-0 evaluation, the base to gain over")
     prefix = OVERALL + "/"
-    return [
-        {
-            "step": step,
-            "train_cpu_minutes": float(row[CPU]),
-            "train_wall_minutes": float(row[WALL]),
-            "overall": float(row[OVERALL]),
-            "per_category": {k.removeprefix(prefix): float(v) for k, v in row.items() if k.startswith(prefix)},
-        }
-        for step, row in sorted(rows.items())
-    ]
+    key = next((k for k in REWARDS if any(k in row for row in logged)), None)
+    trained = {int(row["step"]): float(row[key]) for row in logged if key in row}
+    curve, previous = [], None
+    for step, row in sorted(rows.items()):
+        window = [r for s, r in trained.items() if previous is not None and previous < s <= step]
+        previous = step
+        curve.append(
+            {
+                "step": step,
+                "train_cpu_minutes": float(row[CPU]),
+                "train_wall_minutes": float(row[WALL]),
+                "overall": float(row[OVERALL]),
+                "per_category": {k.removeprefix(prefix): float(v) for k, v in row.items() if k.startswith(prefix)},
+                "train_reward": sum(window) / len(window) if window else None,
+            }
+        )
+    return curve
 
 
 def efficacy(curve: list[dict[str, Any]]) -> dict[str, Any]:
@@ -213,13 +228,23 @@ def report_sections(result: dict[str, Any]) -> list:
     categories = list(dict.fromkeys(c for m in methods.values() for p in m["curve"] for c in p["per_category"]))
     evaluations = Section(
         "Every evaluation",
-        columns=["method", "step", "train CPU-min", "train wall-min", "overall", "gain (points)", *categories],
+        columns=[
+            "method",
+            "step",
+            "train CPU-min",
+            "train wall-min",
+            "training reward",
+            "overall",
+            "gain (points)",
+            *categories,
+        ],
         rows=[
             [
                 name,
                 p["step"],
                 f"{p['train_cpu_minutes']:.2f}",
                 f"{p['train_wall_minutes']:.2f}",
+                "" if p.get("train_reward") is None else f"{p['train_reward']:.3f}",
                 pct(p["overall"]),
                 f"{100 * (p['overall'] - m['base']['overall']):+.1f}",
                 *(pct(p["per_category"][c]) if c in p["per_category"] else "" for c in categories),

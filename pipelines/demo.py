@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any
 
 # method -> its bundled world recipe (`configs/`), which the demo cuts to `--max-steps`
+# (default `DEMO_STEPS`: Flow-GRPO's recipe steps are 128 samples each, the others' at most 32)
+DEMO_STEPS = {"flow-grpo": 30}
+DEFAULT_STEPS = 120
 RECIPES = {
     "tempflow-grpo": "world_tempflow_grpo",
     "flow-grpo": "world_flow_grpo",
@@ -47,7 +50,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--method", default="flow-grpo", help="the alignment method (a `visalign train` method)")
     parser.add_argument("--config", default=None, help="a recipe (YAML file or bundled name); default: the method's")
     parser.add_argument("--set", dest="overrides", nargs="+", action="extend", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--max-steps", type=int, default=120, help="optimizer steps of training")
+    parser.add_argument(
+        "--max-steps",
+        type=int,
+        default=None,
+        help="optimizer steps of training (default: "
+        + "".join(f"{steps} for {method}, " for method, steps in DEMO_STEPS.items())
+        + f"{DEFAULT_STEPS} for the others)",
+    )
     parser.add_argument("--out", default="visalign-demo", help="output folder for report.html and summary.json")
     parser.add_argument("--per-category", type=int, default=16, help="held-out prompts per category")
     parser.add_argument("--images-per-prompt", type=int, default=2, help="k: images (generator calls) per prompt")
@@ -69,15 +79,16 @@ def _config(args: argparse.Namespace, slice_file: Path, run_dir: Path) -> tuple[
     cls = _resolve(METHODS[args.method][0])
     config = load_config(cls, find_config(args.config or RECIPES[args.method]))
     names = {f.name for f in dataclasses.fields(config)}
+    steps = DEMO_STEPS.get(args.method, DEFAULT_STEPS) if args.max_steps is None else args.max_steps
     demo = {
         "output_dir": str(run_dir),
-        "max_steps": args.max_steps,
+        "max_steps": steps,
         "save_steps": 0,
         "report_to": "none",
         "eval_prompts": str(slice_file),
         "eval_images_per_prompt": 1,
         "eval_batch_size": 16,
-        "eval_steps": max(1, args.max_steps // 2),
+        "eval_steps": max(1, steps // 2),
         "eval_num_inference_steps": args.steps,
     }
     demo = {k: v for k, v in demo.items() if k in names}
@@ -94,7 +105,7 @@ def run(args: argparse.Namespace) -> int:
     methods = demo_methods()
     if args.method not in methods:
         raise ValueError(f"`--method` {args.method!r} is not a method; choose one of: {', '.join(methods)}")
-    if args.images_per_prompt < 1 or args.per_category < 1 or args.max_steps < 1:
+    if args.images_per_prompt < 1 or args.per_category < 1 or (args.max_steps is not None and args.max_steps < 1):
         raise ValueError("`--images-per-prompt`, `--per-category` and `--max-steps` must be at least 1")
     import torch
 

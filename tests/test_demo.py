@@ -10,7 +10,8 @@ from visalign.cli import main
 
 def test_demo_trains_and_reports_three_columns(tmp_path):
     argv = ["demo", "--per-category", "1", "--images-per-prompt", "2", "--max-steps", "2", "--steps", "2"]
-    argv += ["--set", "num_inference_steps=4", "--out", str(tmp_path)]
+    argv += ["--set", "num_inference_steps=4", "group_size=4", "sample_batch_size=4", "per_device_train_batch_size=4"]
+    argv += ["--out", str(tmp_path)]
     assert main(argv) == 0
     # the LoRA trained: PEFT initializes lora_B to zero, so a nonzero lora_B means optimizer steps changed it
     lora = load_file(tmp_path / "run" / "final" / "pytorch_lora_weights.safetensors")
@@ -36,3 +37,26 @@ def test_demo_rejects_unknown_method_listing_methods(tmp_path, capsys):
     for method in ("tempflow-grpo", "flow-grpo", "diffusion-dpo", "prdp"):
         assert method in err
     assert not (tmp_path / "run").exists()  # nothing trained
+
+
+def test_demo_length_defaults_per_method_and_max_steps_overrides(tmp_path):
+    import argparse
+
+    from visalign.pipelines.demo import DEFAULT_STEPS, _config, add_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    lengths = {}
+    for argv in (
+        ["--method", "flow-grpo"],
+        ["--method", "diffusion-dpo"],
+        ["--method", "flow-grpo", "--max-steps", "7"],
+    ):
+        config, family = _config(parser.parse_args(argv), tmp_path / "slice.txt", tmp_path / "run")
+        lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family)
+    # Flow-GRPO's recipe steps hold 128 samples each, so its demo is 30 of them; the others keep the longer default
+    assert lengths == {
+        "--method flow-grpo": (30, 15, "sd3"),
+        "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3"),
+        "--method flow-grpo --max-steps 7": (7, 3, "sd3"),
+    }

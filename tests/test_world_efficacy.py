@@ -16,8 +16,9 @@ def write_run(folder, evaluations, *, timed=True):
     folder.mkdir(parents=True)
     rows = []
     for step, cpu, overall in evaluations:
-        if step:
-            rows.append({"step": step, "reward/mean": 0.5, "time/iteration": 1.0})
+        if step:  # two training rows since the last evaluation, rewards step / 400 and step / 400 + 0.1
+            rows.append({"step": step - 20, "reward/mean": step / 400, "time/iteration": 1.0})
+            rows.append({"step": step, "reward/mean": step / 400 + 0.1, "time/iteration": 1.0})
         row = {"step": step, "eval/world-verifier": overall + 0.1, "eval/world-verifier/overall": overall}
         row |= {f"eval/world-verifier/overall/{c}": overall + i / 100 for i, c in enumerate(CATEGORIES)}
         if timed:
@@ -48,6 +49,9 @@ def test_curve_first_crossing_json_and_an_escaped_html_report(tmp_path):
     assert [p["train_cpu_minutes"] for p in flow["curve"]] == [0.0, 3.5, 7.0, 10.5, 14.0]
     assert flow["curve"][2]["train_wall_minutes"] == 3.5
     assert flow["curve"][1]["per_category"]["position"] == pytest.approx(0.45)
+    # the mean training reward of the steps since the previous evaluation (none before the base)
+    assert flow["curve"][0]["train_reward"] is None
+    assert [p["train_reward"] for p in flow["curve"][1:]] == pytest.approx([0.15, 0.25, 0.35, 0.45])
     assert flow["base"]["overall"] == 0.30
     assert flow["best_gain_points"] == pytest.approx(17) and flow["best_step"] == 160
     assert flow["final_gain_points"] == pytest.approx(17)
@@ -60,7 +64,19 @@ def test_curve_first_crossing_json_and_an_escaped_html_report(tmp_path):
 
     page = out.with_suffix(".html").read_text()
     assert "<svg" in page and "<polyline" in page and "goal: 45.0% at 15 CPU-min" in page
+    assert "training reward" in page and "<td>0.450</td>" in page
     assert hostile not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+
+
+def test_the_training_reward_of_a_win_rate_run_is_its_verifier_score(tmp_path):
+    # Pref-GRPO's own reward is a win rate (mean 0.5 by construction); its external verifier score is the one read
+    run = write_run(tmp_path / "pref", [(0, 0.0, 0.30), (40, 3.0, 0.35)])
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for row in rows:
+        if "reward/mean" in row:
+            row |= {"reward/mean": 0.5, "external/world-verifier": row["reward/mean"] / 2}
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert [p["train_reward"] for p in read_curve(run)] == [None, pytest.approx(0.075)]
 
 
 def test_a_crossing_after_the_budget_does_not_meet_the_goal():
