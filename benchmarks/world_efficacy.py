@@ -244,7 +244,7 @@ def report_sections(result: dict[str, Any]) -> list:
                 p["step"],
                 f"{p['train_cpu_minutes']:.2f}",
                 f"{p['train_wall_minutes']:.2f}",
-                "" if p.get("train_reward") is None else f"{p['train_reward']:.3f}",
+                "" if p["train_reward"] is None else f"{p['train_reward']:.3f}",
                 pct(p["overall"]),
                 f"{100 * (p['overall'] - m['base']['overall']):+.1f}",
                 *(pct(p["per_category"][c]) if c in p["per_category"] else "" for c in categories),
