@@ -49,14 +49,17 @@ def test_demo_length_defaults_per_method_and_max_steps_overrides(tmp_path):
     lengths = {}
     for argv in (
         ["--method", "flow-grpo"],
+        ["--method", "pref-grpo"],
         ["--method", "diffusion-dpo"],
         ["--method", "flow-grpo", "--max-steps", "7"],
     ):
         config, family = _config(parser.parse_args(argv), tmp_path / "slice.txt", tmp_path / "run")
         lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family)
-    # Flow-GRPO's recipe steps hold 128 samples each, so its demo is 30 of them; the others keep the longer default
+    # Flow-GRPO's and Pref-GRPO's recipe steps hold 128 samples each, so their demo is 30 of them; the others keep
+    # the longer default
     assert lengths == {
         "--method flow-grpo": (30, 15, "sd3"),
+        "--method pref-grpo": (30, 15, "sd3"),
         "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3"),
         "--method flow-grpo --max-steps 7": (7, 3, "sd3"),
     }

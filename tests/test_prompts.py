@@ -4,6 +4,7 @@ benchmarks."""
 import dataclasses
 import importlib
 import json
+from collections import Counter
 
 import pytest
 
@@ -42,6 +43,20 @@ def test_world_sets_are_what_the_trainers_always_read():
     assert train.primary_criteria == CATEGORIES and train.items[0].extras["world"]["category"] == "single_object"
 
 
+def test_the_balanced_train_set_weighs_every_category_about_the_same():
+    balanced = load_prompt_set("world:train-balanced")
+    per_category = Counter(it.extras["world"]["category"] for it in balanced.items)
+    sizes = {c: len(g) for c, g in prompt_split("train").items()}
+    assert set(per_category) == set(CATEGORIES) and max(sizes.values()) / min(sizes.values()) > 100
+    assert max(per_category.values()) / min(per_category.values()) < 1.06
+    assert {it.text for it in balanced.items} == set(load_prompts("world:train"))
+    for category, n in per_category.items():  # every prompt of a category repeated the same number of times
+        assert n % sizes[category] == 0 and Counter(
+            it.text for it in balanced.items if it.extras["world"]["category"] == category
+        ) == dict.fromkeys((p.text for p in prompt_split("train")[category]), n // sizes[category])
+    assert len({it.id for it in balanced.items}) == len(balanced.items)
+
+
 def test_the_old_spelling_is_an_error_naming_the_new_one(tmp_path, capsys):
     with pytest.raises(ValueError, match="now called 'world:heldout'"):
         load_prompt_set("world-heldout")
@@ -53,7 +68,7 @@ def test_the_old_spelling_is_an_error_naming_the_new_one(tmp_path, capsys):
     argv = ["bench", "run", "--set", "world-heldout", "--judge", "world", "--images", str(tmp_path), "--out", "x"]
     assert main(argv) == 2
     assert "now called 'world:heldout'" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="world:heldout, world:train, world:test"):
+    with pytest.raises(ValueError, match="world:heldout, world:train, world:train-balanced, world:test"):
         load_prompt_set("world:validation")
 
 
