@@ -25,6 +25,7 @@ import importlib
 import json
 import logging
 import re
+import signal
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,10 @@ def smoke_experts(folder: Path, per_category: int = 2, seed: int = 0) -> Path:
     return save_experts(ExpertSet([p.text for p in prompts], images), folder)
 
 
+def _exit_on_sigterm(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
 def run(args: argparse.Namespace) -> int:
     from visalign.config import config_from_dict, config_to_dict, load_config, parse_overrides
     from visalign.preflight import check_config
@@ -217,7 +222,12 @@ def run(args: argparse.Namespace) -> int:
         logger.info("--smoke: %s", json.dumps(smoke))
     check_config(config)
     trainer = _resolve(METHODS[args.method][1]).from_config(config)
-    history = trainer.train()
+    # `kill` (SIGTERM) exits through the run loop, which marks the run stopped in run.json (resume_from=latest)
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm)
+    try:
+        history = trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     if trainer.engine.is_main_process and history:
         logger.info("last metrics: %s", json.dumps(history[-1]))
         logger.info("trained weights: %s", Path(config.output_dir) / "final")

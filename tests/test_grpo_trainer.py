@@ -5,8 +5,10 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -143,6 +145,9 @@ def crash_and_resume(tmp_path, crash_at, **kw):
     )
     with pytest.raises(RuntimeError, match="killed"):
         crashing.train()
+    record = json.loads((tmp_path / "b" / "run" / "run.json").read_text())
+    assert record["status"] == "failed" and record["error"] == "RuntimeError: killed"
+    assert record["step"] == crashing.engine.step and not (tmp_path / "b" / "run" / "final").exists()
     resumed = FlowGRPOTrainer(
         tiny_pipeline("sd3"), Brightness(), grpo_config(tmp_path / "b", resume_from="latest", **kw), PROMPTS
     )
@@ -335,6 +340,22 @@ def test_misconfigured_group_sizes_raise(tmp_path):
 def test_bad_configs_raise(tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
         grpo_config(tmp_path, **kw)
+
+
+def test_kill_stops_visalign_train_and_its_run_record_says_so(tmp_path):
+    out = tmp_path / "killed"
+    config = str(ROOT / "configs" / "tiny_flow_grpo.yaml")
+    argv = [sys.executable, "-m", "visalign.cli", "train", "flow-grpo", "--config", config]
+    job = subprocess.Popen([*argv, "--set", f"output_dir={out}", "max_steps=100000"], cwd=ROOT, stderr=subprocess.PIPE)
+    metrics = out / "metrics.jsonl"
+    while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # two steps logged: it is training
+        assert job.poll() is None, job.stderr.read().decode()[-2000:]
+        time.sleep(0.2)
+    job.terminate()  # SIGTERM, what `kill` and schedulers send
+    assert job.wait(timeout=120) == 128 + signal.SIGTERM
+    record = json.loads((out / "run.json").read_text())
+    assert record["status"] == "stopped" and record["error"] == "SystemExit: 143" and record["step"] >= 2
+    assert not (out / "final").exists()
 
 
 def test_visalign_train_runs_a_config_file(tmp_path):

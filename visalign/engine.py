@@ -509,13 +509,17 @@ class Engine:
                     self.unwrapped.save_pretrained(folder / self.component)
                 else:
                     save_full_component(self.unwrapped, gathered, folder / self.component)
-            run = self.output_dir / "run.json"
-            info = json.loads(run.read_text()) if run.is_file() else {}
-            run.write_text(json.dumps(info | {"status": "finished", "step": self.step}, indent=2))
+            self.update_run_record(status="finished", step=self.step)
         self.accelerator.wait_for_everyone()
         self.progress.close()
         self.accelerator.end_training()
         return folder
+
+    def update_run_record(self, **fields: Any) -> None:
+        """Merge `fields` into the run folder's `run.json` (main process; written atomically)."""
+        if self.is_main_process:
+            run = self.output_dir / "run.json"
+            write_run_record(run, (json.loads(run.read_text()) if run.is_file() else {}) | fields)
 
     def _non_finite_message(self, what: str, step: int) -> str:
         last = latest_checkpoint(self.output_dir)

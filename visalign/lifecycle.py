@@ -13,11 +13,12 @@ The schedule, in optimizer steps (`TrainConfig.max_steps`, `eval_steps`, `save_s
 fresh run; then call `train_step` until `max_steps`, evaluating whenever the step count passes a multiple of
 `eval_steps` (a GRPO iteration takes several steps at once, so "passes", not "equals") and checkpointing whenever it
 passes a multiple of `save_steps`; evaluate once more at the end, write the last checkpoint, let the trainer export
-what it owns (`export`), and write the final weights (`Engine.finish`). Each evaluation row also records the CPU and
-wall minutes spent in `train_step` so far (`time/train_cpu_minutes`, `time/train_wall_minutes`; kept across resumes):
-held-out accuracy against training cost, without the evaluations' own time. Metrics go through `Engine.log` (tracker,
-`metrics.jsonl`, `Engine.history`); the progress bar and the non-finite checks are the engine's
-(`Engine.optimizer_step`).
+what it owns (`export`), and write the final weights (`Engine.finish`). `run.json`'s `status` reads `running`, then
+`finished`, or `stopped` (Ctrl-C, or SIGTERM under `visalign train`) / `failed` with the step and the error. Each
+evaluation row also records the CPU and wall minutes spent in `train_step` so far (`time/train_cpu_minutes`,
+`time/train_wall_minutes`; kept across resumes): held-out accuracy against training cost, without the evaluations'
+own time. Metrics go through `Engine.log` (tracker, `metrics.jsonl`, `Engine.history`); the progress bar and the
+non-finite checks are the engine's (`Engine.optimizer_step`).
 """
 
 from __future__ import annotations
@@ -48,23 +49,30 @@ class TrainingLoop:
             minutes = {f"time/train_{k}_minutes": v / 60 for k, v in spent.items()}
             return {**self.evaluate(), **minutes}
 
-        if self.evaluates and engine.step == 0:
-            engine.log(evaluate())
-        while engine.step < config.max_steps:
-            before, cpu, wall = engine.step, time.process_time(), time.perf_counter()
-            metrics = self.train_step()
-            spent["cpu"] += time.process_time() - cpu
-            spent["wall"] += time.perf_counter() - wall
-            engine.log(metrics)
-            if engine.step < config.max_steps:  # the last checkpoint comes after the final evaluation
-                if self.evaluates and passes(before, engine.step, config.eval_steps):
-                    engine.log(evaluate())
-                engine.maybe_checkpoint({**self.state_dict(), _SPENT: dict(spent)})
-        if self.evaluates:
-            engine.log(evaluate())
-        engine.maybe_checkpoint({**self.state_dict(), _SPENT: dict(spent)}, force=True)
-        self.export()
-        engine.finish()
+        try:
+            if self.evaluates and engine.step == 0:
+                engine.log(evaluate())
+            while engine.step < config.max_steps:
+                before, cpu, wall = engine.step, time.process_time(), time.perf_counter()
+                metrics = self.train_step()
+                spent["cpu"] += time.process_time() - cpu
+                spent["wall"] += time.perf_counter() - wall
+                engine.log(metrics)
+                if engine.step < config.max_steps:  # the last checkpoint comes after the final evaluation
+                    if self.evaluates and passes(before, engine.step, config.eval_steps):
+                        engine.log(evaluate())
+                    engine.maybe_checkpoint({**self.state_dict(), _SPENT: dict(spent)})
+            if self.evaluates:
+                engine.log(evaluate())
+            engine.maybe_checkpoint({**self.state_dict(), _SPENT: dict(spent)}, force=True)
+            self.export()
+            engine.finish()
+        except BaseException as error:  # the run folder says how the run ended, then the error goes on
+            stopped = isinstance(error, (KeyboardInterrupt, SystemExit))
+            engine.update_run_record(
+                status="stopped" if stopped else "failed", step=engine.step, error=f"{type(error).__name__}: {error}"
+            )
+            raise
         return engine.history
 
     @property
