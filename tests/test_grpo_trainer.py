@@ -347,9 +347,12 @@ def test_kill_stops_visalign_train_and_its_run_record_says_so(tmp_path):
     config = str(ROOT / "configs" / "tiny_flow_grpo.yaml")
     argv = [sys.executable, "-m", "visalign.cli", "train", "flow-grpo", "--config", config]
     job = subprocess.Popen([*argv, "--set", f"output_dir={out}", "max_steps=100000"], cwd=ROOT, stderr=subprocess.PIPE)
-    metrics = out / "metrics.jsonl"
+    metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # two steps logged: it is training
         assert job.poll() is None, job.stderr.read().decode()[-2000:]
+        if time.monotonic() > deadline:
+            job.kill()
+            pytest.fail("visalign train logged no two steps in 300 s")
         time.sleep(0.2)
     job.terminate()  # SIGTERM, what `kill` and schedulers send
     assert job.wait(timeout=120) == 128 + signal.SIGTERM
