@@ -346,10 +346,12 @@ def test_kill_stops_visalign_train_and_its_run_record_says_so(tmp_path):
     out = tmp_path / "killed"
     config = str(ROOT / "configs" / "tiny_flow_grpo.yaml")
     argv = [sys.executable, "-m", "visalign.cli", "train", "flow-grpo", "--config", config]
-    job = subprocess.Popen([*argv, "--set", f"output_dir={out}", "max_steps=100000"], cwd=ROOT, stderr=subprocess.PIPE)
+    log = tmp_path / "stderr.log"  # a file, not a pipe: progress bars cannot fill a buffer and block the run
+    with log.open("wb") as stderr:
+        job = subprocess.Popen([*argv, "--set", f"output_dir={out}", "max_steps=100000"], cwd=ROOT, stderr=stderr)
     metrics, deadline = out / "metrics.jsonl", time.monotonic() + 300
     while not (metrics.exists() and metrics.read_text().count("\n") >= 2):  # two steps logged: it is training
-        assert job.poll() is None, job.stderr.read().decode()[-2000:]
+        assert job.poll() is None, log.read_text()[-2000:]
         if time.monotonic() > deadline:
             job.kill()
             pytest.fail("visalign train logged no two steps in 300 s")
