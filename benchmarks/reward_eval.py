@@ -2,7 +2,7 @@
 
     visalign bench reward --model world-clip --pretrained runs/world_reward --pairs heldout_pairs/ --out runs/eval
     visalign bench reward --model pickscore --pairs test.parquet --out runs/pickscore_eval
-    visalign bench reward --model visalign.reward_models.learned:LearnedReward --pretrained runs/aspects \\
+    visalign bench reward --model learned --pretrained runs/aspects \\
         --scores labelled/manifest.jsonl --aspects alignment aesthetic --out runs/aspects_eval
 
 Both images of a pair are scored with `reward.score`; the model's preference probability is the Bradley-Terry

@@ -17,7 +17,7 @@ trained parameters (`TrainedParts`: the chosen towers, the heads, the logit scal
 LoRA on the towers' linear layers (heads and logit scale then still train fully). At the end the reward is written
 into `output_dir` next to the engine's files, in the loaders' layouts (`visalign.reward_models.learned`), so
 `load_reward("world-clip", pretrained=output_dir)` (a transformers cosine reward) or
-`load_reward("visalign.reward_models.learned:LearnedReward", pretrained=output_dir)` (any kind) serves it.
+`load_reward("learned", pretrained=output_dir)` (any kind) serves it.
 
     visalign train reward --config configs/world_reward.yaml
 

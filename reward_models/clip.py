@@ -34,6 +34,7 @@ from visalign.reward_models.loading import (
     load_mapped_state_dict,
     load_tokenizer,
     load_transformers_model,
+    refuse_learned_head,
     resolve_file,
     resolve_folder,
 )
@@ -229,6 +230,7 @@ class PickScore(CLIPScorer):
 
         `processor`: where the tokenizer comes from; PickScore's README takes it from the base LAION CLIP-H repo.
         """
+        refuse_learned_head(pretrained, what=cls.name)
         model = load_transformers_clip(pretrained or PICKSCORE, dtype, what="PickScore")
         return cls(model, load_clip_tokenizer(processor, what="PickScore (processor)")).eval()
 

@@ -23,7 +23,7 @@ import open_clip
 import torch
 
 from visalign.reward_models.clip import CLIPScorer, load_open_clip
-from visalign.reward_models.loading import resolve_file
+from visalign.reward_models.loading import refuse_learned_head, resolve_file
 from visalign.reward_models.preprocess import ImageTransform
 
 HPS_REPO = "xswu/HPSv2"
@@ -79,6 +79,7 @@ class HPSv2(CLIPScorer):
         if version not in HPS_FILES:
             raise ValueError(f"`version` must be one of {sorted(HPS_FILES)}, got {version!r}")
         what = f"HPS{version}"
+        refuse_learned_head(pretrained, what=what)
         path = resolve_file(pretrained or HPS_REPO, HPS_FILES[version], what=what)
         model, tokenizer = load_open_clip(path, architecture, dtype, key="state_dict", what=what)
         return cls(model, tokenizer, version=version).eval()

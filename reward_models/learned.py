@@ -21,7 +21,8 @@ gives per-patch logits for each named map; the served `heatmaps` are their sigmo
 - open_clip backbone: `HPS_v2.1_compressed.pt` (`{"state_dict": ...}`), read by `load_reward("hpsv2.1",
   pretrained=folder, architecture=...)`.
 - every kind: `reward.json` and `reward_heads.safetensors`; `LearnedReward.from_pretrained(folder)`
-  (`load_reward("visalign.reward_models.learned:LearnedReward", pretrained=folder)`) serves score, aspects and maps.
+  (`load_reward("learned", pretrained=folder)`) serves score, aspects and maps. The CLIP loaders (PickScore, the
+  world CLIP, HPSv2) refuse a folder whose head is not the cosine, which they would drop.
 """
 
 from __future__ import annotations

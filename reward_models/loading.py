@@ -201,6 +201,24 @@ def read_json(path: Path, *, what: str) -> dict[str, Any]:
     return data
 
 
+def refuse_learned_head(pretrained: str | Path | None, *, what: str) -> None:
+    """Raise when `pretrained` is a folder `visalign train reward` wrote with a head other than the cosine: a CLIP
+    loader would read its towers and serve their cosine, silently dropping the trained head."""
+    if pretrained is None:
+        return
+    folder = Path(pretrained)
+    folder = folder.parent if folder.is_file() else folder
+    meta_path = folder / "reward.json"  # `visalign.reward_models.learned.REWARD_FILE`
+    if not meta_path.is_file():
+        return
+    heads = read_json(meta_path, what=what).get("heads", {})
+    if heads.get("head", "cosine") != "cosine":
+        raise ValueError(
+            f"{what}: {meta_path} describes a learned reward with a {heads['head']!r} head, which this loader "
+            f'would drop (it serves the CLIP cosine); load it with load_reward("learned", pretrained={str(folder)!r})'
+        )
+
+
 def cast_backbone(model: nn.Module, dtype: torch.dtype | None, keep_float32: Iterable[str] = ()) -> nn.Module:
     """Cast `model` to `dtype` (None keeps float32), keeping the named parameters float32 at full precision.
 

@@ -239,6 +239,21 @@ def test_head_only_mlp_trains_the_head_only_and_loads_as_the_aesthetic_predictor
     assert "cosine" not in _scores(trainer.reward, red, prompts).aspects  # an image-only head never reads text
 
 
+def test_a_prompt_reading_mlp_head_loads_as_learned_and_the_clip_loaders_refuse_it(tmp_path, clip_folder, red_pairs):
+    """The CLIP loaders (PickScore, the world CLIP, HPSv2) serve the towers' cosine: on a folder whose trained head
+    is an MLP they would silently drop it, so they name `reward.json` and the loader that serves it."""
+    config = _config(tmp_path, pretrained_model_name_or_path=clip_folder, train_data=red_pairs, head="mlp")
+    trainer = RewardTrainer.from_config(config)
+    trainer.train()
+    red, _ = red_blue_images(4, seed=5)
+    prompts = ["a red square"] * 4
+    loaded = load_reward("learned", pretrained=config.output_dir)
+    assert torch.allclose(_scores(loaded, red, prompts).score, _scores(trainer.reward, red, prompts).score, atol=1e-5)
+    for name, options in (("pickscore", {"processor": config.output_dir}), ("world-clip", {}), ("hpsv2.1", {})):
+        with pytest.raises(ValueError, match=r"reward\.json describes a learned reward with a 'mlp' head.*learned"):
+            load_reward(name, pretrained=config.output_dir, **options)
+
+
 def test_open_clip_backbone_trains_with_lora_and_loads_as_hpsv2(tmp_path, red_pairs):
     save_hps(tmp_path / "hps")
     config = _config(

@@ -105,6 +105,8 @@ class RewardModel(nn.Module):
 # Registry: names -> "module:Class" (optionally with default options). Classes load through `from_pretrained`.
 REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "world-verifier": "visalign.world.rewards:WorldVerifierReward",
+    # Flow-GRPO's partial GenEval score on the world (exact counts): what Flow-GRPO trains on
+    "world-verifier-partial": ("visalign.world.rewards:WorldVerifierReward", {"score": "partial"}),
     "world-defects": "visalign.world.rewards:WorldDefectsReward",
     "world-clip": "visalign.reward_models.clip:WorldCLIPReward",
     "pickscore": "visalign.reward_models.clip:PickScore",
@@ -138,6 +140,8 @@ REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
         {"reward": "world-defects", "num_frames": None},
     ),
     "geneval": "visalign.reward_models.geneval:GenEvalReward",
+    # a reward `visalign train reward` wrote (any head: score, aspects, heatmaps); `pretrained` is its folder
+    "learned": "visalign.reward_models.learned:LearnedReward",
     "ocr": "visalign.reward_models.ocr:OCRReward",
 }
 
