@@ -19,7 +19,7 @@ from visalign.world.scenes import (
     render,
     render_prompt,
 )
-from visalign.world.verifier import detect, verify
+from visalign.world.verifier import Detection, detect, partial_score, verify
 
 
 def test_captions_parse_back_exactly():
@@ -90,6 +90,59 @@ def test_world_verifier_reward_through_registry():
         reward(pixels, texts[:1])
     with pytest.raises(ValueError, match="shapes-world"):
         reward(pixels, ["a cat", "a dog"])
+
+
+def test_partial_score_equals_flow_grpos_geneval_reward_on_the_same_detections():
+    """The world's partial score against `geneval_reward` (Flow-GRPO's reward server, tested on its own) on random
+    detections, the world prompt written as GenEval metadata: same strict-count terms, color and position terms.
+    Objects sit on one row or one column, where GenEval's relations and the world's margins agree."""
+    from visalign.reward_models.geneval_rules import Detection as GenEvalDetection
+    from visalign.reward_models.geneval_rules import GenEvalRules, geneval_reward
+
+    relations = {"to the left of": "left of", "to the right of": "right of", "above": "above", "below": "below"}
+
+    def as_spec(p: Prompt) -> dict:
+        clauses = [{"class": o.shape, "count": o.count} | ({"color": o.color} if o.color else {}) for o in p.objects]
+        if p.relation is not None:  # GenEval lists the target first, the subject with its position second
+            clauses = [clauses[1], clauses[0] | {"position": [relations[p.relation], 0]}]
+        return {"tag": p.category, "include": clauses}
+
+    rng = np.random.default_rng(0)
+    prompts = list(all_prompts().values())
+    seen = set()
+    for _ in range(600):
+        p = prompts[rng.integers(len(prompts))]
+        shapes = [o.shape for o in p.objects] + ["circle", "square", "triangle"]
+        colors = [o.color or "red" for o in p.objects] + ["red", "blue", "green"]
+        slots = rng.permutation(8)[: rng.integers(0, 6)]
+        row = rng.random() < 0.5
+        dets = [
+            Detection(
+                shapes[rng.integers(len(shapes))],
+                colors[rng.integers(len(colors))],
+                *((4 * k, 16) if row else (16, 4 * k)),
+                9,
+            )
+            for k in slots
+        ]
+        theirs = [GenEvalDetection(d.shape, 1.0, (d.x - 1, d.y - 1, d.x + 1, d.y + 1), d.color) for d in dets]
+        strict, expected, _ = geneval_reward(as_spec(p), theirs, GenEvalRules())
+        assert partial_score(dets, p) == pytest.approx(expected, abs=1e-12), (p.text, dets)
+        seen.add((p.category, strict, expected < 0))
+    assert {c for c, _, _ in seen} == set(CATEGORIES) and {s for _, s, _ in seen} == {True, False}
+    assert any(negative for _, _, negative in seen)
+
+
+def test_world_verifier_partial_score_punishes_extra_objects_that_the_fraction_accepts():
+    reward, partial = visalign.load_reward("world-verifier"), visalign.load_reward("world-verifier-partial")
+    one = render([Placed("circle", "red", 10, 16, 4)])
+    two = render([Placed("circle", "red", 8, 16, 4), Placed("circle", "red", 24, 16, 4)])
+    pixels, texts = torch.from_numpy(np.stack([one, two])), ["a red circle"] * 2
+    assert reward(pixels, texts).score.tolist() == [1.0, 1.0]  # GenEval's rule: at least one
+    assert partial(pixels, texts).score.tolist() == [1.0, 0.0]  # Flow-GRPO's: exactly one (count 0, color 0)
+    assert torch.equal(partial(pixels, texts).aspects["correct"], reward(pixels, texts).aspects["correct"])
+    with pytest.raises(ValueError, match="score"):
+        visalign.load_reward("world-verifier", score="strict")
 
 
 def test_world_defects_heatmap_is_dense_and_differentiable():

@@ -2,7 +2,10 @@
 
 - `world-verifier`: the fraction of the prompt's clauses that hold (not differentiable). Aspects: `correct`
   (all clauses hold) and one per clause kind (`object`, `color`, `count`, `position`): the fraction of that kind
-  that holds, 1 when the prompt has none of that kind (nothing to violate).
+  that holds, 1 when the prompt has none of that kind (nothing to violate). `score="partial"` (registered as
+  `world-verifier-partial`) scores Flow-GRPO's partial GenEval score instead (`verifier.partial_score`: exact
+  counts, so extra objects of a requested shape cost reward), the score Flow-GRPO trains on; on the shipped
+  world model Flow-GRPO and Diffusion-DPO lose held-out accuracy on it (README, "What it does on the shapes world").
 - `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
   nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
 - `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore; a CLIP reward, so
@@ -19,23 +22,33 @@ from torch import Tensor
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput
 from visalign.world.scenes import BACKGROUND, COLORS, parse_prompt
-from visalign.world.verifier import verify
+from visalign.world.verifier import partial_score, verify
 
 CLAUSE_KINDS = ("object", "color", "count", "position")
 
 
 class WorldVerifierReward(RewardModel):
-    """Verifiable reward: fraction of satisfied clauses of a world prompt."""
+    """Verifiable reward: fraction of satisfied clauses of a world prompt (`score="fraction"`), or Flow-GRPO's
+    partial GenEval score on the world's detections (`score="partial"`)."""
 
     name = "world-verifier"
     differentiable = False
     aspect_names = ("correct", *CLAUSE_KINDS)
+    scores = ("fraction", "partial")
+
+    def __init__(self, score: str = "fraction") -> None:
+        super().__init__()
+        if score not in self.scores:
+            raise ValueError(f"`score` must be one of {self.scores}, got {score!r}")
+        self.score_name = score
 
     @classmethod
-    def from_pretrained(cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None) -> RewardModel:
+    def from_pretrained(
+        cls, pretrained: str | None = None, *, dtype: torch.dtype | None = None, score: str = "fraction"
+    ) -> RewardModel:
         if pretrained is not None:
             raise ValueError("`pretrained` must be None: the world verifier has no weights")
-        return cls()
+        return cls(score)
 
     @torch.no_grad()
     def _score(self, pixels: Tensor, prompts: list[str]) -> RewardOutput:
@@ -50,8 +63,12 @@ class WorldVerifierReward(RewardModel):
                 for v in verdicts
             ]
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=pixels.device)  # noqa: E731
+        if self.score_name == "partial":
+            score = [partial_score(v.detections, p) for v, p in zip(verdicts, parsed)]
+        else:
+            score = [v.fraction for v in verdicts]
         return RewardOutput(
-            as_tensor([v.fraction for v in verdicts]),
+            as_tensor(score),
             {k: as_tensor(v) for k, v in aspects.items()},
             extras={"reasons": [v.reason for v in verdicts]},
         )

@@ -132,3 +132,38 @@ def verify(image: np.ndarray, prompt: Prompt) -> Verdict:
         ok = any(_relation(da, db, prompt.relation) for da, db in pairs)
         clauses.append(("position", ok, f"{a.noun()} {prompt.relation} {b.noun()}: {'yes' if ok else 'no'}"))
     return Verdict(tuple(clauses), tuple(dets))
+
+
+def partial_score(detections: tuple[Detection, ...] | list[Detection], prompt: Prompt) -> float:
+    """Flow-GRPO's partial GenEval score (its reward server's `evaluate_reward`, the score Flow-GRPO trains on),
+    read on the world's detections: `visalign.reward_models.geneval_rules.geneval_reward`'s terms, per object.
+
+    Each requested object wants exactly `count` objects of its shape (1 outside counting): a term
+    `1 - |count - n| / count` (negative when far over), then, if the count is wrong, a 0 for its color or position;
+    else its color on `1 - |count - n_color| / count`, and its relation to the other object's shapes (objects[0] is
+    the subject) a 0 when any pair fails and a 1 in every case (the reference appends both). The mean of the terms.
+    Unlike `verify` (GenEval's rule: at least one), extra objects of a requested shape lower it.
+    """
+    terms: list[float] = []
+    found: list[list[Detection]] = []
+    matched: list[bool] = []
+    for i, o in enumerate(prompt.objects):
+        same_shape = [d for d in detections if d.shape == o.shape]
+        ok = len(same_shape) == o.count
+        terms.append(1 - abs(o.count - len(same_shape)) / o.count)
+        if not ok:
+            terms += [0.0] * (o.color is not None or (prompt.relation is not None and i == 0))
+        elif o.color is not None:
+            n = sum(d.color == o.color for d in same_shape)
+            terms.append(1 - abs(o.count - n) / o.count)
+            ok = n == o.count
+        found.append(same_shape)
+        matched.append(ok)
+    if prompt.relation is not None and matched[0]:
+        if not matched[1]:
+            terms.append(0.0)  # no target group
+        else:
+            if not all(_relation(a, b, prompt.relation) for a in found[0] for b in found[1]):
+                terms.append(0.0)
+            terms.append(1.0)
+    return sum(terms) / len(terms)
