@@ -8,13 +8,16 @@ by the reward-hacking monitor.
    the world CLIP fine-tuned on verifier-labelled pairs with a fraction of the labels flipped, evaluated on clean
    held-out pairs of test-split prompts (accuracy with and without ties, per kind: rendered or generated), beside
    the untrained world CLIP on the same pairs. The held-out pairs are saved (`<output_dir>/heldout_pairs`) and
-   `visalign bench reward` evaluates the learned reward on those files (`results/world_reward_eval/`: the report and
-   the reliability plot).
+   `visalign bench reward` evaluates the learned reward on those files (the report and the reliability plot in
+   `<output>_eval/` beside `--output`: `results/world_reward_eval/`).
 2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml`) with the learned reward as the
    training reward and the verifier as the gold reward, which the policy never optimizes: the held-out verifier
    accuracy before and after (GenEval protocol, as `benchmarks/world_alignment.py`), and the trainer's
    `RewardMonitor` over every rollout (learned vs gold, the summary and plot). `--reward-dir DIR` skips stage 1,
-   keeping the stage-1 record already in `--output`.
+   keeping the stage-1 record already in `--output`; `--untrained-reward` skips it and aligns against the untrained
+   world CLIP instead, the comparison the learned reward must beat (same recipe and budget):
+
+    python benchmarks/world_reward.py --untrained-reward --output benchmarks/results/world_reward_untrained.json
 
 CPU minutes are this process's CPU time (all threads) per stage; wall minutes beside them.
 """
@@ -23,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import shlex
 import sys
@@ -51,8 +55,8 @@ class Clock:
         }
 
 
-def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any], str]:
-    """Stage 1; returns its record and the trained reward's folder."""
+def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tuple[dict[str, Any], str]:
+    """Stage 1; returns its record and the trained reward's folder. `visalign bench reward` writes to `bench_out`."""
     import torch
 
     from visalign.benchmarks.reward_eval import evaluate_reward
@@ -74,10 +78,10 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
     decided = gold != 0.5
     base = evaluate_reward(load_reward("world-clip"), heldout)["metrics"]
     history = trainer.train()
-    learned = evaluate_reward(load_reward("world-clip", pretrained=config.output_dir), heldout)["metrics"]
+    learned = evaluate_reward(load_reward("learned", pretrained=config.output_dir), heldout)["metrics"]
     pairs = save_pairs(heldout.pairs, Path(config.output_dir) / "heldout_pairs")  # 8-bit PNGs: the CLI reads files
-    bench = ["bench", "reward", "--model", "world-clip", "--pretrained", config.output_dir, "--pairs", str(pairs)]
-    bench += ["--out", "benchmarks/results/world_reward_eval"]
+    bench = ["bench", "reward", "--model", "learned", "--pretrained", config.output_dir, "--pairs", str(pairs)]
+    bench += ["--out", os.path.relpath(bench_out)]
     if visalign_main(bench) != 0:
         raise RuntimeError(f"`visalign {shlex.join(bench)}` failed")
     record = {
@@ -108,29 +112,28 @@ def train_reward(config_path: str, overrides: list[str]) -> tuple[dict[str, Any]
     return record, config.output_dir
 
 
-def align(config_path: str, overrides: list[str], reward_dir: str, plot: Path) -> dict[str, Any]:
-    """Stage 2: Flow-GRPO against the learned reward with the verifier as the monitored gold reward."""
+def align(config_path: str, overrides: list[str], reward_dir: str | None, plot: Path) -> dict[str, Any]:
+    """Stage 2: Flow-GRPO against the learned reward (the untrained world CLIP when `reward_dir` is None) with the
+    verifier as the monitored gold reward."""
     from visalign.config import config_to_dict, load_config
     from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
 
-    fixed = [
-        "reward=world-clip",
-        f"reward_pretrained={reward_dir}",
-        "external_reward=world-verifier",
-        "report_to=none",
-    ]
+    fixed = ["reward=world-clip", "external_reward=world-verifier", "report_to=none"]
+    if reward_dir is not None:  # the learned reward's own loader serves whatever head it was trained with
+        fixed[:1] = ["reward=learned", f"reward_pretrained={reward_dir}"]
     config = load_config(FlowGRPOConfig, config_path, fixed + overrides)
     clock = Clock()
     trainer = FlowGRPOTrainer.from_config(config)  # the external reward is the monitor's gold reward
     history = trainer.train()
-    plot.write_text(trainer.monitor.plot("Flow-GRPO on the learned world reward: learned vs verifier").svg)
+    trained = "the learned world reward" if reward_dir is not None else "the untrained world CLIP"
+    plot.write_text(trainer.monitor.plot(f"Flow-GRPO on {trained}: its reward vs the verifier").svg)
     from visalign.benchmarks.world_alignment import before_after
     from visalign.world.evaluate import heldout_prompts
 
     family = str(config.pretrained_model_name_or_path).removeprefix("world:")
     geneval = before_after(family, Path(config.output_dir) / "final", heldout_prompts(), images_per_prompt=4)
     evals = [h for h in history if "eval/world-verifier/correct" in h]
-    keys = ["eval/world-verifier/correct", "eval/world-verifier", "eval/world-clip"]
+    keys = ["eval/world-verifier/correct", "eval/world-verifier", "eval/world-clip", "eval/learned"]
     return {
         "command": f"visalign train flow-grpo --config {config_path}"
         + "".join(f" --set {o}" for o in fixed + overrides),
@@ -160,6 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--grpo-set", nargs="*", default=[], metavar="KEY=VALUE", help="Flow-GRPO config overrides")
     parser.add_argument("--skip-grpo", action="store_true", help="stage 1 only")
     parser.add_argument("--reward-dir", default=None, help="skip stage 1: align with this trained reward")
+    parser.add_argument(
+        "--untrained-reward", action="store_true", help="skip stage 1: align with the untrained world CLIP"
+    )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(RESULTS / "world_reward.json"))
     args = parser.parse_args(argv)
@@ -172,8 +178,14 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d %H:%M"),
         "threads": args.threads,
     }
-    if args.reward_dir is None:
-        result["reward_model"], reward_dir = train_reward(args.config, args.set)
+    if args.untrained_reward and (args.reward_dir or args.skip_grpo):
+        parser.error("--untrained-reward aligns against the untrained world CLIP: drop --reward-dir and --skip-grpo")
+    if args.untrained_reward:
+        result["reward_model"], reward_dir = {"untrained_world_clip": "world:clip, no reward training"}, None
+    elif args.reward_dir is None:
+        result["reward_model"], reward_dir = train_reward(
+            args.config, args.set, output.with_name(output.stem + "_eval")
+        )
     else:
         result["reward_model"], reward_dir = json.loads(output.read_text())["reward_model"], args.reward_dir
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -184,8 +196,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         output.write_text(json.dumps(result, indent=2))
     stage = result["reward_model"]
-    print("held-out pairs, untrained world CLIP:", json.dumps(stage["untrained_world_clip"]))
-    print("held-out pairs, learned reward:", json.dumps(stage["learned_reward"]))
+    if "learned_reward" in stage:
+        print("held-out pairs, untrained world CLIP:", json.dumps(stage["untrained_world_clip"]))
+        print("held-out pairs, learned reward:", json.dumps(stage["learned_reward"]))
     if "alignment" in result:
         print(
             "Flow-GRPO:", json.dumps(result["alignment"]["heldout_accuracy_geneval"]), result["alignment"]["minutes"]
