@@ -181,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.untrained_reward and (args.reward_dir or args.skip_grpo):
         parser.error("--untrained-reward aligns against the untrained world CLIP: drop --reward-dir and --skip-grpo")
     if args.untrained_reward:
-        result["reward_model"], reward_dir = {"untrained_world_clip": "world:clip, no reward training"}, None
+        result["reward_model"], reward_dir = {"reward": "world-clip, untrained (no stage 1)"}, None
     elif args.reward_dir is None:
         result["reward_model"], reward_dir = train_reward(
             args.config, args.set, output.with_name(output.stem + "_eval")

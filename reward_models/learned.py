@@ -50,13 +50,18 @@ from visalign.reward_models.clip import (
     load_transformers_clip,
 )
 from visalign.reward_models.hps import HPS_FILES
-from visalign.reward_models.loading import load_checkpoint, load_mapped_state_dict, read_json, resolve_folder
+from visalign.reward_models.loading import (
+    REWARD_FILE,
+    load_checkpoint,
+    load_mapped_state_dict,
+    read_json,
+    resolve_folder,
+)
 from visalign.reward_models.preprocess import ImageTransform
 from visalign.types import RewardOutput
 
 HEADS = ("cosine", "mlp", "aspects")
 HEAD_INPUTS = ("image", "image_text")
-REWARD_FILE = "reward.json"
 HEADS_FILE = "reward_heads.safetensors"
 OPEN_CLIP_FILE = HPS_FILES["v2.1"]
 

@@ -201,6 +201,9 @@ def read_json(path: Path, *, what: str) -> dict[str, Any]:
     return data
 
 
+REWARD_FILE = "reward.json"  # what `visalign train reward` writes beside a learned reward's weights (`learned.py`)
+
+
 def refuse_learned_head(pretrained: str | Path | None, *, what: str) -> None:
     """Raise when `pretrained` is a folder `visalign train reward` wrote with a head other than the cosine: a CLIP
     loader would read its towers and serve their cosine, silently dropping the trained head."""
@@ -208,7 +211,7 @@ def refuse_learned_head(pretrained: str | Path | None, *, what: str) -> None:
         return
     folder = Path(pretrained)
     folder = folder.parent if folder.is_file() else folder
-    meta_path = folder / "reward.json"  # `visalign.reward_models.learned.REWARD_FILE`
+    meta_path = folder / REWARD_FILE
     if not meta_path.is_file():
         return
     heads = read_json(meta_path, what=what).get("heads", {})
