@@ -10,8 +10,9 @@ by the reward-hacking monitor.
    the untrained world CLIP on the same pairs. The held-out pairs are saved (`<output_dir>/heldout_pairs`) and
    `visalign bench reward` evaluates the learned reward on those files (the report and the reliability plot in
    `<output>_eval/` beside `--output`: `results/world_reward_eval/`).
-2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml`) with the learned reward as the
-   training reward and the verifier as the gold reward, which the policy never optimizes: the held-out verifier
+2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml` cut to 40 steps at a constant
+   learning rate, the budget of the recorded runs) with the learned reward as the training reward and the verifier
+   as the gold reward, which the policy never optimizes: the held-out verifier
    accuracy before and after (GenEval protocol, as `benchmarks/world_alignment.py`), and the trainer's
    `RewardMonitor` over every rollout (learned vs gold, the summary and plot). `--reward-dir DIR` skips stage 1,
    keeping the stage-1 record already in `--output`; `--untrained-reward` skips it and aligns against the untrained
@@ -119,6 +120,7 @@ def align(config_path: str, overrides: list[str], reward_dir: str | None, plot: 
     from visalign.pipelines.grpo import FlowGRPOConfig, FlowGRPOTrainer
 
     fixed = ["reward=world-clip", "external_reward=world-verifier", "report_to=none"]
+    fixed += ["max_steps=40", "lr_scheduler=constant"]  # the recorded runs' budget (the recipe before its cosine)
     if reward_dir is not None:  # the learned reward's own loader serves whatever head it was trained with
         fixed[:1] = ["reward=learned", f"reward_pretrained={reward_dir}"]
     config = load_config(FlowGRPOConfig, config_path, fixed + overrides)

@@ -52,14 +52,16 @@ def test_demo_length_defaults_per_method_and_max_steps_overrides(tmp_path):
         ["--method", "pref-grpo"],
         ["--method", "diffusion-dpo"],
         ["--method", "flow-grpo", "--max-steps", "7"],
+        ["--method", "flow-grpo", "--set", "lr_scheduler=cosine"],
     ):
         config, family = _config(parser.parse_args(argv), tmp_path / "slice.txt", tmp_path / "run")
-        lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family)
+        lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family, config.lr_scheduler)
     # Flow-GRPO's and Pref-GRPO's recipe steps hold 128 samples each, so their demo is 30 of them; the others keep
-    # the longer default
+    # the longer default; the recipes' cosine decay gives way to their constant peak rate unless `--set` asks for it
     assert lengths == {
-        "--method flow-grpo": (30, 15, "sd3"),
-        "--method pref-grpo": (30, 15, "sd3"),
-        "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3"),
-        "--method flow-grpo --max-steps 7": (7, 3, "sd3"),
+        "--method flow-grpo": (30, 15, "sd3", "constant"),
+        "--method pref-grpo": (30, 15, "sd3", "constant"),
+        "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3", "constant"),
+        "--method flow-grpo --max-steps 7": (7, 3, "sd3", "constant"),
+        "--method flow-grpo --set lr_scheduler=cosine": (30, 15, "sd3", "cosine"),
     }

@@ -19,7 +19,7 @@ from visalign.world.scenes import (
     render,
     render_prompt,
 )
-from visalign.world.verifier import Detection, detect, partial_score, verify
+from visalign.world.verifier import Detection, detect, exact_fraction, partial_score, verify
 
 
 def test_captions_parse_back_exactly():
@@ -128,6 +128,10 @@ def test_partial_score_equals_flow_grpos_geneval_reward_on_the_same_detections()
         theirs = [GenEvalDetection(d.shape, 1.0, (d.x - 1, d.y - 1, d.x + 1, d.y + 1), d.color) for d in dets]
         strict, expected, _ = geneval_reward(as_spec(p), theirs, GenEvalRules())
         assert partial_score(dets, p) == pytest.approx(expected, abs=1e-12), (p.text, dets)
+        # the exact clause fraction: all clauses hold iff GenEval's strict rule holds (prompts naming a shape
+        # twice aside: GenEval's reward then wants one of that shape per clause, never satisfiable)
+        if len({o.shape for o in p.objects}) == len(p.objects):
+            assert (exact_fraction(dets, p) == 1.0) == strict, (p.text, dets)
         seen.add((p.category, strict, expected < 0))
     assert {c for c, _, _ in seen} == set(CATEGORIES) and {s for _, s, _ in seen} == {True, False}
     assert any(negative for _, _, negative in seen)
@@ -141,6 +145,7 @@ def test_world_verifier_partial_score_punishes_extra_objects_that_the_fraction_a
     assert reward(pixels, texts).score.tolist() == [1.0, 1.0]  # GenEval's rule: at least one
     assert partial(pixels, texts).score.tolist() == [1.0, 0.0]  # Flow-GRPO's: exactly one (count 0, color 0)
     assert torch.equal(partial(pixels, texts).aspects["correct"], reward(pixels, texts).aspects["correct"])
+    assert visalign.load_reward("world-verifier-exact")(pixels, texts).score.tolist() == [1.0, 0.0]
     with pytest.raises(ValueError, match="score"):
         visalign.load_reward("world-verifier", score="strict")
 
@@ -302,3 +307,13 @@ def test_load_generator_loads_a_trained_lora_into_the_world_model(tmp_path):
         outputs = [p.unet(x, t, text).sample for p in (trained, loaded, base)]
     torch.testing.assert_close(outputs[1], outputs[0])
     assert not torch.allclose(outputs[1], outputs[2])
+
+
+def test_exact_fraction_counts_a_shape_asked_for_twice_and_fails_only_the_overdrawn_clause():
+    p = parse_prompt("a red circle to the left of a blue circle")
+    left, right = Detection("circle", "red", 8, 16, 9), Detection("circle", "blue", 24, 16, 9)
+    extra = Detection("circle", "red", 16, 28, 9)
+    assert exact_fraction([left, right], p) == 1.0
+    assert exact_fraction([left, right, extra], p) == pytest.approx(1 / 3)  # both circle clauses over, relation ok
+    assert exact_fraction([right, Detection("circle", "red", 30, 16, 9)], p) == pytest.approx(2 / 3)  # red right
+    assert exact_fraction([left, right, Detection("square", "red", 16, 4, 9)], p) == 1.0  # other shapes are free

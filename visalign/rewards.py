@@ -107,6 +107,8 @@ REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     "world-verifier": "visalign.world.rewards:WorldVerifierReward",
     # Flow-GRPO's partial GenEval score on the world (exact counts): what Flow-GRPO trains on
     "world-verifier-partial": ("visalign.world.rewards:WorldVerifierReward", {"score": "partial"}),
+    # the clause fraction with those exact counts (extra objects of a requested shape fail their clause)
+    "world-verifier-exact": ("visalign.world.rewards:WorldVerifierReward", {"score": "exact"}),
     "world-defects": "visalign.world.rewards:WorldDefectsReward",
     "world-clip": "visalign.reward_models.clip:WorldCLIPReward",
     "pickscore": "visalign.reward_models.clip:PickScore",

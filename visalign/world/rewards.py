@@ -6,6 +6,8 @@
   `world-verifier-partial`) scores Flow-GRPO's partial GenEval score instead (`verifier.partial_score`: exact
   counts, so extra objects of a requested shape cost reward), the score Flow-GRPO trains on; on the shipped
   world model Flow-GRPO and Diffusion-DPO lose held-out accuracy on it (README, "What it does on the shapes world").
+  `score="exact"` (`world-verifier-exact`) keeps the binary clauses and takes only the exact counts
+  (`verifier.exact_fraction`: an object clause fails when more objects of its shape are drawn than asked for).
 - `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
   nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
 - `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore; a CLIP reward, so
@@ -22,19 +24,19 @@ from torch import Tensor
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput
 from visalign.world.scenes import BACKGROUND, COLORS, parse_prompt
-from visalign.world.verifier import partial_score, verify
+from visalign.world.verifier import exact_fraction, partial_score, verify
 
 CLAUSE_KINDS = ("object", "color", "count", "position")
 
 
 class WorldVerifierReward(RewardModel):
-    """Verifiable reward: fraction of satisfied clauses of a world prompt (`score="fraction"`), or Flow-GRPO's
-    partial GenEval score on the world's detections (`score="partial"`)."""
+    """Verifiable reward: fraction of satisfied clauses of a world prompt (`score="fraction"`), the same with exact
+    counts (`score="exact"`), or Flow-GRPO's partial GenEval score on the world's detections (`score="partial"`)."""
 
     name = "world-verifier"
     differentiable = False
     aspect_names = ("correct", *CLAUSE_KINDS)
-    scores = ("fraction", "partial")
+    scores = ("fraction", "exact", "partial")
 
     def __init__(self, score: str = "fraction") -> None:
         super().__init__()
@@ -65,6 +67,8 @@ class WorldVerifierReward(RewardModel):
         as_tensor = lambda xs: torch.tensor(xs, dtype=torch.float32, device=pixels.device)  # noqa: E731
         if self.score_name == "partial":
             score = [partial_score(v.detections, p) for v, p in zip(verdicts, parsed)]
+        elif self.score_name == "exact":
+            score = [exact_fraction(v.detections, p) for v, p in zip(verdicts, parsed)]
         else:
             score = [v.fraction for v in verdicts]
         return RewardOutput(

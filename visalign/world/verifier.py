@@ -128,10 +128,37 @@ def verify(image: np.ndarray, prompt: Prompt) -> Verdict:
             clauses.append(("color" if o.color else "object", n >= 1, f"{n} {o.noun()} found"))
     if prompt.relation is not None:
         a, b = prompt.objects
-        pairs = [(da, db) for da in dets if _matches(da, a) for db in dets if _matches(db, b) and db is not da]
-        ok = any(_relation(da, db, prompt.relation) for da, db in pairs)
+        ok = _relation_holds(dets, prompt)
         clauses.append(("position", ok, f"{a.noun()} {prompt.relation} {b.noun()}: {'yes' if ok else 'no'}"))
     return Verdict(tuple(clauses), tuple(dets))
+
+
+def _relation_holds(detections: tuple[Detection, ...] | list[Detection], prompt: Prompt) -> bool:
+    """Some object matching the subject (objects[0]) stands in the prompt's relation to another matching objects[1]."""
+    a, b = prompt.objects
+    pairs = [(da, db) for da in detections if _matches(da, a) for db in detections if _matches(db, b) and db is not da]
+    return any(_relation(da, db, prompt.relation) for da, db in pairs)
+
+
+def exact_fraction(detections: tuple[Detection, ...] | list[Detection], prompt: Prompt) -> float:
+    """`verify`'s clause fraction with the exact counts of Flow-GRPO's GenEval reward (`partial_score`), binary.
+
+    An object clause holds when the image has exactly as many objects of its shape as the prompt asks for (its
+    `count`, 1 outside counting, summed over requested objects of that shape) and at least `count` of them in its
+    color; the relation clause is `verify`'s. The judge (`verify`, GenEval's rule) lets extra objects pass; this
+    score, like Flow-GRPO's but without its partial credit, does not.
+    """
+    wanted: dict[str, int] = {}
+    for o in prompt.objects:
+        wanted[o.shape] = wanted.get(o.shape, 0) + o.count
+    clauses = [
+        sum(d.shape == o.shape for d in detections) == wanted[o.shape]
+        and sum(_matches(d, o) for d in detections) >= o.count
+        for o in prompt.objects
+    ]
+    if prompt.relation is not None:
+        clauses.append(_relation_holds(detections, prompt))
+    return sum(clauses) / len(clauses)
 
 
 def partial_score(detections: tuple[Detection, ...] | list[Detection], prompt: Prompt) -> float:
