@@ -119,7 +119,11 @@ class FlowGRPOConfig(GeneratorConfig):
         default=0, metadata={"help": "SDE on this many consecutive steps, ODE elsewhere (0 = SDE everywhere)."}
     )
     sde_window_range: tuple[int, int] | None = field(
-        default=None, metadata={"help": "[lo, hi): where a window may lie (default [0, T // 2), Flow-GRPO-Fast)."}
+        default=None,
+        metadata={
+            "help": "[lo, hi): where a window may lie (default [0, T // 2), Flow-GRPO-Fast); TempFlow-GRPO: the steps "
+            "it may branch at (default all, [0, T - 1))."
+        },
     )
     same_noise: bool = field(default=False, metadata={"help": "The samples of a group share their initial noise."})
     group_size: int = field(default=24, metadata={"help": "Samples per prompt (G)."})

@@ -18,7 +18,8 @@ Everything else (rewards, advantages, clipped loss, KL, the engine) is `FlowGRPO
 sampling for branching and sets the paper's defaults.
 
 Deviations: `num_branch_steps > 0` branches at a random subset of steps per sampling batch (all processes
-alike) to fit CPU budgets (TeleBoost's "sampled_k"); the official run skips sampling in its first two epochs (we
+alike) to fit CPU budgets (TeleBoost's "sampled_k"), and `sde_window_range` limits branching to the steps [lo, hi)
+(default all); the official run skips sampling in its first two epochs (we
 do not); the KL convention is `exact` (the reference divides by the transition std, `sqrt(|dt|)` included). As in
 Flow-GRPO, the update detaches the unconditional CFG branch unless `cfg_backprop_uncond=True` (the official code
 is unreleased; its Flow-GRPO base detaches it).
@@ -73,7 +74,18 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
                 f"`num_branch_steps` must be in [0, {self.num_inference_steps - 1}] (0 = every step), "
                 f"got {self.num_branch_steps}"
             )
+        lo, hi = self.window_range
+        if not 0 <= lo < hi <= self.num_inference_steps - 1 or self.num_branch_steps > hi - lo:
+            raise ValueError(
+                f"`sde_window_range` [{lo}, {hi}) must lie within the trainable steps [0, "
+                f"{self.num_inference_steps - 1}) and hold `num_branch_steps` ({self.num_branch_steps}) steps"
+            )
         super().__post_init__()
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        """The steps branching may use: `sde_window_range`, or every trainable step."""
+        return self.sde_window_range or (0, self.num_inference_steps - 1)
 
 
 class TempFlowGRPOTrainer(FlowGRPOTrainer):
@@ -107,9 +119,10 @@ class TempFlowGRPOTrainer(FlowGRPOTrainer):
             )
 
     def branch_steps(self, iteration: int, batch: int) -> list[int]:
-        """Every step 0..T-2, or `num_branch_steps` of them at random (the same on every process)."""
+        """Every step of `window_range` (default 0..T-2), or `num_branch_steps` of them at random (the same on every
+        process)."""
         c = self.config
-        steps = list(range(c.num_inference_steps - 1))
+        steps = list(range(*c.window_range))
         if not c.num_branch_steps:
             return steps
         generator = seeded_generators([(c.seed, iteration, 4, batch)])[0]

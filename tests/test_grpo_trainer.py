@@ -258,6 +258,20 @@ def test_tempflow_grpo_with_random_branch_steps_per_batch(tmp_path):
     assert [m["step"] for m in history] == [1, 2]
 
 
+def test_tempflow_grpo_branches_only_within_sde_window_range(tmp_path):
+    kw = dict(cls=TempFlowGRPOConfig, num_inference_steps=6, group_size=2, sample_batch_size=1)
+    kw |= dict(per_device_train_batch_size=2, num_batches_per_iteration=2, gradient_accumulation_steps=2)
+    everywhere = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), grpo_config(tmp_path, **kw), PROMPTS)
+    assert everywhere.branch_steps(0, 0) == [0, 1, 2, 3, 4]
+    config = grpo_config(tmp_path / "a", **kw, sde_window_range=(1, 3), num_branch_steps=1)
+    trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    chosen = {tuple(trainer.branch_steps(i, b)) for i in range(8) for b in range(2)}
+    assert chosen == {(1,), (2,)}
+    config = grpo_config(tmp_path / "b", **kw, sde_window_range=(0, 1))
+    trainer = TempFlowGRPOTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    assert trainer.branch_steps(3, 1) == [0]
+
+
 def test_tempflow_noise_aware_weights_are_the_official_sd35m_constants(tmp_path):
     config = grpo_config(
         tmp_path,
@@ -335,6 +349,8 @@ def test_misconfigured_group_sizes_raise(tmp_path):
         (dict(bradley_terry_temperature=1.0), "win_rate"),
         (dict(cls=TempFlowGRPOConfig, sde_window_size=1), "branches instead"),
         (dict(cls=TempFlowGRPOConfig, num_branch_steps=3), "num_branch_steps"),
+        (dict(cls=TempFlowGRPOConfig, sde_window_range=(1, 1)), "sde_window_range"),
+        (dict(cls=TempFlowGRPOConfig, sde_window_range=(0, 1), num_branch_steps=2), "sde_window_range"),
     ],
 )
 def test_bad_configs_raise(tmp_path, kw, match):
