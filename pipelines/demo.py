@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 # method -> its bundled world recipe (`configs/`), which the demo cuts to `--max-steps`
-# (default `DEMO_STEPS`: the Flow-GRPO and Pref-GRPO recipes' steps are 128 samples each, the others' at most 32)
-DEMO_STEPS = {"flow-grpo": 30, "pref-grpo": 30}
+# (default `DEMO_STEPS`: the GRPO recipes' steps are 128 samples each, the others' at most 32)
+DEMO_STEPS = {"flow-grpo": 30, "pref-grpo": 30, "tempflow-grpo": 30}
 DEFAULT_STEPS = 120
 RECIPES = {
     "tempflow-grpo": "world_tempflow_grpo",

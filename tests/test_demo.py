@@ -50,17 +50,19 @@ def test_demo_length_defaults_per_method_and_max_steps_overrides(tmp_path):
     for argv in (
         ["--method", "flow-grpo"],
         ["--method", "pref-grpo"],
+        ["--method", "tempflow-grpo"],
         ["--method", "diffusion-dpo"],
         ["--method", "flow-grpo", "--max-steps", "7"],
         ["--method", "flow-grpo", "--set", "lr_scheduler=cosine"],
     ):
         config, family = _config(parser.parse_args(argv), tmp_path / "slice.txt", tmp_path / "run")
         lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family, config.lr_scheduler)
-    # Flow-GRPO's and Pref-GRPO's recipe steps hold 128 samples each, so their demo is 30 of them; the others keep
+    # the GRPO recipes' steps hold 128 samples each, so their demo is 30 of them; the others keep
     # the longer default; the recipes' cosine decay gives way to their constant peak rate unless `--set` asks for it
     assert lengths == {
         "--method flow-grpo": (30, 15, "sd3", "constant"),
         "--method pref-grpo": (30, 15, "sd3", "constant"),
+        "--method tempflow-grpo": (30, 15, "sd3", "constant"),
         "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3", "constant"),
         "--method flow-grpo --max-steps 7": (7, 3, "sd3", "constant"),
         "--method flow-grpo --set lr_scheduler=cosine": (30, 15, "sd3", "cosine"),

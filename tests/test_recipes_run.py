@@ -65,6 +65,8 @@ def tiny_overrides(method: str, config, tmp_path: Path) -> list[str]:
         values |= {"per_device_train_batch_size": rows, "gradient_accumulation_steps": 1}
         if method == "tempflow-grpo":
             values["num_branch_steps"] = 1
+            if config.sde_window_range:  # within the 4 steps' trainable [0, 3)
+                values["sde_window_range"] = f"[0,{min(config.sde_window_range[1], 3)}]"
         if config.reward_mode == "win_rate" and values.get("reward") == "world-verifier":
             values["bradley_terry_temperature"] = 0.1
     elif method == "diffusion-dpo":
