@@ -70,6 +70,7 @@ SMOKE: dict[str, Any] = {
     "per_device_train_batch_size": 4,
     "num_branch_steps": 2,
     "sde_window_size": 0,
+    "sde_window_range": None,  # a recipe's window or branch steps may not fit the 4 steps
     # Diffusion-DPO online pairs and PRDP epochs
     "prompts_per_round": 16,
     "num_images_per_prompt": 4,
