@@ -69,16 +69,16 @@ class TempFlowGRPOConfig(FlowGRPOConfig):
     def __post_init__(self) -> None:
         if self.sde_window_size:
             raise ValueError("TempFlow-GRPO branches instead of using an SDE window: set `sde_window_size` to 0")
-        if not 0 <= self.num_branch_steps <= self.num_inference_steps - 1:
-            raise ValueError(
-                f"`num_branch_steps` must be in [0, {self.num_inference_steps - 1}] (0 = every step), "
-                f"got {self.num_branch_steps}"
-            )
         lo, hi = self.window_range
-        if not 0 <= lo < hi <= self.num_inference_steps - 1 or self.num_branch_steps > hi - lo:
+        if not 0 <= lo < hi <= self.num_inference_steps - 1:
             raise ValueError(
-                f"`sde_window_range` [{lo}, {hi}) must lie within the trainable steps [0, "
-                f"{self.num_inference_steps - 1}) and hold `num_branch_steps` ({self.num_branch_steps}) steps"
+                f"`sde_window_range` [{lo}, {hi}) must be a non-empty part of the trainable steps "
+                f"[0, {self.num_inference_steps - 1})"
+            )
+        if not 0 <= self.num_branch_steps <= hi - lo:
+            raise ValueError(
+                f"`num_branch_steps` must be in [0, {hi - lo}] (0 = every step of [{lo}, {hi})), "
+                f"got {self.num_branch_steps}"
             )
         super().__post_init__()
 

@@ -350,7 +350,7 @@ def test_misconfigured_group_sizes_raise(tmp_path):
         (dict(cls=TempFlowGRPOConfig, sde_window_size=1), "branches instead"),
         (dict(cls=TempFlowGRPOConfig, num_branch_steps=3), "num_branch_steps"),
         (dict(cls=TempFlowGRPOConfig, sde_window_range=(1, 1)), "sde_window_range"),
-        (dict(cls=TempFlowGRPOConfig, sde_window_range=(0, 1), num_branch_steps=2), "sde_window_range"),
+        (dict(cls=TempFlowGRPOConfig, sde_window_range=(0, 1), num_branch_steps=2), r"num_branch_steps.*\[0, 1\]"),
     ],
 )
 def test_bad_configs_raise(tmp_path, kw, match):
