@@ -144,14 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     call_kwargs = pipeline_kwargs(defaults)
     pipe.set_progress_bar_config(disable=True)
     if args.reward == "learned":
-        clip = load_reward("learned", pretrained=args.reward_path)
+        reward = load_reward("learned", pretrained=args.reward_path)
     else:
-        clip = load_reward("world-clip", args.reward_path)
+        reward = load_reward("world-clip", args.reward_path)
     defects = load_reward("world-defects")
     objectives = {
-        args.reward: [RewardPart(clip, 1.0, name=args.reward)],
+        args.reward: [RewardPart(reward, 1.0, name=args.reward)],
         f"{args.reward}+{args.defects_weight:g}*world-defects": [
-            RewardPart(clip, 1.0, name=args.reward),
+            RewardPart(reward, 1.0, name=args.reward),
             RewardPart(defects, args.defects_weight, name="world-defects"),
         ],
     }
@@ -180,12 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         noises: list[torch.Tensor] = []
         images = torch.cat([run([texts[i] for i in c], [seeds[i] for i in c], noises) for c in chunks])
         with torch.no_grad():
-            clip_score = clip.score(images, texts).score.mean().item()
+            reward_score = reward.score(images, texts).score.mean().item()
         images_by_method[name] = images
         row = {
             "method": name,
             **judged(images),
-            f"mean_{args.reward.replace('-', '_')}": clip_score,
+            f"mean_{args.reward.replace('-', '_')}": reward_score,
             "cpu_minutes": (time.process_time() - cpu) / 60,
             "wall_minutes": (time.time() - start) / 60,
         }
