@@ -143,10 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     pipe, defaults = load_generator(args.model or f"world:{args.family}", device="cpu", dtype=torch.float32)
     call_kwargs = pipeline_kwargs(defaults)
     pipe.set_progress_bar_config(disable=True)
-    if args.reward == "learned":
-        reward = load_reward("learned", pretrained=args.reward_path)
-    else:
-        reward = load_reward("world-clip", args.reward_path)
+    reward = load_reward(args.reward, args.reward_path)
     defects = load_reward("world-defects")
     objectives = {
         args.reward: [RewardPart(reward, 1.0, name=args.reward)],
