@@ -59,7 +59,7 @@ from visalign.pipelines.grpo_loss import group_advantages, policy_loss, ratio_no
 from visalign.pipelines.grpo_rewards import score_rollout
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
-from visalign.sampling import kl_penalty, noise_aware_weights, step_std
+from visalign.sampling import check_sde_window, kl_penalty, noise_aware_weights, sde_window, step_std
 from visalign.world.evaluate import add_levels, category_sums
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -190,12 +190,7 @@ class FlowGRPOConfig(GeneratorConfig):
             raise ValueError(f"`timestep_fraction` must be in (0, 1], got {self.timestep_fraction}")
         if self.num_inference_steps < 2:
             raise ValueError("`num_inference_steps` must be >= 2: the last step is never trained")
-        lo, hi = self.window_range
-        if self.sde_window_size and not (0 <= lo and lo + self.sde_window_size <= hi <= self.num_inference_steps - 1):
-            raise ValueError(
-                f"an SDE window of {self.sde_window_size} steps must fit in `sde_window_range` [{lo}, {hi}) within "
-                f"the trainable steps [0, {self.num_inference_steps - 1})"
-            )
+        check_sde_window(self.sde_window_size, self.window_range, self.num_inference_steps)
         if self.bradley_terry_temperature is not None and not (
             self.reward_mode == "win_rate" and self.bradley_terry_temperature > 0
         ):
@@ -435,12 +430,7 @@ class FlowGRPOTrainer(TrainingLoop):
     def noise_window(self, iteration: int, batch: int) -> list[int] | None:
         """The SDE steps of a batch: all (None), or `sde_window_size` consecutive ones placed at random."""
         c = self.config
-        if not c.sde_window_size:
-            return None
-        lo, hi = c.window_range
-        generator = seeded_generators([(c.seed, iteration, 2, batch)])[0]
-        start = lo + int(torch.randint(hi - lo - c.sde_window_size + 1, (1,), generator=generator))
-        return list(range(start, start + c.sde_window_size))
+        return sde_window(c.sde_window_size, c.window_range, seeded_generators([(c.seed, iteration, 2, batch)])[0])
 
     def advantages(self, rollout: Rollout, rewards: Tensor) -> tuple[Tensor, dict[str, float]]:
         """Group advantages over every process's rewards; returns this process's `[N]` and metrics."""

@@ -16,11 +16,13 @@ per sampled epoch where the paper's full-batch steps are too slow. A `max_steps`
 (the epoch's remaining steps are skipped).
 
 Sampling: DDIM with `eta = 1` (the paper's DDPM sampler), classifier-free guidance in the policy (log-probs of the
-guided mean), per-step log-probs as element means (`visalign.sampling.ddim_step`, DDPO's convention); flow models
-(SD3, FLUX, Qwen-Image, Wan) use Flow-GRPO's SDE (`sde_kind`), a port the paper does not make; both are the family
-adapter's one sampler (`visalign.generators`). `pi_ref` is the model with adapters disabled (or the frozen initial
-copy). The paper's `beta` (3e-5 / 3e-6) and `clip_range` (1e-6 / 1e-4) belong to its own, unstated, log-prob
-reduction: tune both for ours.
+guided mean), per-step log-probs as element means (`visalign.sampling.ddim_step`, DDPO's convention); flow models (SD3,
+FLUX, Qwen-Image, Wan) use Flow-GRPO's SDE (`sde_kind`), a port the paper does not make; both are the family adapter's
+one sampler (`visalign.generators`). `sde_window_size` / `sde_window_range` / `same_noise` take Flow-GRPO-Fast's window
+(the GRPO trainer's names and meaning): each epoch only that window's steps are noisy, and only they are trained; with
+`same_noise` a prompt's trajectories share their initial noise. `pi_ref` is the model with adapters disabled (or the
+frozen initial copy). The paper's `beta` (3e-5 / 3e-6) and `clip_range` (1e-6 / 1e-4) belong to its own, unstated,
+log-prob reduction: tune both for ours.
 
 The gradient is exact and memory-light: the loss depends on the parameters only through the `[N, T]` log-probs, so
 one pass without gradient gives the log-probs and `g = dL / d log_prob` (autograd on a leaf), and a second pass
@@ -45,7 +47,7 @@ from visalign.loading import load_generator
 from visalign.pipelines.denoiser_trainer import DenoiserConfig, DenoiserTrainer, evaluation_from_config
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rewards import RewardModel, load_reward
-from visalign.sampling import StepOutput, kl_penalty
+from visalign.sampling import StepOutput, check_sde_window, kl_penalty, sde_window
 from visalign.types import check_scores
 
 logger = logging.getLogger(__name__)
@@ -175,6 +177,17 @@ class PRDPConfig(DenoiserConfig):
     eta: float = field(default=1.0, metadata={"help": "DDIM eta of the sampler (1: DDPM, the paper's)."})
     noise_level: float = field(default=0.7, metadata={"help": "Flow models: the SDE noise level a."})
     sde_kind: Literal["sde", "cps", "dance"] = field(default="sde", metadata={"help": "Flow models: `sde_step` kind."})
+    sde_window_size: int = field(
+        default=0,
+        metadata={
+            "help": "Noisy (SDE or DDIM eta) on this many consecutive steps of each epoch, deterministic elsewhere, "
+            "and only those trained (0 = every step, the paper's)."
+        },
+    )
+    sde_window_range: tuple[int, int] | None = field(
+        default=None, metadata={"help": "[lo, hi): where the window may lie (default [0, T // 2), Flow-GRPO-Fast)."}
+    )
+    same_noise: bool = field(default=False, metadata={"help": "A prompt's trajectories share their initial noise."})
     num_inference_steps: int = field(default=50, metadata={"help": "Sampling steps T (paper: 50)."})
     guidance_scale: float = field(default=5.0, metadata={"help": "CFG while sampling (paper: 5.0)."})
     sample_batch_size: int = field(default=16, metadata={"help": "Trajectories per sampling batch and process."})
@@ -204,6 +217,7 @@ class PRDPConfig(DenoiserConfig):
             raise ValueError("`images_per_prompt` must be >= 2: pairs are formed within a prompt")
         if not self.beta > 0 or not self.clip_range > 0 or not self.kl_coef >= 0:
             raise ValueError("`beta` and `clip_range` must be > 0 and `kl_coef` >= 0")
+        check_sde_window(self.sde_window_size, self.window_range, self.num_inference_steps)
         if not 0 < self.eta <= 1:
             raise ValueError(f"`eta` must be in (0, 1]: a deterministic sampler has no log-prob, got {self.eta}")
         if self.gradient_accumulation_steps != 1:
@@ -216,6 +230,10 @@ class PRDPConfig(DenoiserConfig):
                 f"`save_steps` ({self.save_steps}) must be a multiple of `inner_updates` "
                 f"({self.inner_updates}): checkpoints fall between epochs (an epoch's samples are not stored)"
             )
+
+    @property
+    def window_range(self) -> tuple[int, int]:
+        return self.sde_window_range or (0, self.num_inference_steps // 2)
 
 
 @dataclass
@@ -314,10 +332,12 @@ class PRDPTrainer(DenoiserTrainer):
         texts = [drawn[g] for g in group_ids.tolist()]
         a.model.eval()
         parts = []
+        window = sde_window(c.sde_window_size, c.window_range, seeded_generators([(c.seed, 0xB0D, epoch)])[0])
         for index in torch.arange(len(texts)).split(c.sample_batch_size):
             keys = [(c.seed, 0xB0D, epoch, int(group_ids[i]), int(i) % c.images_per_prompt) for i in index]
+            shared = [(c.seed, 0xB0D, epoch, int(group_ids[i])) for i in index] if c.same_noise else None
             with engine.autocast():
-                parts.append(self._sample([texts[i] for i in index.tolist()], keys))
+                parts.append(self._sample([texts[i] for i in index.tolist()], keys, window, shared))
         rollout = Rollout.cat(parts)
         scored = self.reward.score(rollout.images, rollout.prompts)
         rewards = check_scores(scored.score, len(texts), f"{self.reward.name} reward").float()
@@ -351,19 +371,28 @@ class PRDPTrainer(DenoiserTrainer):
             **engine.mean_across_processes(aspects),
         }
 
-    def _sample(self, prompts: list[str], keys: list[tuple[int, ...]]) -> Rollout:
+    def _sample(
+        self,
+        prompts: list[str],
+        keys: list[tuple[int, ...]],
+        noise_steps: list[int] | None = None,
+        initial_keys: list[tuple[int, ...]] | None = None,
+    ) -> Rollout:
         """Trajectories of `prompts` from the current model: DDIM with `eta` (epsilon/v families) or the flow SDE
-        (`sde_kind`, `noise_level`); each sample's generator draws its initial noise, then its step noise."""
+        (`sde_kind`, `noise_level`), noisy on `noise_steps` (all when None); each sample's generator draws its
+        initial noise, then its step noise, unless `initial_keys` key the initial noise (a prompt's shared one)."""
         c, a = self.config, self.adapter
         generators = seeded_generators(keys)
+        initial = generators if initial_keys is None else seeded_generators(initial_keys)
         flow = a.target == "flow"
         return a.sample(
             prompts,
             a.encode_prompts(prompts, c.guidance_scale),
-            a.initial_latents(generators),
+            a.initial_latents(initial),
             num_inference_steps=c.num_inference_steps,
             guidance_scale=c.guidance_scale,
             noise_level=c.noise_level if flow else c.eta,
+            noise_steps=noise_steps,
             kind=c.sde_kind if flow else a.default_kind,
             generator=generators,
             model=self.engine.unwrapped,

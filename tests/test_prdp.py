@@ -344,6 +344,32 @@ def test_prdp_trains_a_flow_model_through_the_sde_sampler(tmp_path, family, size
     assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
 
 
+def test_an_sde_window_with_shared_noise_samples_and_trains_only_the_window(tmp_path):
+    # Flow-GRPO's world sampler: a prompt's trajectories share their initial noise and differ by one SDE step.
+    kw = dict(pretrained_model_name_or_path="tiny:sd3", height=8, width=8, num_inference_steps=4, noise_level=0.7)
+    config = prdp_config(tmp_path, sde_window_size=1, sde_window_range=(1, 3), same_noise=True, **kw)
+    trainer = PRDPTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS)
+    trainer.sample_epoch()
+    e = trainer.epoch
+    (step,) = e.steps.tolist()
+    assert step in (1, 2) and (e.rollout.stds[:, step] > 0).all()
+    assert (e.rollout.stds[:, [t for t in range(4) if t != step]] == 0).all()
+    start, end = e.rollout.latents[:, 0], e.rollout.latents[:, -1]
+    for g in e.group_ids.unique():
+        rows = (e.group_ids == g).nonzero().flatten()
+        assert all(torch.equal(start[rows[0]], start[r]) for r in rows)  # shared initial noise
+        assert not torch.equal(end[rows[0]], end[rows[1]])  # ... and a step of its own
+    assert not torch.equal(start[0], start[-1])  # prompts differ
+    before = trained_weights(trainer)
+    trainer.update(reuse_old=True)
+    assert any(not torch.equal(before[n], p) for n, p in trained_weights(trainer).items())
+
+    unshared = PRDPTrainer(tiny_pipeline("sd3"), Brightness(), prdp_config(tmp_path / "b", **kw), PROMPTS)
+    unshared.sample_epoch()  # the default: every step noisy, every trajectory its own initial noise
+    assert unshared.epoch.steps.tolist() == [0, 1, 2, 3]
+    assert not torch.equal(unshared.epoch.rollout.latents[0, 0], unshared.epoch.rollout.latents[1, 0])
+
+
 def test_bad_prdp_setups_raise(tmp_path):
     with pytest.raises(ValueError, match="`save_steps` .* multiple of `inner_updates`"):
         prdp_config(tmp_path, save_steps=3, inner_updates=2)
@@ -351,6 +377,8 @@ def test_bad_prdp_setups_raise(tmp_path):
         prdp_config(tmp_path, images_per_prompt=1)
     with pytest.raises(ValueError, match="`eta` must be in \\(0, 1\\]"):
         prdp_config(tmp_path, eta=0.0)
+    with pytest.raises(ValueError, match=r"`sde_window_range` \[2, 3\) within the trainable steps \[0, 2\)"):
+        prdp_config(tmp_path, sde_window_size=1, sde_window_range=(2, 3))
 
 
 @pytest.mark.slow

@@ -7,7 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, FlowMatchEulerDiscreteScheduler
 
-from visalign.sampling import ddim_step, noise_aware_weights, sde_step, step_std
+from visalign.sampling import check_sde_window, ddim_step, noise_aware_weights, sde_step, sde_window, step_std
 
 SHAPE = (3, 4, 6, 6)
 STOCHASTIC = ("sde", "cps", "dance")
@@ -288,3 +288,25 @@ def test_noise_aware_weights_are_proportional_to_std_with_mean_one_on_trained_st
         noise_aware_weights(-stds, mask)
     with pytest.raises(ValueError, match="stds"):
         noise_aware_weights(stds, torch.tensor([True, False, False, False, True]).logical_and(stds == 0))
+
+
+def test_sde_window_places_consecutive_steps_uniformly_within_its_range():
+    assert sde_window(0, (0, 5), torch.Generator().manual_seed(0)) is None  # 0: every step noisy
+    starts = []
+    for seed in range(200):
+        window = sde_window(2, (1, 6), torch.Generator().manual_seed(seed))
+        assert window == list(range(window[0], window[0] + 2)) and 1 <= window[0] and window[-1] < 6
+        starts.append(window[0])
+    assert sorted(set(starts)) == [1, 2, 3, 4]  # every placement of 2 steps in [1, 6) occurs
+    assert sde_window(1, (0, 1), torch.Generator().manual_seed(3)) == [0]
+
+
+@pytest.mark.parametrize(
+    "size, window_range, match",
+    [(-1, (0, 4), "`sde_window_size` must be >= 0"), (2, (3, 4), r"\[3, 4\)"), (1, (0, 10), r"\[0, 9\)")],
+)
+def test_sde_windows_that_do_not_fit_the_trainable_steps_raise(size, window_range, match):
+    check_sde_window(0, (5, 2), 10)  # no window: the range is unused
+    check_sde_window(1, (8, 9), 10)
+    with pytest.raises(ValueError, match=match):
+        check_sde_window(size, window_range, 10)

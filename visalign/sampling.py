@@ -211,6 +211,29 @@ def ddim_step(
     return _gaussian_step(mean, std, None if prev_sample is None else prev_sample.to(dtype), generator)
 
 
+def check_sde_window(size: int, window_range: tuple[int, int], num_inference_steps: int) -> None:
+    """Raise unless an SDE window of `size` consecutive steps (0: none, the SDE everywhere) fits in `window_range`
+    `[lo, hi)` within the trainable steps `[0, num_inference_steps - 1)` (the last step is never trained)."""
+    lo, hi = window_range
+    if size < 0:
+        raise ValueError(f"`sde_window_size` must be >= 0, got {size}")
+    if size and not (0 <= lo and lo + size <= hi <= num_inference_steps - 1):
+        raise ValueError(
+            f"an SDE window of {size} steps must fit in `sde_window_range` [{lo}, {hi}) within the trainable steps "
+            f"[0, {num_inference_steps - 1})"
+        )
+
+
+def sde_window(size: int, window_range: tuple[int, int], generator: torch.Generator) -> list[int] | None:
+    """The noisy steps of Flow-GRPO-Fast's window: `size` consecutive steps placed uniformly at random in
+    `window_range` `[lo, hi)` (drawn from `generator`); None (every step noisy) when `size` is 0."""
+    if not size:
+        return None
+    lo, hi = window_range
+    start = lo + int(torch.randint(hi - lo - size + 1, (1,), generator=generator))
+    return list(range(start, start + size))
+
+
 def noise_aware_weights(stds: Tensor, trained_mask: Tensor) -> Tensor:
     """TempFlow-GRPO's per-step policy-loss weights (He et al. 2025, arXiv 2508.04324, ICLR 2026 Eq. 7).
 
