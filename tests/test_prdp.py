@@ -278,7 +278,10 @@ def test_minibatch_updates_take_whole_prompts_and_cover_the_epoch_once_per_pass(
 # -- the trainer ------------------------------------------------------------------------------------------------------
 
 
-def test_prdp_raises_the_reward_of_a_tiny_model(tmp_path):
+@pytest.mark.parametrize(
+    "sampler", [{}, dict(sde_window_size=1, sde_window_range=(0, 1), same_noise=True)], ids=["every-step", "window"]
+)
+def test_prdp_raises_the_reward_of_a_tiny_model(tmp_path, sampler):
     # 2x2 images of the tiny SD3 model keep the policy's dimension small enough for a dozen epochs to show.
     config = prdp_config(
         tmp_path,
@@ -297,6 +300,7 @@ def test_prdp_raises_the_reward_of_a_tiny_model(tmp_path):
         lora_rank=4,
         lora_alpha=4,
         lora_target_modules=ATTENTION_PROJECTIONS,
+        **sampler,
     )
     history = PRDPTrainer(tiny_pipeline("sd3"), Brightness(), config, PROMPTS).train()
     rewards = torch.tensor([h["reward/mean"] for h in history])
