@@ -5,9 +5,10 @@ from dataclasses import dataclass, field
 
 import pytest
 import torch
+from torch import nn
 
 from visalign.config import TrainConfig, config_from_dict, load_config, parse_overrides
-from visalign.engine import Engine
+from visalign.engine import EMA, Engine
 from visalign.generators import adapter_for, seeded_generators
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rundir import checkpoints, latest_checkpoint
@@ -182,6 +183,25 @@ def test_ema_is_swapped_in_and_out(tmp_path):
         ema = [p.detach().clone() for p in engine.parameters]
     assert any(not torch.equal(a, b) for a, b in zip(ema, trained))
     assert all(torch.equal(p, t) for p, t in zip(engine.parameters, trained))
+
+
+def test_ema_follows_flow_grpo_warm_up_ramp_in_float64():
+    """ema <- d ema + (1 - d) param every `every` steps with d = min(decay, (1 + step) / (10 + step)) (Flow-GRPO's
+    `get_current_decay`): computed here independently in float64 from the parameters after each step."""
+    generator = torch.Generator().manual_seed(0)
+    param = nn.Parameter(torch.randn(5, generator=generator))
+    ema = EMA([param], decay=0.9, every=2)
+    expected = param.detach().double().clone()
+    for step in range(1, 101):
+        with torch.no_grad():
+            param.add_(torch.randn(5, generator=generator))
+        ema.update(step)
+        if step % 2 == 0:
+            d = min(0.9, (1 + step) / (10 + step))
+            expected = d * expected + (1 - d) * param.detach().double()
+        if step in (2, 40, 100):
+            torch.testing.assert_close(ema.shadow[0].double(), expected, rtol=1e-6, atol=1e-6)
+    assert ema.decay_at(2) == 3 / 12 and ema.decay_at(79) < 0.9 and ema.decay_at(80) == 0.9 == ema.decay_at(500)
 
 
 def test_gradient_checkpointing_gives_the_same_update(tmp_path):

@@ -149,7 +149,11 @@ class TrainConfig:
         metadata={"help": "Module-name suffixes that get adapters (attention projections)."},
     )
     ema_decay: float = field(
-        default=0.0, metadata={"help": "EMA decay of the trained weights, 0 = no EMA (Flow-GRPO: 0.9 every 8 steps)."}
+        default=0.0,
+        metadata={
+            "help": "EMA decay of the trained weights (ramped in as min(decay, (1 + step) / (10 + step))), "
+            "0 = no EMA (Flow-GRPO: 0.9 every 8 steps)."
+        },
     )
     ema_update_every: int = field(default=8, metadata={"help": "Optimizer steps between EMA updates."})
     report_to: str = field(

@@ -102,9 +102,12 @@ class NonFiniteError(RuntimeError):
 
 
 class EMA:
-    """Exponential moving average of parameters: `ema <- decay * ema + (1 - decay) * param` every `every` steps.
+    """Exponential moving average of parameters: `ema <- d * ema + (1 - d) * param` every `every` optimizer steps.
 
-    Kept in float32 on the parameters' device. Flow-GRPO uses decay 0.9 every 8 steps (without its warm-up ramp).
+    `d = min(decay, (1 + step) / (10 + step))` at optimizer step `step`: the warm-up ramp of Flow-GRPO's
+    `EMAModuleWrapper.get_current_decay` (and diffusers' `EMAModel` without `use_ema_warmup`), so early updates follow
+    the weights instead of holding the initial ones (Flow-GRPO's 0.9 is reached at step 80). Kept in float32 on the
+    parameters' device. Flow-GRPO uses decay 0.9 every 8 steps.
     """
 
     def __init__(self, parameters: Sequence[nn.Parameter], decay: float, every: int):
@@ -112,11 +115,16 @@ class EMA:
         self.decay, self.every = decay, every
         self.shadow = [p.detach().float().clone() for p in self.parameters]
 
+    def decay_at(self, step: int) -> float:
+        """The decay of the update at optimizer step `step` (the warm-up ramp capped at `decay`)."""
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
     def update(self, step: int) -> None:
         if step % self.every == 0:
+            weight = 1 - self.decay_at(step)
             for s, p in zip(self.shadow, self.parameters):
-                s.lerp_(p.detach().float(), 1 - self.decay)
+                s.lerp_(p.detach().float(), weight)
 
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
