@@ -53,17 +53,19 @@ def test_demo_length_defaults_per_method_and_max_steps_overrides(tmp_path):
         ["--method", "tempflow-grpo"],
         ["--method", "diffusion-dpo"],
         ["--method", "flow-grpo", "--max-steps", "7"],
-        ["--method", "flow-grpo", "--set", "lr_scheduler=cosine"],
+        ["--method", "flow-grpo", "--set", "lr_scheduler=cosine", "ema_decay=0"],
     ):
         config, family = _config(parser.parse_args(argv), tmp_path / "slice.txt", tmp_path / "run")
-        lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family, config.lr_scheduler)
+        lengths[" ".join(argv)] = (config.max_steps, config.eval_steps, family, config.lr_scheduler, config.ema_decay)
+        assert config.ema_update_every == 1
     # the GRPO recipes' steps hold 128 samples each, so their demo is 30 of them; the others keep
-    # the longer default; the recipes' cosine decay gives way to their constant peak rate unless `--set` asks for it
+    # the longer default; the recipes' cosine decay gives way to their constant peak rate, and the weights' EMA
+    # (decay 0.9, updated every step) is what the demo evaluates, unless `--set` asks otherwise
     assert lengths == {
-        "--method flow-grpo": (30, 15, "sd3", "constant"),
-        "--method pref-grpo": (30, 15, "sd3", "constant"),
-        "--method tempflow-grpo": (30, 15, "sd3", "constant"),
-        "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3", "constant"),
-        "--method flow-grpo --max-steps 7": (7, 3, "sd3", "constant"),
-        "--method flow-grpo --set lr_scheduler=cosine": (30, 15, "sd3", "cosine"),
+        "--method flow-grpo": (30, 15, "sd3", "constant", 0.9),
+        "--method pref-grpo": (30, 15, "sd3", "constant", 0.9),
+        "--method tempflow-grpo": (30, 15, "sd3", "constant", 0.9),
+        "--method diffusion-dpo": (DEFAULT_STEPS, DEFAULT_STEPS // 2, "sd3", "constant", 0.9),
+        "--method flow-grpo --max-steps 7": (7, 3, "sd3", "constant", 0.9),
+        "--method flow-grpo --set lr_scheduler=cosine ema_decay=0": (30, 15, "sd3", "cosine", 0.0),
     }

@@ -266,3 +266,17 @@ def test_saved_lora_loads_with_load_lora_weights(tmp_path):
     fresh.load_lora_weights(folder)
     assert not torch.allclose(trained, base)
     torch.testing.assert_close(velocity(fresh), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_final_lora_holds_the_ema_weights(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    engine = Engine(engine_config(tmp_path, ema_decay=0.9, ema_update_every=1), pipe)
+    train_steps(engine, pipe, 3)
+    trained = velocity(pipe)
+    with engine.ema_weights():
+        averaged = velocity(pipe)
+    folder = engine.finish()
+    fresh = tiny_pipeline("sd3")
+    fresh.load_lora_weights(folder)
+    assert not torch.allclose(averaged, trained)
+    torch.testing.assert_close(velocity(fresh), averaged, atol=1e-5, rtol=1e-5)
