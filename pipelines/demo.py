@@ -88,7 +88,8 @@ def _config(args: argparse.Namespace, slice_file: Path, run_dir: Path) -> tuple[
         # slice against +7.7 at the constant rate (benchmarks/results/demo.json)
         "lr_scheduler": "constant",
         # evaluate and export the weights' EMA (Flow-GRPO's decay 0.9 with its ramp, updated every step of the short
-        # run): +12.3 / +11.8 on the slice against +7.7 / +8.1 for the same run's last weights (demo.json)
+        # run): +12.3 / +11.8 on the slice against +7.7 / +8.1 for the same run's last weights, though alike on the
+        # whole protocol (+9.6 +- 1.1 against +9.9 +- 1.9; benchmarks/results/demo.json)
         "ema_decay": 0.9,
         "ema_update_every": 1,
         "save_steps": 0,
