@@ -126,13 +126,17 @@ class EMA:
             for s, p in zip(self.shadow, self.parameters):
                 s.lerp_(p.detach().float(), weight)
 
+    @torch.no_grad()
+    def copy_to(self) -> None:
+        """Parameters take the EMA's values (for good: `swapped_in` restores them after its block)."""
+        for s, p in zip(self.shadow, self.parameters):
+            p.copy_(s)
+
     @contextmanager
     def swapped_in(self) -> Iterator[None]:
         """Parameters hold the EMA inside the block and their own values again after it."""
         backup = [p.detach().clone() for p in self.parameters]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.parameters):
-                p.copy_(s)
+        self.copy_to()
         try:
             yield
         finally:

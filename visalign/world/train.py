@@ -16,7 +16,6 @@ weights, which is what is saved. Every stage records its wall and CPU time and i
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -33,6 +32,7 @@ from tqdm.auto import tqdm
 from transformers import CLIPModel, CLIPTokenizer
 
 from visalign.config import check_finite
+from visalign.engine import EMA
 from visalign.files import run_record
 from visalign.world.evaluate import accuracy, generate, heldout_prompts
 from visalign.world.models import (
@@ -222,23 +222,6 @@ def adaln_zero_(transformer: SD3Transformer2DModel) -> SD3Transformer2DModel:
     return transformer
 
 
-class _EMA:
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = [p.detach().clone() for p in model.parameters()]
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for s, p in zip(self.shadow, model.parameters()):
-            s.lerp_(p.detach(), 1 - d)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        with torch.no_grad():
-            for s, p in zip(self.shadow, model.parameters()):
-                p.copy_(s)
-
-
 def _lr_factor(step: int, steps: int, cosine: bool, warmup: int = 200) -> float:
     """Linear warm-up over `warmup` steps, then 1 or a cosine from 1 down to 0.1 at `steps`."""
     if step < warmup:
@@ -286,7 +269,7 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
     steps = cfg.sd_steps if family == "sd" else cfg.sd3_steps
     cosine = family == "sd3" and cfg.sd3_lr_schedule == "cosine"
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_factor(s, steps, cosine))
-    ema = _EMA(denoiser, cfg.ema_decay)
+    ema = EMA(list(denoiser.parameters()), cfg.ema_decay, every=1)
     g = torch.Generator().manual_seed(cfg.seed + 2)
     evals, losses = [], []
     eval_prompts = heldout_prompts(cfg.eval_per_category)
@@ -316,21 +299,20 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
         torch.nn.utils.clip_grad_norm_(denoiser.parameters(), 1.0)
         opt.step()
         sched.step()
-        ema.update(denoiser, step)
+        ema.update(step)
         losses.append(loss.item())
         if step % 50 == 0:
             bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}")
         if step % cfg.eval_steps == 0 or step == steps:
-            live = copy.deepcopy(denoiser.state_dict())
-            ema.copy_to(denoiser)
             denoiser.eval()
-            acc = accuracy(generate(pipe, [p.text for p in eval_prompts], seed=10_000, progress=False), eval_prompts)
+            with ema.swapped_in():
+                images = generate(pipe, [p.text for p in eval_prompts], seed=10_000, progress=False)
+            acc = accuracy(images, eval_prompts)
+            denoiser.train()
             evals.append({"step": step, "minutes": (time.time() - start) / 60, **acc})
             logger.info("%s step %d: held-out slice accuracy %.3f", family, step, acc["overall"])
             bar.write(f"{family} step {step}: held-out slice accuracy {acc['overall']:.3f} {acc['per_category']}")
-            if step < steps:
-                denoiser.load_state_dict(live)
-                denoiser.train()
+    ema.copy_to()  # the EMA weights are what is saved
     denoiser.eval()
     folder = out / family
     pipe.save_pretrained(folder, safe_serialization=True)
