@@ -306,8 +306,8 @@ def train_generator(cfg: TrainBaseConfig, family: str, images: torch.Tensor, cap
         if step % cfg.eval_steps == 0 or step == steps:
             denoiser.eval()
             with ema.swapped_in():
-                images = generate(pipe, [p.text for p in eval_prompts], seed=10_000, progress=False)
-            acc = accuracy(images, eval_prompts)
+                samples = generate(pipe, [p.text for p in eval_prompts], seed=10_000, progress=False)
+            acc = accuracy(samples, eval_prompts)
             denoiser.train()
             evals.append({"step": step, "minutes": (time.time() - start) / 60, **acc})
             logger.info("%s step %d: held-out slice accuracy %.3f", family, step, acc["overall"])
