@@ -48,7 +48,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "replay:FILE; "
         "repeat to route: the first judge that does not abstain decides each test point",
     )
-    r.add_argument("--lora", default=None, help="a trained LoRA folder (a run's output_dir/final) loaded into --model")
+    r.add_argument(
+        "--lora",
+        default=None,
+        help="a run's output_dir/final (its LoRA or its fully fine-tuned denoiser) loaded into --model",
+    )
     r.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora adapter")
     r.add_argument("--out", required=True, help="run folder")
     r.add_argument("--images-per-prompt", type=int, default=4)

@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", choices=("sd", "sd3"), default="sd")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1000, 2000, 3000])
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a trained LoRA folder")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR", help="a run's final folder")
     parser.add_argument("--base-from", default=None, help="reuse the base model's runs from an earlier output file")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--threads", type=int, default=None)

@@ -40,7 +40,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="a diffusers pipeline folder or hub id, or world:sd / world:sd3 for the shipped shapes-world models "
         "(not distilled: use them with --num-inference-steps 4 --guidance-scale 3)",
     )
-    parser.add_argument("--lora", default=None, help="a trained LoRA folder loaded into --model (output_dir/final)")
+    parser.add_argument(
+        "--lora",
+        default=None,
+        help="a run's output_dir/final (its LoRA or its fully fine-tuned denoiser) loaded into --model",
+    )
     parser.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora adapter")
     parser.add_argument("--prompt", required=True, help="the prompt whose image is optimized")
     parser.add_argument(

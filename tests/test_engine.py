@@ -10,6 +10,7 @@ from torch import nn
 from visalign.config import TrainConfig, config_from_dict, load_config, parse_overrides
 from visalign.engine import EMA, Engine
 from visalign.generators import adapter_for, seeded_generators
+from visalign.loading import load_generator
 from visalign.prompts import PromptSampler, load_prompts
 from visalign.rundir import checkpoints, latest_checkpoint
 from visalign.testing import tiny_pipeline
@@ -266,6 +267,29 @@ def test_saved_lora_loads_with_load_lora_weights(tmp_path):
     fresh.load_lora_weights(folder)
     assert not torch.allclose(trained, base)
     torch.testing.assert_close(velocity(fresh), trained, atol=1e-5, rtol=1e-5)
+
+
+def test_full_fine_tuning_final_loads_through_the_lora_argument(tmp_path):
+    pipe = tiny_pipeline("sd3")
+    engine = Engine(engine_config(tmp_path, use_lora=False, learning_rate=1e-3), pipe)
+    train_steps(engine, pipe, 3)
+    trained = velocity(pipe)
+    folder = engine.finish()
+    assert (folder / "transformer" / "diffusion_pytorch_model.safetensors").is_file()
+    fresh, _ = load_generator("tiny:sd3", lora=folder)
+    base, _ = load_generator("tiny:sd3")
+    assert not torch.allclose(velocity(base), trained)
+    torch.testing.assert_close(velocity(fresh), trained, atol=1e-6, rtol=1e-6)
+    with pytest.raises(ValueError, match="--lora-scale 0.5"):
+        load_generator("tiny:sd3", lora=folder, lora_scale=0.5)
+    with pytest.raises(ValueError, match="denoiser is a unet"):
+        load_generator("tiny:sd", lora=folder)
+    with pytest.raises(ValueError, match="trained from another model"):
+        load_generator("world:sd3", lora=folder)  # the same class at another size
+    with pytest.raises(FileNotFoundError, match=f"fully fine-tuned transformer, not a pipeline.*--lora {folder}"):
+        load_generator(folder)
+    with pytest.raises(FileNotFoundError, match=f"its trained weights are in {folder}"):
+        load_generator("tiny:sd3", lora=folder.parent)
 
 
 def test_final_lora_holds_the_ema_weights(tmp_path):

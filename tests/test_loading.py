@@ -72,9 +72,9 @@ def test_wrong_model_names_say_what_to_pass(tmp_path):
     (tmp_path / "run" / "config.yaml").write_text("pretrained_model_name_or_path: world:sd3\n")
     with pytest.raises(FileNotFoundError, match=f"--model world:sd3 --lora {lora}"):
         load_generator(lora)
-    with pytest.raises(FileNotFoundError, match="its adapter is in"):
+    with pytest.raises(FileNotFoundError, match="its trained weights are in"):
         load_generator(tmp_path / "run")
-    with pytest.raises(FileNotFoundError, match="its adapter is in"):
+    with pytest.raises(FileNotFoundError, match="its trained weights are in"):
         load_generator("world:sd", lora=tmp_path / "run")
     with pytest.raises(ValueError, match="world:sd and world:sd3"):
         load_generator("world:sdxl")

@@ -11,8 +11,9 @@
 Where a world family is expected (`world:<family>`, the world commands' `--family`, a recipe's `world:` model),
 `check_world_family` refuses a folder whose `model_index.json` names the other family's pipeline class.
 
-`lora` loads a trained adapter folder (`pytorch_lora_weights.safetensors`, what the trainers write to
-`output_dir/final`) into the pipeline at `lora_scale`.
+`lora` loads what a trainer writes to `output_dir/final` into the pipeline: a LoRA adapter folder
+(`pytorch_lora_weights.safetensors`) at `lora_scale`, or a full fine-tune's folder (`use_lora=false`: the trained
+component's `save_pretrained` folder, `unet/` or `transformer/`), which replaces that component of the base.
 
 Generation defaults travel with the model: a shapes-world folder keeps them in `visalign_world.json`, and the
 loader registers them on the pipeline's config as `_visalign_generation`, which `save_pretrained` writes into
@@ -84,9 +85,17 @@ def check_world_family(model: str | Path, family: str) -> None:
         )
 
 
+def _trained_components(folder: Path) -> list[str]:
+    """The denoiser folders a full fine-tune's `final` holds (`unet/`, `transformer/`: `save_pretrained` output)."""
+    return [name for name in ("unet", "transformer") if (folder / name / "config.json").is_file()]
+
+
 def _not_a_pipeline(folder: Path) -> str:
     """Why `folder` (which lacks model_index.json) is not a pipeline, and what to pass instead."""
-    if (folder / LORA_FILE).is_file():
+    held = f"a LoRA adapter ({LORA_FILE})" if (folder / LORA_FILE).is_file() else None
+    if held is None and _trained_components(folder):
+        held = f"a fully fine-tuned {' and '.join(_trained_components(folder))}"
+    if held is not None:
         base = "MODEL"
         config = folder.parent / "config.yaml"
         if config.is_file():
@@ -95,11 +104,12 @@ def _not_a_pipeline(folder: Path) -> str:
             recorded = yaml.safe_load(config.read_text()) or {}
             base = recorded.get("pretrained_model_name_or_path", recorded.get("pretrained", base))  # runs before #16
         return (
-            f"{folder} holds a LoRA adapter ({LORA_FILE}), not a pipeline: load the base model and the adapter "
+            f"{folder} holds {held}, not a pipeline: load the base model and the trained weights "
             f"with `--model {base} --lora {folder}`"
         )
-    if (folder / "final" / LORA_FILE).is_file():
-        return f"{folder} is a training run: its adapter is in {folder / 'final'} (`--lora {folder / 'final'}`)"
+    final = folder / "final"
+    if (final / LORA_FILE).is_file() or _trained_components(final):
+        return f"{folder} is a training run: its trained weights are in {final} (`--lora {final}`)"
     return f"{folder} is not a diffusers pipeline folder (model_index.json missing)"
 
 
@@ -192,12 +202,19 @@ def _from_hub(repo_id: str, dtype: Any) -> Any:
 
 
 def load_lora(pipe: Any, lora: str | Path, scale: float = 1.0) -> None:
-    """Load a trained adapter folder (or its `.safetensors` file) into `pipe`, weighted by `scale`."""
+    """Load a run's trained weights into `pipe`: a LoRA adapter folder (or its `.safetensors` file) weighted by
+    `scale`, or a full fine-tune's folder, whose `unet/` or `transformer/` replaces that component (safetensors
+    only, in the replaced component's dtype)."""
     path = Path(lora)
+    if path.is_dir() and not (path / LORA_FILE).is_file() and _trained_components(path):
+        _load_full_components(pipe, path, scale)
+        return
     if path.is_dir() and not (path / LORA_FILE).is_file():
-        run = (path / "final" / LORA_FILE).is_file()
-        hint = f" (a training run? its adapter is in {path / 'final'})" if run else ""
-        raise FileNotFoundError(f"--lora {path}: no {LORA_FILE} in it{hint}")
+        run = (path / "final").is_dir() and (
+            (path / "final" / LORA_FILE).is_file() or _trained_components(path / "final")
+        )
+        hint = f" (a training run? its trained weights are in {path / 'final'})" if run else ""
+        raise FileNotFoundError(f"--lora {path}: no {LORA_FILE} and no fine-tuned unet/ or transformer/ in it{hint}")
     if not path.exists():
         raise FileNotFoundError(f"--lora {path}: no such folder or file")
     from diffusers.utils import logging as diffusers_logging
@@ -210,6 +227,30 @@ def load_lora(pipe: Any, lora: str | Path, scale: float = 1.0) -> None:
         diffusers_logging.set_verbosity(level)
     if scale != 1.0:
         pipe.set_adapters(["lora"], adapter_weights=[scale])
+
+
+def _load_full_components(pipe: Any, folder: Path, scale: float) -> None:
+    """Replace `pipe`'s components by the fully fine-tuned ones saved in `folder` (`_trained_components`)."""
+    if scale != 1.0:
+        raise ValueError(f"--lora-scale {scale}: {folder} holds fully fine-tuned weights, which load whole (scale 1)")
+    for name in _trained_components(folder):
+        current = pipe.components.get(name)
+        if current is None:
+            have = [n for n in ("unet", "transformer") if pipe.components.get(n) is not None]
+            raise ValueError(
+                f"--lora {folder}: it holds a fine-tuned {name}, but the model's denoiser is a {' '.join(have)} "
+                f"({type(pipe).__name__}): pass the model it was trained from"
+            )
+        saved = json.loads((folder / name / "config.json").read_text())
+        config = json.loads(json.dumps(dict(current.config), default=str))  # tuples as the saved lists
+        differ = sorted(k for k, v in config.items() if not k.startswith("_") and k in saved and saved[k] != v)
+        if differ:
+            raise ValueError(
+                f"--lora {folder}: its {name} was trained from another model than this one ({', '.join(differ[:4])} "
+                f"differ): pass the model it was trained from (its run's config.yaml names it)"
+            )
+        trained = type(current).from_pretrained(folder / name, torch_dtype=current.dtype, use_safetensors=True)
+        pipe.register_modules(**{name: trained.to(current.device)})
 
 
 def default_size(pipe: Any) -> int:

@@ -34,7 +34,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     ev.add_argument(
         "--model", default=None, help="world:sd, world:sd3 or a pipeline folder (default: world:FAMILY, shipped)"
     )
-    ev.add_argument("--lora", default=None, help="a trained LoRA folder (a run's output_dir/final) for --model")
+    ev.add_argument(
+        "--lora", default=None, help="a run's output_dir/final for --model (its LoRA or its fully fine-tuned denoiser)"
+    )
     ev.add_argument("--lora-scale", type=float, default=1.0, help="weight of the --lora adapter")
     ev.add_argument("--images-per-prompt", type=int, default=4)
     ev.add_argument("--limit-per-category", type=int, default=None)
