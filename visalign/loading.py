@@ -93,8 +93,8 @@ def _trained_components(folder: Path) -> list[str]:
 def _not_a_pipeline(folder: Path) -> str:
     """Why `folder` (which lacks model_index.json) is not a pipeline, and what to pass instead."""
     held = f"a LoRA adapter ({LORA_FILE})" if (folder / LORA_FILE).is_file() else None
-    if held is None and _trained_components(folder):
-        held = f"a fully fine-tuned {' and '.join(_trained_components(folder))}"
+    if held is None and (parts := _trained_components(folder)):
+        held = f"a fully fine-tuned {' and '.join(parts)}"
     if held is not None:
         base = "MODEL"
         config = folder.parent / "config.yaml"
