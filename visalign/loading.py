@@ -90,6 +90,11 @@ def _trained_components(folder: Path) -> list[str]:
     return [name for name in ("unet", "transformer") if (folder / name / "config.json").is_file()]
 
 
+def _holds_trained_weights(folder: Path) -> bool:
+    """Whether `folder` is what a trainer writes to `output_dir/final` (a LoRA adapter or fine-tuned components)."""
+    return (folder / LORA_FILE).is_file() or bool(_trained_components(folder))
+
+
 def _not_a_pipeline(folder: Path) -> str:
     """Why `folder` (which lacks model_index.json) is not a pipeline, and what to pass instead."""
     held = f"a LoRA adapter ({LORA_FILE})" if (folder / LORA_FILE).is_file() else None
@@ -108,7 +113,7 @@ def _not_a_pipeline(folder: Path) -> str:
             f"with `--model {base} --lora {folder}`"
         )
     final = folder / "final"
-    if (final / LORA_FILE).is_file() or _trained_components(final):
+    if _holds_trained_weights(final):
         return f"{folder} is a training run: its trained weights are in {final} (`--lora {final}`)"
     return f"{folder} is not a diffusers pipeline folder (model_index.json missing)"
 
@@ -210,9 +215,7 @@ def load_lora(pipe: Any, lora: str | Path, scale: float = 1.0) -> None:
         _load_full_components(pipe, path, scale)
         return
     if path.is_dir() and not (path / LORA_FILE).is_file():
-        run = (path / "final").is_dir() and (
-            (path / "final" / LORA_FILE).is_file() or _trained_components(path / "final")
-        )
+        run = _holds_trained_weights(path / "final")
         hint = f" (a training run? its trained weights are in {path / 'final'})" if run else ""
         raise FileNotFoundError(f"--lora {path}: no {LORA_FILE} and no fine-tuned unet/ or transformer/ in it{hint}")
     if not path.exists():
