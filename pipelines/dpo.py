@@ -75,6 +75,7 @@ def dpo_loss(
     beta: float = 5000.0,
     *,
     kind: str = "sigmoid",
+    rpo_alpha: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The Diffusion-DPO loss (Wallace et al. 2023, arXiv 2311.12908, Eq. 14) and its implicit accuracy.
 
@@ -97,11 +98,18 @@ def dpo_loss(
 
     Identity: when the model equals the reference, `h = 0` and the sigmoid loss is `ln 2` for every `beta`.
 
+    `rpo_alpha` adds RPO's negative log-likelihood of the winner (Pang et al. 2024, arXiv 2404.19733, Eq. 2:
+    `L_DPO + alpha L_NLL`; trl's `rpo_alpha`), here the winner's denoising error `alpha L_theta(w)`, the diffusion
+    model's bound on it up to constants. DPO alone raises the winner's error too, only less than the loser's; the
+    term holds it down. The DPO gradient on `L_theta(w)` is `(beta / 2) sigmoid(-u)`, `beta / 4` at the start, so
+    `alpha` of that order weighs the two alike.
+
     Args:
         model_err_w, model_err_l (`Tensor` `[B]`): the trained model's errors on winners and losers (with gradient).
         ref_err_w, ref_err_l (`Tensor` `[B]`): the reference's errors (treated as constants).
         beta (`float`): `> 0`, paper units.
         kind (`str`): `"sigmoid"`, `"hinge"` or `"ipo"`.
+        rpo_alpha (`float`, *optional*): `>= 0`, the weight of the winner's error; None (or 0) is plain DPO.
 
     Returns:
         `(loss, implicit_accuracy)`: scalars, float32 (float64 when an input is); the accuracy is detached.
@@ -110,6 +118,8 @@ def dpo_loss(
         raise ValueError(f"`kind` must be one of {LOSS_KINDS}, got {kind!r}")
     if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 < beta < math.inf:
         raise ValueError(f"`beta` must be a finite number > 0 (paper units, e.g. 5000 for SD1.5), got {beta!r}")
+    if rpo_alpha is not None and (isinstance(rpo_alpha, bool) or not 0 <= rpo_alpha < math.inf):
+        raise ValueError(f"`rpo_alpha` must be a finite number >= 0 or None, got {rpo_alpha!r}")
     h = dpo_logits(model_err_w, model_err_l, ref_err_w, ref_err_l)
     u = 0.5 * beta * h
     if kind == "sigmoid":
@@ -118,6 +128,8 @@ def dpo_loss(
         losses = torch.relu(1 - u)
     else:
         losses = (h - 1 / beta) ** 2
+    if rpo_alpha:
+        losses = losses + rpo_alpha * model_err_w.to(losses.dtype)
     with torch.no_grad():
         accuracy = ((h > 0).to(h.dtype) + 0.5 * (h == 0).to(h.dtype)).mean()
     return losses.mean(), accuracy
@@ -148,6 +160,12 @@ class DPOConfig(DenoiserConfig):
     )
     beta: float = field(default=5000.0, metadata={"help": "DPO beta in paper units (diffusers' beta_dpo x 2)."})
     loss_type: Literal["sigmoid", "hinge", "ipo"] = field(default="sigmoid", metadata={"help": "The DPO loss."})
+    rpo_alpha: float | None = field(
+        default=None,
+        metadata={
+            "help": "RPO: add this weight times the winner's denoising error (trl's `rpo_alpha`); None: plain DPO."
+        },
+    )
     per_device_train_batch_size: int = field(
         default=8, metadata={"help": "Pairs per micro-batch and process (official launchers: 1 per GPU)."}
     )
@@ -173,6 +191,8 @@ class DPOConfig(DenoiserConfig):
         super().__post_init__()
         if not self.beta > 0:
             raise ValueError(f"`beta` must be > 0, got {self.beta}")
+        if self.rpo_alpha is not None and not 0 <= self.rpo_alpha < math.inf:
+            raise ValueError(f"`rpo_alpha` must be >= 0 or None, got {self.rpo_alpha}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"`caption_dropout` must be in [0, 1), got {self.caption_dropout}")
         for name in ("prompts_per_round", "num_images_per_prompt"):
@@ -323,7 +343,9 @@ class DPOTrainer(DenoiserTrainer):
         with torch.no_grad(), self.engine.reference() as reference:
             ref_w, ref_l = a.errors(x0, noise, t, cond, reference).chunk(2)
         model_w, model_l = a.errors(x0, noise, t, cond, self.engine.model).chunk(2)
-        loss, accuracy = dpo_loss(model_w, model_l, ref_w, ref_l, cfg.beta, kind=cfg.loss_type)
+        loss, accuracy = dpo_loss(
+            model_w, model_l, ref_w, ref_l, cfg.beta, kind=cfg.loss_type, rpo_alpha=cfg.rpo_alpha
+        )
         stats = {
             "train/loss": float(loss.detach()),
             "train/implicit_accuracy": float(accuracy),

@@ -108,6 +108,31 @@ def test_gradient_lowers_the_winner_error_raises_the_loser_error_and_skips_the_r
     assert ref_w.grad is None and ref_l.grad is None
 
 
+@pytest.mark.parametrize("kind", ["sigmoid", "hinge", "ipo"])
+def test_rpo_adds_the_weighted_winner_error_in_float64(kind):
+    model_w, model_l, ref_w, ref_l = errors(seed=4)
+    model_w = model_w * 1e-3 + ref_w
+    model_l = model_l * 1e-3 + ref_l
+    loss, accuracy = dpo_loss(model_w, model_l, ref_w, ref_l, 500.0, kind=kind, rpo_alpha=125.0)
+    expected, expected_accuracy = reference_dpo(model_w, model_l, ref_w, ref_l, 500.0, kind)
+    assert float(loss) == pytest.approx(expected + 125.0 * sum(model_w.tolist()) / len(model_w), rel=1e-12)
+    assert float(accuracy) == pytest.approx(expected_accuracy)
+    plain, _ = dpo_loss(model_w, model_l, ref_w, ref_l, 500.0, kind=kind, rpo_alpha=0.0)
+    assert float(plain) == pytest.approx(expected, rel=1e-12)
+
+
+def test_rpo_penalizes_raising_both_errors_which_plain_dpo_rewards():
+    # the model raises both errors, the loser's more: plain DPO gains from it, RPO at beta / 2 loses
+    ref = torch.full((4,), 0.04, dtype=torch.float64)
+    model_w, model_l = (ref + 0.002).requires_grad_(), (ref + 0.004).requires_grad_()
+    plain, _ = dpo_loss(model_w, model_l, ref, ref.clone(), 500.0)
+    rpo, _ = dpo_loss(model_w, model_l, ref, ref.clone(), 500.0, rpo_alpha=250.0)
+    at_reference, _ = dpo_loss(ref, ref.clone(), ref, ref.clone(), 500.0, rpo_alpha=250.0)
+    assert float(plain) < math.log(2) and float(rpo) > float(at_reference)
+    rpo.backward()
+    assert (model_w.grad > 0).all() and (model_l.grad < 0).all()
+
+
 def test_implicit_accuracy_counts_the_pairs_the_model_ranks_better_than_the_reference():
     ref = torch.ones(4, dtype=torch.float64)
     model_w = torch.tensor([0.9, 1.1, 1.0, 0.5], dtype=torch.float64)
@@ -121,6 +146,8 @@ def test_implicit_accuracy_counts_the_pairs_the_model_ranks_better_than_the_refe
         (dict(beta=0.0), "`beta` must be a finite number > 0"),
         (dict(beta=float("inf")), "`beta`"),
         (dict(kind="dpo"), "`kind` must be one of"),
+        (dict(rpo_alpha=-1.0), "`rpo_alpha` must be a finite number >= 0"),
+        (dict(rpo_alpha=float("nan")), "`rpo_alpha`"),
         (dict(model_err_l=torch.ones(3)), "`model_err_l` must have the shape of `model_err_w`"),
         (dict(ref_err_w=torch.ones(4, 2)), "`ref_err_w` must be a non-empty 1-D float tensor"),
     ],
@@ -219,6 +246,17 @@ def test_short_dpo_run_raises_implicit_accuracy_on_fresh_noise(tmp_path):
     assert history[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-5)  # float32: the copy's kernels differ
     late = [h["train/mse_gap_w"] - h["train/mse_gap_l"] for h in history[-5:]]
     assert np.mean(late) < 0  # the winners' error fell further below the reference's than the losers'
+
+
+def test_rpo_alpha_adds_the_winner_error_to_the_loss_and_holds_it_below_plain_dpo(tmp_path):
+    pairs, histories = red_over_blue_pairs(32), {}
+    for alpha in (None, 50.0):
+        config = dpo_config(tmp_path / str(alpha), max_steps=12, use_lora=False, rpo_alpha=alpha)
+        histories[alpha] = DPOTrainer(sharp_tiny_pipeline("sd"), config, pairs=pairs).train()
+    first = histories[50.0][0]
+    assert first["train/loss"] == pytest.approx(math.log(2) + 50.0 * first["train/model_mse_w"], rel=1e-4)
+    late_gap = {a: np.mean([h["train/mse_gap_w"] for h in history[-4:]]) for a, history in histories.items()}
+    assert late_gap[50.0] < late_gap[None] and late_gap[50.0] < 0
 
 
 def test_lora_dpo_changes_only_the_adapters_and_the_adapter_loads(tmp_path):
