@@ -7,9 +7,10 @@ by the reward-hacking monitor.
 1. Reward model: `configs/world_reward.yaml` (what `visalign train reward --config configs/world_reward.yaml` runs):
    the world CLIP fine-tuned on verifier-labelled pairs with a fraction of the labels flipped, evaluated on clean
    held-out pairs of test-split prompts (accuracy with and without ties, per kind: rendered or generated), beside
-   the untrained world CLIP on the same pairs. The held-out pairs are saved (`<output_dir>/heldout_pairs`) and
-   `visalign bench reward` evaluates the learned reward on those files (the report and the reliability plot in
-   `<output>_eval/` beside `--output`: `results/world_reward_eval/`).
+   the untrained world CLIP on the same pairs, and both on 2,000 of their own training pairs with the verifier's
+   clean labels (how well the reward fits what it trains on). The held-out pairs are saved
+   (`<output_dir>/heldout_pairs`) and `visalign bench reward` evaluates the learned reward on those files (the
+   report and the reliability plot in `<output>_eval/` beside `--output`: `results/world_reward_eval/`).
 2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml` cut to 40 steps at a constant
    learning rate, the budget of the recorded runs) with the learned reward as the training reward and the verifier
    as the gold reward, which the policy never optimizes: the held-out verifier
@@ -56,6 +57,25 @@ class Clock:
         }
 
 
+def clean_training_pairs(train: Any, limit: int = 2000) -> Any:
+    """The first `limit` training pairs with a decided verifier label, labelled by the verifier (no flips): how well
+    a reward fits the pairs it trains on, beside how well it generalizes (the held-out pairs)."""
+    from visalign.pipelines.preference_data import PreferencePairs
+    from visalign.pipelines.reward_data import RewardPairs
+
+    pairs = train.pairs
+    keep = [i for i, (a, b) in enumerate(pairs.scores) if a != b][:limit]
+    clean = PreferencePairs(
+        [pairs.captions[i] for i in keep],
+        [pairs.sources[i] for i in keep],
+        [1.0 if pairs.scores[i][0] > pairs.scores[i][1] else 0.0 for i in keep],
+        [pairs.rows[i] for i in keep],
+        resolution=pairs.resolution,
+        scores=[pairs.scores[i] for i in keep],
+    )
+    return RewardPairs(clean, kinds=[train.kinds[i] for i in keep])
+
+
 def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tuple[dict[str, Any], str]:
     """Stage 1; returns its record and the trained reward's folder. `visalign bench reward` writes to `bench_out`."""
     import torch
@@ -77,9 +97,12 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
     train, heldout = trainer.train_data, trainer.eval_data
     gold = torch.tensor([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in train.pairs.scores])
     decided = gold != 0.5
-    base = evaluate_reward(load_reward("world-clip"), heldout)["metrics"]
+    fit = clean_training_pairs(train)
+    untrained = load_reward("world-clip")
+    base, base_fit = (evaluate_reward(untrained, data)["metrics"] for data in (heldout, fit))
     history = trainer.train()
-    learned = evaluate_reward(load_reward("learned", pretrained=config.output_dir), heldout)["metrics"]
+    trained = load_reward("learned", pretrained=config.output_dir)
+    learned, learned_fit = (evaluate_reward(trained, data)["metrics"] for data in (heldout, fit))
     pairs = save_pairs(heldout.pairs, Path(config.output_dir) / "heldout_pairs")  # 8-bit PNGs: the CLI reads files
     bench = ["bench", "reward", "--model", "learned", "--pretrained", config.output_dir, "--pairs", str(pairs)]
     bench += ["--out", os.path.relpath(bench_out)]
@@ -101,6 +124,11 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
         "tie_policy": "held-out pairs have no tie labels; accuracy_without_ties counts equal scores 1/2",
         "untrained_world_clip": base,
         "learned_reward": learned,
+        "training_pairs_clean_labels": {
+            "pairs": f"the first {len(fit)} decided training pairs, labelled by the verifier (no flips)",
+            "untrained_world_clip": base_fit,
+            "learned_reward": learned_fit,
+        },
         "bench_command": f"visalign {shlex.join(bench)}",
         "learning_curve": [
             {"step": h["step"], "accuracy_without_ties": h["eval/accuracy_without_ties"]}
