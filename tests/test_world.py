@@ -150,6 +150,20 @@ def test_world_verifier_partial_score_punishes_extra_objects_that_the_fraction_a
         visalign.load_reward("world-verifier", score="strict")
 
 
+def test_world_verifier_tidy_costs_extra_objects_without_outweighing_a_clause():
+    tidy = visalign.load_reward("world-verifier-tidy")
+    corners = [(6, 6), (6, 26), (26, 6), (26, 26), (16, 16)]
+    images = [
+        render([Placed("circle", "red", 10, 16, 4)]),
+        render([Placed("circle", "red", 8, 16, 4), Placed("circle", "red", 24, 16, 4)]),
+        render([Placed("circle", "red", x, y, 3) for x, y in corners]),  # four extras, three counted
+        render([Placed("circle", "blue", 10, 16, 4)]),
+    ]
+    out = tidy(torch.from_numpy(np.stack(images)), ["a red circle"] * 4)
+    assert out.score.tolist() == pytest.approx([1.0, 0.9, 0.7, 0.0])
+    assert out.aspects["correct"].tolist() == [1.0, 1.0, 1.0, 0.0]  # the judge's verdicts are unchanged
+
+
 def test_world_defects_heatmap_is_dense_and_differentiable():
     reward = visalign.load_reward("world-defects")
     clean = torch.from_numpy(render([Placed("circle", "red", 16, 16, 5)]))[None]

@@ -8,6 +8,8 @@
   world model Flow-GRPO and Diffusion-DPO lose held-out accuracy on it (README, "What it does on the shapes world").
   `score="exact"` (`world-verifier-exact`) keeps the binary clauses and takes only the exact counts
   (`verifier.exact_fraction`: an object clause fails when more objects of its shape are drawn than asked for).
+  `score="tidy"` (`world-verifier-tidy`) is the fraction less 0.1 for each object beyond those asked for (at most
+  three; `verifier.tidy_fraction`): among images that satisfy as many clauses, the one with fewer extras wins.
 - `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
   nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
 - `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore; a CLIP reward, so
@@ -24,19 +26,20 @@ from torch import Tensor
 from visalign.rewards import RewardModel
 from visalign.types import RewardOutput
 from visalign.world.scenes import BACKGROUND, COLORS, parse_prompt
-from visalign.world.verifier import exact_fraction, partial_score, verify
+from visalign.world.verifier import exact_fraction, partial_score, tidy_fraction, verify
 
 CLAUSE_KINDS = ("object", "color", "count", "position")
 
 
 class WorldVerifierReward(RewardModel):
     """Verifiable reward: fraction of satisfied clauses of a world prompt (`score="fraction"`), the same with exact
-    counts (`score="exact"`), or Flow-GRPO's partial GenEval score on the world's detections (`score="partial"`)."""
+    counts (`score="exact"`), less a cost for extra objects (`score="tidy"`), or Flow-GRPO's partial GenEval score
+    on the world's detections (`score="partial"`)."""
 
     name = "world-verifier"
     differentiable = False
     aspect_names = ("correct", *CLAUSE_KINDS)
-    scores = ("fraction", "exact", "partial")
+    scores = ("fraction", "exact", "tidy", "partial")
 
     def __init__(self, score: str = "fraction") -> None:
         super().__init__()
@@ -69,6 +72,8 @@ class WorldVerifierReward(RewardModel):
             score = [partial_score(v.detections, p) for v, p in zip(verdicts, parsed)]
         elif self.score_name == "exact":
             score = [exact_fraction(v.detections, p) for v, p in zip(verdicts, parsed)]
+        elif self.score_name == "tidy":
+            score = [tidy_fraction(v, p) for v, p in zip(verdicts, parsed)]
         else:
             score = [v.fraction for v in verdicts]
         return RewardOutput(

@@ -18,6 +18,7 @@ from visalign.world.scenes import BACKGROUND, COLORS, Obj, Prompt
 MIN_AREA = 5
 MARGIN = 3.0
 COLOR_DISTANCE = 0.30  # a pixel further than this (RGB L2) from every palette color is not an object pixel
+EXTRA_COST, MAX_EXTRAS = 0.1, 3  # `tidy_fraction`: the cost of an object beyond those asked for, and how many count
 _PALETTE = np.array(list(COLORS.values()), np.float32)
 _NAMES = list(COLORS)
 
@@ -159,6 +160,15 @@ def exact_fraction(detections: tuple[Detection, ...] | list[Detection], prompt: 
     if prompt.relation is not None:
         clauses.append(_relation_holds(detections, prompt))
     return sum(clauses) / len(clauses)
+
+
+def tidy_fraction(verdict: Verdict, prompt: Prompt) -> float:
+    """`verify`'s clause fraction less `EXTRA_COST` for each object drawn beyond those the prompt asks for (at most
+    `MAX_EXTRAS` counted). The cost never outweighs a clause (0.3 < 1/3, the smallest clause weight), so it only
+    orders images that satisfy the same number of clauses: the fewer extras, the better. The judge lets extras pass
+    outside counting; a policy trained on the plain fraction learns to draw them, and its counting falls."""
+    extras = max(0, len(verdict.detections) - sum(o.count for o in prompt.objects))
+    return verdict.fraction - EXTRA_COST * min(extras, MAX_EXTRAS)
 
 
 def partial_score(detections: tuple[Detection, ...] | list[Detection], prompt: Prompt) -> float:
