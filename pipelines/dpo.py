@@ -100,9 +100,10 @@ def dpo_loss(
 
     `rpo_alpha` adds RPO's negative log-likelihood of the winner (Pang et al. 2024, arXiv 2404.19733, Eq. 2:
     `L_DPO + alpha L_NLL`; trl's `rpo_alpha`), here the winner's denoising error `alpha L_theta(w)`, the diffusion
-    model's bound on it up to constants. DPO alone raises the winner's error too, only less than the loser's; the
-    term holds it down. The DPO gradient on `L_theta(w)` is `(beta / 2) sigmoid(-u)`, `beta / 4` at the start, so
-    `alpha` of that order weighs the two alike.
+    model's bound on it up to constants. DPO alone lets the winner's error rise too, only less than the loser's; the
+    term holds it down. The error itself moves far more easily than the pair's difference: on the shapes world
+    (beta 500) alpha 10, a fiftieth of the DPO gradient's `beta / 4` at the start, already keeps both errors within
+    0.003 of the reference's 0.043, where plain DPO (LoRA on every layer) lets them rise by about 0.03 (README).
 
     Args:
         model_err_w, model_err_l (`Tensor` `[B]`): the trained model's errors on winners and losers (with gradient).
