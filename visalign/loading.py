@@ -211,10 +211,10 @@ def load_lora(pipe: Any, lora: str | Path, scale: float = 1.0) -> None:
     `scale`, or a full fine-tune's folder, whose `unet/` or `transformer/` replaces that component (safetensors
     only, in the replaced component's dtype)."""
     path = Path(lora)
-    if path.is_dir() and not (path / LORA_FILE).is_file() and _trained_components(path):
-        _load_full_components(pipe, path, scale)
-        return
     if path.is_dir() and not (path / LORA_FILE).is_file():
+        if _trained_components(path):
+            _load_full_components(pipe, path, scale)
+            return
         run = _holds_trained_weights(path / "final")
         hint = f" (a training run? its trained weights are in {path / 'final'})" if run else ""
         raise FileNotFoundError(f"--lora {path}: no {LORA_FILE} and no fine-tuned unet/ or transformer/ in it{hint}")
