@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from visalign.config import config_to_dict, load_config
-from visalign.world.evaluate import evaluate, heldout_prompts
+from visalign.world.evaluate import default_generation, evaluate, heldout_prompts
 
 ROOT = Path(__file__).resolve().parents[1]
 METHODS = {
@@ -76,12 +76,13 @@ def build_world_experts(
     per_caption: int | None,
     min_score: float | None,
     seed: int,
-    generation: dict[str, Any],
+    steps: int = 20,
 ) -> dict[str, Any]:
     """DRO's expert set on the world, saved to `folder`: for each of the six categories, the `k / 6` best images of its
     train prompts by the verifier (at most `per_caption` per prompt, none below `min_score`) from a pool of base
     samples (`source="samples"`) or of the world's own renders (`"renders"`: images better than the policy's, as the
-    paper's experts are the best Pick-a-Pic images of stronger generators)."""
+    paper's experts are the best Pick-a-Pic images of stronger generators). Samples follow the world protocol
+    (`default_generation`: CFG 3, and the flow model's 16 text tokens) at `steps` sampling steps."""
     import numpy as np
 
     from visalign.pipelines.expert_sets import ExpertSet, save_experts, top_k_experts
@@ -90,6 +91,8 @@ def build_world_experts(
     from visalign.world.scenes import prompt_split, render_prompt
 
     verifier = load_reward("world-verifier")
+    generation = {**default_generation(pipe), "num_inference_steps": steps}
+    generation.pop("output_type")
     generator = torch.Generator().manual_seed(seed)
     rng = np.random.default_rng(seed)
     captions, sources, scores, per_category, pool_size = [], [], [], {}, 0
@@ -101,7 +104,9 @@ def build_world_experts(
             images = torch.from_numpy(np.stack(renders))
         else:
             texts = [p.text for p in chosen]
-            images = sample_groups(pipe, texts, num_images_per_prompt=images_per_prompt, seed=seed, **generation)
+            images = sample_groups(
+                pipe, texts, num_images_per_prompt=images_per_prompt, seed=seed, progress=category, **generation
+            )
             images = images.flatten(0, 1)
         pool_size += len(pool)
         kept = top_k_experts(
@@ -184,7 +189,6 @@ def main(argv: list[str] | None = None) -> int:
         result["experts"] = {"folder": args.experts_from}
         config = load_config(type(config), config_path, overrides + [f"experts={args.experts_from}"])
     elif args.method == "dro":
-        generation = dict(num_inference_steps=args.expert_steps, guidance_scale=3.0, height=32, width=32)
         with clock("experts"):
             result["experts"] = build_world_experts(
                 pipe,
@@ -196,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                 per_caption=args.expert_per_caption,
                 min_score=args.expert_min_score,
                 seed=config.seed,
-                generation=generation,
+                steps=args.expert_steps,
             )
         config = load_config(type(config), config_path, overrides + [f"experts={result['experts']['folder']}"])
 
