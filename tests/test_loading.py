@@ -28,6 +28,19 @@ def test_world_names_load_with_their_defaults_and_a_saved_copy_keeps_them(tmp_pa
     assert scheduler_record(again) == scheduler_record(pipe)
 
 
+def test_a_trainer_samples_the_world_flow_model_with_its_own_text_length(tmp_path):
+    """A config that leaves `max_sequence_length` unset trains the world flow model with the 16 zero "T5" tokens it
+    was trained with (its recorded default, a saved copy's too), not the SD3 family's 256; an explicit value wins."""
+    from visalign.generators import adapter_for
+
+    pipe = load_generator("world:sd3")[0]
+    pipe.save_pretrained(tmp_path / "saved")
+    saved = load_generator(tmp_path / "saved")[0]
+    assert adapter_for(pipe).max_sequence_length == adapter_for(saved).max_sequence_length == 16
+    assert adapter_for(pipe, max_sequence_length=8).max_sequence_length == 8
+    assert adapter_for(load_generator("tiny:sd3")[0]).max_sequence_length == 256  # nothing recorded: the family's
+
+
 def test_a_fused_lora_keeps_the_defaults_and_scale_zero_is_the_base(tmp_path):
     from peft import LoraConfig, get_peft_model_state_dict
 

@@ -32,6 +32,7 @@ from torch import Tensor, nn
 
 from visalign.generators.objective import forward_noise, logit_normal_sigmas, per_sample_mse, prediction_target
 from visalign.generators.rollout import Conditioning, Rollout, Schedule
+from visalign.loading import generation_defaults
 from visalign.sampling import FLOW_KINDS, StepOutput, sde_step
 
 
@@ -54,7 +55,8 @@ class GeneratorAdapter:
         pipe: the family's diffusers pipeline (`pipeline_class`, or a subclass).
         height, width (`int`, *optional*): the image size in pixels (default: the denoiser's native size).
         num_frames (`int`, *optional*): video families' frame count.
-        max_sequence_length (`int`, *optional*): text tokens (default: the family's).
+        max_sequence_length (`int`, *optional*): text tokens (default: the model's recorded sampling default, e.g. the
+            shapes-world flow model's 16 (`visalign.loading.generation_defaults`), else the family's).
         negative_prompt (`str`, *optional*): the negative prompt of classifier-free guidance (default: the
             family's `default_negative_prompt`, "" for all but Qwen-Image).
         logit_mean, logit_std (`float`): flow families' training timestep density (`logit_normal_sigmas`).
@@ -96,7 +98,8 @@ class GeneratorAdapter:
                 f"got {self.height}x{self.width}"
             )
         self.num_frames = num_frames
-        self.max_sequence_length = max_sequence_length or self.default_max_sequence_length
+        recorded = generation_defaults(pipe).get("max_sequence_length")
+        self.max_sequence_length = max_sequence_length or recorded or self.default_max_sequence_length
         self.negative_prompt = self.default_negative_prompt if negative_prompt is None else negative_prompt
         self.logit_mean, self.logit_std = logit_mean, logit_std
         self.vae_sample_posterior = vae_sample_posterior
