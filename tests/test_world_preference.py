@@ -12,11 +12,12 @@ from visalign.pipelines.expert_sets import load_experts
 
 @pytest.mark.parametrize(("family", "tokens"), [("sd", None), ("sd3", 16)])
 def test_the_expert_pool_is_sampled_as_the_protocol_samples(tmp_path, monkeypatch, family, tokens):
-    calls = []
+    calls, sampled = [], set()
     sample_groups = preference_data.sample_groups
 
     def recording(pipe, prompts, **kwargs):
         calls.append(kwargs)
+        sampled.update(prompts)
         return sample_groups(pipe, prompts, **kwargs)
 
     monkeypatch.setattr(preference_data, "sample_groups", recording)
@@ -41,5 +42,5 @@ def test_the_expert_pool_is_sampled_as_the_protocol_samples(tmp_path, monkeypatc
         assert (kwargs["num_inference_steps"], kwargs["guidance_scale"], kwargs["height"]) == (2, 3.0, 32)
     assert record["pool"] == 12 and record["experts"] == 12  # no score floor: every image kept
     experts = load_experts(tmp_path / "experts")
-    caption, image = experts[0]
-    assert len(experts) == 12 and caption in experts.captions and image.shape == (3, 32, 32)
+    assert len(experts) == 12 and set(experts.captions) == sampled  # both images of each of the six pool prompts
+    assert experts[0][1].shape == (3, 32, 32)
