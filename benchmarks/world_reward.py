@@ -8,7 +8,8 @@ by the reward-hacking monitor.
    the world CLIP fine-tuned on verifier-labelled pairs with a fraction of the labels flipped, evaluated on clean
    held-out pairs of test-split prompts (accuracy with and without ties, per kind: rendered or generated), beside
    the untrained world CLIP on the same pairs, and both on 2,000 of their own training pairs with the verifier's
-   clean labels (how well the reward fits what it trains on). The held-out pairs are saved
+   clean labels (how well the reward fits what it trains on) and on 1,000 clean pairs of training prompts from new
+   samples and renders (whether it learned the verifier's verdict or its training images). The held-out pairs are saved
    (`<output_dir>/heldout_pairs`) and `visalign bench reward` evaluates the learned reward on those files (the
    report and the reliability plot in `<output>_eval/` beside `--output`: `results/world_reward_eval/`).
 2. Alignment: Flow-GRPO on the SD3-class world model (`configs/world_flow_grpo.yaml` cut to 40 steps at a constant
@@ -76,6 +77,18 @@ def clean_training_pairs(train: Any, limit: int = 2000) -> Any:
     return RewardPairs(clean, kinds=[train.kinds[i] for i in keep])
 
 
+def fresh_training_prompt_pairs(config: Any) -> Any:
+    """Clean pairs of training-split prompts from new samples and renders (seed `config.seed + 2`), built as the
+    held-out pairs are: beside the training pairs' fit and the held-out prompts, whether a reward learned the
+    verifier's verdict on images or the images it trained on."""
+    from visalign.loading import load_generator
+    from visalign.pipelines.reward_data import world_config_pairs
+
+    pipe = load_generator(config.world_generator)[0]
+    pipe.set_progress_bar_config(disable=True)
+    return world_config_pairs(config, split="train", clean=True, seed=config.seed + 2, pipe=pipe)
+
+
 def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tuple[dict[str, Any], str]:
     """Stage 1; returns its record and the trained reward's folder. `visalign bench reward` writes to `bench_out`."""
     import torch
@@ -98,11 +111,13 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
     gold = torch.tensor([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in train.pairs.scores])
     decided = gold != 0.5
     fit = clean_training_pairs(train)
+    fresh = fresh_training_prompt_pairs(config) if config.world_generator is not None else None
+    checks = [heldout, fit] + ([fresh] if fresh is not None else [])
     untrained = load_reward("world-clip")
-    base, base_fit = (evaluate_reward(untrained, data)["metrics"] for data in (heldout, fit))
+    base, base_fit, *base_fresh = (evaluate_reward(untrained, data)["metrics"] for data in checks)
     history = trainer.train()
     trained = load_reward("learned", pretrained=config.output_dir)
-    learned, learned_fit = (evaluate_reward(trained, data)["metrics"] for data in (heldout, fit))
+    learned, learned_fit, *learned_fresh = (evaluate_reward(trained, data)["metrics"] for data in checks)
     pairs = save_pairs(heldout.pairs, Path(config.output_dir) / "heldout_pairs")  # 8-bit PNGs: the CLI reads files
     bench = ["bench", "reward", "--model", "learned", "--pretrained", config.output_dir, "--pairs", str(pairs)]
     bench += ["--out", os.path.relpath(bench_out)]
@@ -138,6 +153,12 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
         "data_minutes": data_time,
         "minutes": clock.read(),
     }
+    if fresh is not None:
+        record["fresh_training_prompt_pairs"] = {
+            "pairs": f"{len(fresh)} clean pairs of training prompts from new samples and renders (seed + 2)",
+            "untrained_world_clip": base_fresh[0],
+            "learned_reward": learned_fresh[0],
+        }
     return record, config.output_dir
 
 

@@ -418,29 +418,39 @@ def load_scored_images(
     )
 
 
+def world_config_pairs(config: Any, *, split: str, clean: bool, seed: int, pipe: Any = None) -> RewardPairs:
+    """World pairs of `split`'s prompts at a `RewardConfig`'s sizes: `clean` ones as held-out pairs are
+    (`world_eval_pairs` of them, no label noise, no ties, 4 pairs a prompt) or training ones (`world_pairs`, the
+    config's `label_noise` and `ties`, 12 a prompt). `pipe` samples the generated share as the world protocol does
+    (`default_generation`) at `world_num_inference_steps`."""
+    from visalign.pipelines.world_pairs import world_pairs
+    from visalign.world.evaluate import default_generation
+
+    generation = {}
+    if pipe is not None:
+        generation = default_generation(pipe) | {"num_inference_steps": config.world_num_inference_steps}
+        del generation["output_type"]  # sample_groups asks for tensors itself
+    return world_pairs(
+        config.world_eval_pairs if clean else config.world_pairs,
+        split=split,
+        label_noise=0.0 if clean else config.label_noise,
+        ties="drop" if clean else config.ties,
+        pipe=pipe,
+        generated_fraction=config.world_generated_fraction,
+        pairs_per_prompt=4 if clean else 12,  # held out: more prompts, fewer correlated pairs each
+        seed=seed,
+        **generation,
+    )
+
+
 def load_reward_data(spec: str, config: Any, *, split: str = "train", pipe: Any = None) -> RewardPairs | ScoredImages:
     """The data a `RewardConfig` names: `world:pairs` (noisy, the train split), `world:heldout-pairs` (clean, no
     ties, the test split), a `.json` HPDv2 file, labelled images (`data_format: scores`) or Pick-a-Pic pairs (of
     `split`, for parquet shards and hub datasets)."""
     if spec in (WORLD_TRAIN, WORLD_HELDOUT):
-        from visalign.pipelines.world_pairs import world_pairs
-        from visalign.world.evaluate import default_generation
-
         heldout = spec == WORLD_HELDOUT
-        generation = {}
-        if pipe is not None:
-            generation = default_generation(pipe) | {"num_inference_steps": config.world_num_inference_steps}
-            del generation["output_type"]  # sample_groups asks for tensors itself
-        return world_pairs(
-            config.world_eval_pairs if heldout else config.world_pairs,
-            split="test" if heldout else "train",
-            label_noise=0.0 if heldout else config.label_noise,
-            ties="drop" if heldout else config.ties,
-            pipe=pipe,
-            generated_fraction=config.world_generated_fraction,
-            pairs_per_prompt=4 if heldout else 12,  # held out: more prompts, fewer correlated pairs each
-            seed=config.seed + heldout,
-            **generation,
+        return world_config_pairs(
+            config, split="test" if heldout else "train", clean=heldout, seed=config.seed + heldout, pipe=pipe
         )
     fmt = config.data_format
     if fmt not in FORMATS:

@@ -13,7 +13,14 @@ import torch
 from PIL import Image
 from preference_helpers import hub_snapshot
 
-from visalign.pipelines.reward_data import RewardPairs, load_hpdv2, load_pickapic, load_scored_images
+from visalign.pipelines.reward_data import (
+    RewardPairs,
+    load_hpdv2,
+    load_pickapic,
+    load_reward_data,
+    load_scored_images,
+    world_config_pairs,
+)
 from visalign.pipelines.world_pairs import near_miss, world_pairs
 from visalign.testing import tiny_pipeline
 from visalign.world.scenes import parse_prompt
@@ -259,6 +266,23 @@ def test_world_pairs_with_a_generator_pair_its_samples():
     )
     assert data.kinds.count("generated") == 10 and data.kinds.count("rendered") == 10
     assert not data.pairs.has_ties
+
+
+def test_world_config_pairs_clean_ones_are_held_out_pairs_of_any_split():
+    from visalign.pipelines.reward_training import RewardConfig
+    from visalign.world.scenes import split_of
+
+    config = RewardConfig(world_pairs=48, world_eval_pairs=24, label_noise=0.3, output_dir="unused")
+    heldout = load_reward_data("world:heldout-pairs", config)
+    same = world_config_pairs(config, split="test", clean=True, seed=config.seed + 1)
+    assert same.captions == heldout.captions and torch.equal(same.pairs[3].image_1, heldout.pairs[3].image_1)
+    fresh = world_config_pairs(config, split="train", clean=True, seed=config.seed + 2)
+    assert len(fresh) == 24 and not fresh.pairs.has_ties
+    assert {split_of(c) for c in fresh.captions} == {"train"}
+    gold = [1.0 if s0 > s1 else 0.0 for s0, s1 in fresh.pairs.scores]
+    assert fresh.pairs.labels == gold  # clean: no flips, though the config's training pairs flip 30%
+    training = load_reward_data("world:pairs", config)
+    assert len(training) == 48 and {split_of(c) for c in training.captions} == {"train"}
 
 
 def test_near_miss_changes_one_thing():
