@@ -111,13 +111,14 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
     gold = torch.tensor([1.0 if a > b else 0.0 if a < b else 0.5 for a, b in train.pairs.scores])
     decided = gold != 0.5
     fit = clean_training_pairs(train)
-    fresh = fresh_training_prompt_pairs(config) if config.world_generator is not None else None
-    checks = [heldout, fit] + ([fresh] if fresh is not None else [])
+    checks = {"heldout": heldout, "fit": fit}
+    if config.world_generator is not None:
+        checks["fresh"] = fresh_training_prompt_pairs(config)
     untrained = load_reward("world-clip")
-    base, base_fit, *base_fresh = (evaluate_reward(untrained, data)["metrics"] for data in checks)
+    base = {name: evaluate_reward(untrained, data)["metrics"] for name, data in checks.items()}
     history = trainer.train()
     trained = load_reward("learned", pretrained=config.output_dir)
-    learned, learned_fit, *learned_fresh = (evaluate_reward(trained, data)["metrics"] for data in checks)
+    learned = {name: evaluate_reward(trained, data)["metrics"] for name, data in checks.items()}
     pairs = save_pairs(heldout.pairs, Path(config.output_dir) / "heldout_pairs")  # 8-bit PNGs: the CLI reads files
     bench = ["bench", "reward", "--model", "learned", "--pretrained", config.output_dir, "--pairs", str(pairs)]
     bench += ["--out", os.path.relpath(bench_out)]
@@ -137,12 +138,12 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
             "by_kind": {k: heldout.kinds.count(k) for k in sorted(set(heldout.kinds))},
         },
         "tie_policy": "held-out pairs have no tie labels; accuracy_without_ties counts equal scores 1/2",
-        "untrained_world_clip": base,
-        "learned_reward": learned,
+        "untrained_world_clip": base["heldout"],
+        "learned_reward": learned["heldout"],
         "training_pairs_clean_labels": {
             "pairs": f"the first {len(fit)} decided training pairs, labelled by the verifier (no flips)",
-            "untrained_world_clip": base_fit,
-            "learned_reward": learned_fit,
+            "untrained_world_clip": base["fit"],
+            "learned_reward": learned["fit"],
         },
         "bench_command": f"visalign {shlex.join(bench)}",
         "learning_curve": [
@@ -153,11 +154,11 @@ def train_reward(config_path: str, overrides: list[str], bench_out: Path) -> tup
         "data_minutes": data_time,
         "minutes": clock.read(),
     }
-    if fresh is not None:
+    if "fresh" in checks:
         record["fresh_training_prompt_pairs"] = {
-            "pairs": f"{len(fresh)} clean pairs of training prompts from new samples and renders (seed + 2)",
-            "untrained_world_clip": base_fresh[0],
-            "learned_reward": learned_fresh[0],
+            "pairs": f"{len(checks['fresh'])} clean pairs of training prompts from new samples and renders (seed + 2)",
+            "untrained_world_clip": base["fresh"],
+            "learned_reward": learned["fresh"],
         }
     return record, config.output_dir
 
