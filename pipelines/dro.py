@@ -17,6 +17,8 @@ reference syncs every 16 micro-steps at accumulation 16, i.e. every update) samp
 1.0, the expert's caption, each rollout's timesteps shifted by a random offset so that every training timestep is
 seen); a `ReplayBuffer` keeps the newest `buffer_size` trajectories with every step's `x_t` and prediction, and the
 expert latent and caption they were sampled for; training rows are drawn uniformly over its trajectories and steps.
+With classifier-free guidance (`guidance_scale > 1`, a departure: the states then lie on the guided distribution the
+user samples), the stored prediction is still the copy's unguided one at each state, the function the loss trains.
 While the copy equals the trained weights (synced every update, and the buffer holding only its trajectories), the
 policy error is zero at its minimum and has no gradient: the loss then trains on the experts alone. A lag of several
 updates (`policy_update_steps > 1`) gives the policy term its push away from the model's own recent samples.
@@ -37,7 +39,7 @@ are not supported (expert sets are images).
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal
 
 import torch
@@ -215,7 +217,10 @@ class DROConfig(DenoiserConfig):
     eta: float = field(
         default=0.0, metadata={"help": "DDIM eta of the rollouts, flow models' SDE noise level (0: deterministic)."}
     )
-    guidance_scale: float = field(default=1.0, metadata={"help": "CFG of the rollouts (reference: 1.0)."})
+    guidance_scale: float = field(
+        default=1.0,
+        metadata={"help": "CFG of the rollouts (reference: 1.0); the buffer keeps the unguided predictions."},
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -327,7 +332,25 @@ class DROTrainer(DenoiserTrainer):
                 offset=offset,
                 model=engine.unwrapped,
             )
+            if cfg.guidance_scale > 1 and a.uses_negative:
+                rollout = replace(rollout, predictions=self.unguided_predictions(rollout))
         self.buffer.push(x0, rollout)
+
+    def unguided_predictions(self, rollout: Rollout) -> Tensor:
+        """The lagged copy's `training_prediction` at every state of a guided rollout, `[N, T, ...]`.
+
+        Classifier-free guidance steers the trajectory, but the loss compares the model's unguided prediction with
+        the stored one: stored guided, the policy error would not vanish at equality and its push away from the
+        copy's samples would push the conditioning itself. Call with the copy swapped in."""
+        a, n_steps = self.adapter, rollout.num_steps
+        t = rollout.timesteps if rollout.sigmas is None else rollout.sigmas[:n_steps]
+        predictions = [
+            a.training_prediction(
+                rollout.latents[:, i], t[i].expand(len(rollout)), rollout.conditioning, self.engine.unwrapped
+            )
+            for i in range(n_steps)
+        ]
+        return torch.stack(predictions, dim=1).to(rollout.predictions.dtype)
 
     def ranking_loss(self, rows: BufferRows, generator: torch.Generator) -> tuple[Tensor, dict[str, float]]:
         """`dro_loss` of buffer rows: each expert latent noised with fresh noise at its row's timestep."""

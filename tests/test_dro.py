@@ -195,6 +195,24 @@ def test_the_policy_term_has_error_only_while_the_copy_lags(tmp_path):
     assert lagged[0]["train/policy_mse"] < 1e-10 and all(h["train/policy_mse"] > 1e-8 for h in lagged[1:])
 
 
+@pytest.mark.parametrize("family", ["sd", "sd3"])
+def test_guided_rollouts_store_the_unguided_prediction_the_loss_trains(tmp_path, family):
+    # CFG 3 steers the trajectories; synced every update, the stored predictions must still be the model's own
+    # training predictions at those states (zero policy error), not the guided ones (about the guidance's size off).
+    kw = dict(max_steps=2, learning_rate=1e-2, guidance_scale=3.0, pretrained_model_name_or_path=f"tiny:{family}")
+    trainer = DROTrainer(tiny_pipeline(family), dro_config(tmp_path, **kw), red_experts())
+    history = trainer.train()
+    assert all(h["train/policy_mse"] < 1e-10 for h in history)
+    guided = DROTrainer(tiny_pipeline(family), dro_config(tmp_path / "b", **kw), red_experts())
+    guided.refill(0)
+    rows = guided.buffer
+    with torch.no_grad():
+        unguided = guided.adapter.training_prediction(
+            rows.x_t[:, 0], rows.t[:, 0], rows.conditioning, guided.engine.unwrapped
+        )
+    torch.testing.assert_close(rows.predictions[:, 0], unguided.to(rows.predictions.dtype))
+
+
 @pytest.mark.parametrize("family", ["sd3", "flux", "qwen-image"])
 def test_one_dro_step_on_a_flow_model_trains_the_lora_on_the_flow_objective(tmp_path, family):
     # The rows' timesteps are the rollout's sigmas: the synced copy's velocities are then the model's own at those
