@@ -99,6 +99,12 @@ def dro_loss(
     return torch.relu(diff + margin).mean(), diff.detach()
 
 
+def training_timesteps(rollout: Rollout) -> Tensor:
+    """The training timesteps of a rollout's states `x_t`, `[T]`: DDPM's integers, or a flow model's sigmas in
+    [0, 1] (what `training_prediction` takes)."""
+    return rollout.timesteps if rollout.sigmas is None else rollout.sigmas[: rollout.num_steps]
+
+
 @dataclass
 class BufferRows:
     """Training rows drawn from a `ReplayBuffer`: expert latents `x0`, conditioning, timesteps `t` (`[B]`), the
@@ -130,9 +136,7 @@ class ReplayBuffer:
         """Add trajectories (`rollout`, N of them) sampled for the expert latents `x0` (`[N, ...]`)."""
         if len(x0) != len(rollout):
             raise ValueError(f"`x0` has {len(x0)} rows for {len(rollout)} trajectories")
-        n_steps = rollout.num_steps
-        # the training timesteps of `x_t`: DDPM's integers, or a flow model's sigmas in [0, 1]
-        t = rollout.timesteps if rollout.sigmas is None else rollout.sigmas[:n_steps]
+        n_steps, t = rollout.num_steps, training_timesteps(rollout)
         new = dict(
             x0=x0,
             t=t.expand(len(rollout), n_steps),
@@ -342,8 +346,7 @@ class DROTrainer(DenoiserTrainer):
         Classifier-free guidance steers the trajectory, but the loss compares the model's unguided prediction with
         the stored one: stored guided, the policy error would not vanish at equality and its push away from the
         copy's samples would push the conditioning itself. Call with the copy swapped in."""
-        a, n_steps = self.adapter, rollout.num_steps
-        t = rollout.timesteps if rollout.sigmas is None else rollout.sigmas[:n_steps]
+        a, n_steps, t = self.adapter, rollout.num_steps, training_timesteps(rollout)
         predictions = [
             a.training_prediction(
                 rollout.latents[:, i], t[i].expand(len(rollout)), rollout.conditioning, self.engine.unwrapped
