@@ -103,7 +103,8 @@ def dpo_loss(
     model's bound on it up to constants. DPO alone lets the winner's error rise too, only less than the loser's; the
     term holds it down. The error itself moves far more easily than the pair's difference: on the shapes world
     (beta 500) alpha 10, a fiftieth of the DPO gradient's `beta / 4` at the start, already keeps both errors within
-    0.003 of the reference's 0.043, where plain DPO (LoRA on every layer) lets them rise by about 0.03 (README).
+    0.003 of the reference's 0.043, where plain DPO (LoRA on every layer) lets them rise by about 0.03
+    (`benchmarks/results/README.md`, Diffusion-DPO).
 
     Args:
         model_err_w, model_err_l (`Tensor` `[B]`): the trained model's errors on winners and losers (with gradient).

@@ -164,6 +164,21 @@ def test_world_verifier_tidy_costs_extra_objects_without_outweighing_a_clause():
     assert out.aspects["correct"].tolist() == [1.0, 1.0, 1.0, 0.0]  # the judge's verdicts are unchanged
 
 
+def test_world_verifier_bonus_doubles_the_credit_of_an_image_the_judge_passes():
+    bonus, fraction = visalign.load_reward("world-verifier-bonus"), visalign.load_reward("world-verifier")
+    circle, square = Placed("circle", "red", 8, 16, 4), Placed("square", "blue", 24, 16, 4)
+    images = [
+        render([circle, square]),  # the red circle left of the blue square: every clause
+        render([Placed("circle", "red", 24, 16, 4), Placed("square", "blue", 8, 16, 4)]),  # both, relation wrong
+        render([circle]),  # one object
+        render([]),
+    ]
+    pixels, texts = torch.from_numpy(np.stack(images)), ["a red circle to the left of a blue square"] * 4
+    assert fraction(pixels, texts).score.tolist() == pytest.approx([1.0, 2 / 3, 1 / 3, 0.0])
+    assert bonus(pixels, texts).score.tolist() == pytest.approx([1.0, 1 / 3, 1 / 6, 0.0])
+    assert torch.equal(bonus(pixels, texts).aspects["correct"], fraction(pixels, texts).aspects["correct"])
+
+
 def test_world_defects_heatmap_is_dense_and_differentiable():
     reward = visalign.load_reward("world-defects")
     clean = torch.from_numpy(render([Placed("circle", "red", 16, 16, 5)]))[None]

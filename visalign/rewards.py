@@ -110,6 +110,7 @@ REWARDS: dict[str, str | tuple[str, dict[str, Any]]] = {
     # the clause fraction with those exact counts (extra objects of a requested shape fail their clause)
     "world-verifier-exact": ("visalign.world.rewards:WorldVerifierReward", {"score": "exact"}),
     "world-verifier-tidy": ("visalign.world.rewards:WorldVerifierReward", {"score": "tidy"}),
+    "world-verifier-bonus": ("visalign.world.rewards:WorldVerifierReward", {"score": "bonus"}),
     "world-defects": "visalign.world.rewards:WorldDefectsReward",
     "world-clip": "visalign.reward_models.clip:WorldCLIPReward",
     "pickscore": "visalign.reward_models.clip:PickScore",

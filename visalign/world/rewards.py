@@ -5,11 +5,14 @@
   that holds, 1 when the prompt has none of that kind (nothing to violate). `score="partial"` (registered as
   `world-verifier-partial`) scores Flow-GRPO's partial GenEval score instead (`verifier.partial_score`: exact
   counts, so extra objects of a requested shape cost reward), the score Flow-GRPO trains on; on the shipped
-  world model Flow-GRPO and Diffusion-DPO lose held-out accuracy on it (README, "What it does on the shapes world").
+  world model Flow-GRPO and Diffusion-DPO lose held-out accuracy on it (`benchmarks/results/README.md`).
   `score="exact"` (`world-verifier-exact`) keeps the binary clauses and takes only the exact counts
   (`verifier.exact_fraction`: an object clause fails when more objects of its shape are drawn than asked for).
   `score="tidy"` (`world-verifier-tidy`) is the fraction less 0.1 for each object beyond those asked for (at most
   three; `verifier.tidy_fraction`): among images that satisfy as many clauses, the one with fewer extras wins.
+  `score="bonus"` (`world-verifier-bonus`) is `(fraction + correct) / 2`: the clauses' partial credit, and as much
+  again for an image the judge passes whole (the held-out judge counts only those), so a relation or a second color
+  got right weighs more than one more object present; Flow-GRPO gains less on it than on the fraction.
 - `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
   nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
 - `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore; a CLIP reward, so
@@ -33,13 +36,13 @@ CLAUSE_KINDS = ("object", "color", "count", "position")
 
 class WorldVerifierReward(RewardModel):
     """Verifiable reward: fraction of satisfied clauses of a world prompt (`score="fraction"`), the same with exact
-    counts (`score="exact"`), less a cost for extra objects (`score="tidy"`), or Flow-GRPO's partial GenEval score
-    on the world's detections (`score="partial"`)."""
+    counts (`score="exact"`), less a cost for extra objects (`score="tidy"`), with a bonus for a correct image
+    (`score="bonus"`), or Flow-GRPO's partial GenEval score on the world's detections (`score="partial"`)."""
 
     name = "world-verifier"
     differentiable = False
     aspect_names = ("correct", *CLAUSE_KINDS)
-    scores = ("fraction", "exact", "tidy", "partial")
+    scores = ("fraction", "exact", "tidy", "bonus", "partial")
 
     def __init__(self, score: str = "fraction") -> None:
         super().__init__()
@@ -74,6 +77,8 @@ class WorldVerifierReward(RewardModel):
             score = [exact_fraction(v.detections, p) for v, p in zip(verdicts, parsed)]
         elif self.score_name == "tidy":
             score = [tidy_fraction(v, p) for v, p in zip(verdicts, parsed)]
+        elif self.score_name == "bonus":
+            score = [(v.fraction + v.correct) / 2 for v in verdicts]
         else:
             score = [v.fraction for v in verdicts]
         return RewardOutput(
