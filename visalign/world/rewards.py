@@ -12,7 +12,8 @@
   three; `verifier.tidy_fraction`): among images that satisfy as many clauses, the one with fewer extras wins.
   `score="bonus"` (`world-verifier-bonus`) is `(fraction + correct) / 2`: the clauses' partial credit, and as much
   again for an image the judge passes whole (the held-out judge counts only those), so a relation or a second color
-  got right weighs more than one more object present; Flow-GRPO gains less on it than on the fraction.
+  got right weighs more than one more object present; Flow-GRPO and Diffusion-DPO gain less on it than on the
+  fraction.
 - `world-defects`: a dense, differentiable map of pixels whose color belongs to no requested object (a soft
   nearest-color test), as `heatmaps["defects"]`; score = 1 - mean of the map over the image.
 - `world-clip`: the world's CLIP (trained by `visalign world train-base`), scored like PickScore; a CLIP reward, so
